@@ -1,0 +1,5 @@
+import sys
+
+from lambdasplit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,13 @@
+"""The device runtime: what runs on the user's machine.
+
+    generation.py  the one generation loop and sampler (every mode)
+    device.py      DeviceModel: tokenizer + head + tail; InProcessBody
+    remote.py      RemoteBody (split mode) and CloudClient (cloud-only mode) sessions
+    commands.py    `lambdasplit generate` and `lambdasplit demo`
+"""
+
+from lambdasplit.client.device import DeviceModel, InProcessBody
+from lambdasplit.client.generation import GenerationResult, Sampling
+from lambdasplit.client.remote import CloudClient, RemoteBody
+
+__all__ = ["DeviceModel", "InProcessBody", "GenerationResult", "Sampling", "CloudClient", "RemoteBody"]

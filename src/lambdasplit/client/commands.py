@@ -1,0 +1,78 @@
+"""`lambdasplit generate` and `lambdasplit demo`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lambdasplit.client.generation import Sampling
+from lambdasplit.client.run import run_generation
+from lambdasplit.zoo.registry import DEFAULT_LLM
+
+
+def add_session_options(p) -> None:
+    """Options every client command shares: auth, TLS, link emulation."""
+    import os
+
+    p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"), help="bearer token (env LAMBDASPLIT_TOKEN)")
+    p.add_argument("--tls-ca", default=os.environ.get("LAMBDASPLIT_TLS_CA"),
+                   help="CA file to verify the server's TLS certificate (env LAMBDASPLIT_TLS_CA); enables TLS")
+    p.add_argument("--link", help="emulate a link, e.g. up=81mbit,down=340mbit,delay=40ms or paper|5g|wan")
+
+
+def add_commands(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text (split, local or cloud mode)")
+    p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
+    p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
+    p.add_argument("--split", metavar="X:Y", help="head holds layers [0, X), tail [Y, N)")
+    p.add_argument("--server", metavar="HOST:PORT")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
+    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16 or int8 (per-token affine)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--ignore-eos", action="store_true", help="never stop at EOS (EOS logits masked, like min_new_tokens)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    add_session_options(p)
+    p.set_defaults(func=generate_command)
+
+    d = subparsers.add_parser("demo", help="split generation with the bundled model over a loopback server")
+    d.add_argument("--model", default=DEFAULT_LLM)
+    d.add_argument("--split", default=None, help="default: 2:N-2")
+    d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.set_defaults(func=demo_command)
+
+
+def generate_command(args) -> int:
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    record = run_generation(
+        model=args.model, mode=args.mode, prompt=args.prompt, max_new_tokens=args.max_new_tokens, split=args.split,
+        server=args.server, cache=args.cache, codec=args.codec, sampling=sampling, dtype=args.dtype,
+        token=args.token, tls_ca=args.tls_ca, link=args.link, ignore_eos=args.ignore_eos,
+        chat=False if args.no_chat else None, on_text=None if args.json else stream,
+    )
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print()
+        print(f"[{record['mode']}: {record['new_tokens']} tokens in {record['seconds']:.2f} s, "
+              f"{record['bytes_up']} B up, {record['bytes_down']} B down, {record['round_trips']} round trips]",
+              file=sys.stderr)
+    return 0
+
+
+def demo_command(args) -> int:
+    from lambdasplit.client.demo import run_demo
+
+    return run_demo(args)

@@ -1,0 +1,73 @@
+"""One generation in any mode, with its measurements: what `generate --json` prints.
+
+    local  the whole model in this process; nothing crosses a network
+    split  head + tail here, body on a server: hidden states cross the wire
+    cloud  the prompt text goes to the server, which runs the whole model
+
+Time is split as the Λ-Split paper splits it, but measured: local (head + tail +
+sampling), cloud (body compute, timed by the server and reported in each RESULT),
+communication (the rest of the wall time).
+"""
+
+from __future__ import annotations
+
+from lambdasplit.client.device import DeviceModel
+from lambdasplit.client.generation import Sampling
+from lambdasplit.client.remote import CloudClient, RemoteBody
+from lambdasplit.errors import LambdaSplitError
+from lambdasplit.llm.checkpoint import Checkpoint
+
+
+def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_tokens: int,
+                   split: str | None = None, server: str | None = None, cache: str = "kv", codec: str = "fp32",
+                   sampling: Sampling | None = None, dtype: str = "float32", token: str | None = None,
+                   tls_ca: str | None = None, link=None, ignore_eos: bool = False, chat: bool | None = None,
+                   device: DeviceModel | None = None, on_text=None, capture: list | None = None) -> dict:
+    """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights."""
+    sampling = sampling or Sampling()
+    options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture)
+    if mode == "cloud":
+        if not server:
+            raise LambdaSplitError("cloud mode needs --server HOST:PORT")
+        checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
+        with CloudClient(server, fingerprint=checkpoint.fingerprint, dtype=dtype, **options) as client:
+            done = client.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
+                                   ignore_eos=ignore_eos, chat=chat, on_text=on_text)
+            client.close()
+            record = _record(mode, None, cache, None, done["text"], done["token_ids"], done["prompt_tokens"],
+                             done["seconds"], 0.0, client.cloud_seconds, client)
+        return record
+    if mode == "local":
+        device = device or DeviceModel.load(model, None, dtype)
+        result = device.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
+                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text)
+        return _record(mode, None, cache, None, result.text, result.token_ids, len(result.prompt_ids),
+                       result.seconds, result.local_seconds, 0.0, None)
+    if mode != "split":
+        raise LambdaSplitError(f"mode must be split, local or cloud, not {mode!r}")
+    if not server or not split:
+        raise LambdaSplitError("split mode needs --split X:Y and --server HOST:PORT")
+    device = device or DeviceModel.load(model, split, dtype)
+    with RemoteBody.for_device(device, server, codec=codec, **options) as body:
+        result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
+                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text)
+        body.close()
+        record = _record(mode, f"{device.split[0]}:{device.split[1]}", cache, body.codec.name, result.text,
+                         result.token_ids, len(result.prompt_ids), result.seconds, result.local_seconds,
+                         body.cloud_seconds, body)
+        record["payload_bytes"] = body.stats.payload_bytes
+        record["scale_bytes"] = body.stats.scale_bytes
+    return record
+
+
+def _record(mode, split, cache, codec, text, token_ids, prompt_tokens, seconds, local_s, cloud_s, session) -> dict:
+    comm_s = max(0.0, seconds - local_s - cloud_s) if session is not None else 0.0
+    return {
+        "mode": mode, "split": split, "cache": cache, "codec": codec,
+        "text": text, "token_ids": list(token_ids), "prompt_tokens": prompt_tokens, "new_tokens": len(token_ids),
+        "bytes_up": session.bytes_up if session else 0,
+        "bytes_down": session.bytes_down if session else 0,
+        "round_trips": session.round_trips if session else 0,
+        "seconds": seconds, "local_seconds": local_s, "cloud_seconds": cloud_s, "comm_seconds": comm_s,
+        "tokens_per_second": len(token_ids) / seconds if seconds > 0 else 0.0,
+    }

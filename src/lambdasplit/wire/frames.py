@@ -1,0 +1,136 @@
+"""Frames of the lambdasplit session protocol (version 1). Full spec: docs/protocol.md.
+
+Every frame: u32 length (of what follows, little-endian) | u8 type | body.
+
+    HELLO    1  client -> server  JSON: protocol, role, model fingerprint, split, dtype, codec, token
+    WELCOME  2  server -> client  JSON: session id, limits
+    STEP     3  client -> server  u32 position | u8 count | count tensor blobs
+    RESULT   4  server -> client  u32 position | u32 server compute (microseconds) | u8 count | blobs
+    ERROR    5  either way        JSON: {"code": ..., "message": ...}
+    CLOSE    6  client -> server  empty
+    GENERATE 7  client -> server  JSON (cloud mode: the prompt text and sampling options)
+    TOKEN    8  server -> client  u32 token id | UTF-8 text piece (cloud mode stream)
+    DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
+
+Control frames carry small JSON objects; tensors are always raw blobs (wire/codecs.py),
+never JSON lists, base64 or pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+from lambdasplit.errors import ProtocolError
+from lambdasplit.wire.codecs import Codec, decode, encode
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct("<IB")  # length of (type + body), type
+
+
+class FrameType(IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    STEP = 3
+    RESULT = 4
+    ERROR = 5
+    CLOSE = 6
+    GENERATE = 7
+    TOKEN = 8
+    DONE = 9
+
+
+JSON_FRAMES = {FrameType.HELLO, FrameType.WELCOME, FrameType.ERROR, FrameType.GENERATE, FrameType.DONE}
+
+
+@dataclass
+class TensorStats:
+    """Byte accounting of the tensors in one frame (the transport counts the total)."""
+
+    payload_bytes: int = 0
+    scale_bytes: int = 0
+
+
+def frame(frame_type: FrameType, body: bytes = b"") -> bytes:
+    return FRAME_HEADER.pack(len(body) + 1, int(frame_type)) + body
+
+
+def json_frame(frame_type: FrameType, obj: dict) -> bytes:
+    return frame(frame_type, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def error_frame(code: str, message: str) -> bytes:
+    return json_frame(FrameType.ERROR, {"code": code, "message": message})
+
+
+def parse_json(body: bytes | memoryview) -> dict:
+    try:
+        obj = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError("bad_frame", f"control frame is not valid JSON: {error}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "control frame must be a JSON object")
+    return obj
+
+
+def tensors_body(prefix: bytes, tensors: list[torch.Tensor], codec: Codec, stats: TensorStats | None = None) -> bytes:
+    parts = [prefix, struct.pack("<B", len(tensors))]
+    for tensor in tensors:
+        encoded = encode(tensor, codec)
+        if stats is not None:
+            stats.payload_bytes += encoded.payload_bytes
+            stats.scale_bytes += encoded.scale_bytes
+        parts.append(encoded.blob)
+    return b"".join(parts)
+
+
+def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: TensorStats | None = None) -> bytes:
+    return frame(FrameType.STEP, tensors_body(struct.pack("<I", position), tensors, codec, stats))
+
+
+def result_frame(position: int, compute_us: int, tensors: list[torch.Tensor], codec: Codec,
+                 stats: TensorStats | None = None) -> bytes:
+    prefix = struct.pack("<II", position, min(compute_us, 2**32 - 1))
+    return frame(FrameType.RESULT, tensors_body(prefix, tensors, codec, stats))
+
+
+def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
+    if offset + 1 > len(body):
+        raise ProtocolError("bad_frame", "frame too short for its tensor count")
+    (count,) = struct.unpack_from("<B", body, offset)
+    offset += 1
+    tensors = []
+    for _ in range(count):
+        tensor, _, offset = decode(body, offset)
+        tensors.append(tensor)
+    if offset != len(body):
+        raise ProtocolError("bad_frame", f"{len(body) - offset} unexpected bytes after the tensors")
+    return tensors
+
+
+def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
+    if len(body) < 4:
+        raise ProtocolError("bad_frame", "STEP frame too short")
+    (position,) = struct.unpack_from("<I", body, 0)
+    return position, parse_tensors(body, 4)
+
+
+def parse_result(body: memoryview) -> tuple[int, int, list[torch.Tensor]]:
+    if len(body) < 8:
+        raise ProtocolError("bad_frame", "RESULT frame too short")
+    position, compute_us = struct.unpack_from("<II", body, 0)
+    return position, compute_us, parse_tensors(body, 8)
+
+
+def token_frame(token_id: int, text: str) -> bytes:
+    return frame(FrameType.TOKEN, struct.pack("<I", token_id) + text.encode("utf-8"))
+
+
+def parse_token(body: memoryview) -> tuple[int, str]:
+    if len(body) < 4:
+        raise ProtocolError("bad_frame", "TOKEN frame too short")
+    return struct.unpack_from("<I", body, 0)[0], bytes(body[4:]).decode("utf-8", errors="replace")
