@@ -91,8 +91,11 @@ class RemoteBody(Session):
     """Body layers [X, Y) on a server: one STEP/RESULT exchange per step."""
 
     def __init__(self, address: str, *, fingerprint: str, split: tuple[int, int], dtype: str = "float32",
-                 codec: str = "fp32", **options):
+                 codec: str = "fp32", defense=None, **options):
         self.codec = get_codec(codec, default_granularity="token")
+        # A defense (audit/defenses.py) transforms what goes up before it is encoded:
+        # anything with `apply(hidden) -> hidden`, e.g. clipping plus calibrated noise.
+        self.defense = defense
         self.dtype = dtype
         hello = {"role": "body", "model": fingerprint, "layers": list(split), "dtype": dtype, "codec": self.codec.name}
         super().__init__(address, hello, **options)
@@ -104,7 +107,8 @@ class RemoteBody(Session):
                    dtype=device.dtype_name, **options)
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        self.transport.send(step_frame(start, [hidden], self.codec, self.stats))
+        sent = self.defense.apply(hidden) if self.defense is not None else hidden
+        self.transport.send(step_frame(start, [sent], self.codec, self.stats))
         position, compute_us, tensors = parse_result(self.expect(FrameType.RESULT))
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6

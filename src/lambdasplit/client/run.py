@@ -22,7 +22,8 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    split: str | None = None, server: str | None = None, cache: str = "kv", codec: str = "fp32",
                    sampling: Sampling | None = None, dtype: str = "float32", token: str | None = None,
                    tls_ca: str | None = None, link=None, ignore_eos: bool = False, chat: bool | None = None,
-                   device: DeviceModel | None = None, on_text=None, capture: list | None = None) -> dict:
+                   device: DeviceModel | None = None, on_text=None, capture: list | None = None,
+                   defense=None) -> dict:
     """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights."""
     sampling = sampling or Sampling()
     options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture)
@@ -48,7 +49,7 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
     if not server or not split:
         raise LambdaSplitError("split mode needs --split X:Y and --server HOST:PORT")
     device = device or DeviceModel.load(model, split, dtype)
-    with RemoteBody.for_device(device, server, codec=codec, **options) as body:
+    with RemoteBody.for_device(device, server, codec=codec, defense=defense, **options) as body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
                                  ignore_eos=ignore_eos, chat=chat, on_text=on_text)
         body.close()
