@@ -92,9 +92,8 @@ class DeviceModel:
                  sampling: Sampling | None = None, cache: str = "kv", ignore_eos: bool = False,
                  chat: bool | None = None, on_text=None, on_token=None, keep_logits: bool = False) -> GenerationResult:
         """Generate from a prompt (text, or token ids). `on_text(piece)` streams decoded text."""
-        if (body is None) != (self.split[0] == self.split[1]):
-            raise ValueError(f"split {self.split[0]}:{self.split[1]} needs a body" if body is None
-                             else "this device model holds the whole stack; it takes no body")
+        if body is None and self.split[0] != self.split[1]:
+            raise ValueError(f"split {self.split[0]}:{self.split[1]} needs a body (layers the device does not hold)")
         prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat)
         streamer = _TextStreamer(self, on_text) if on_text else None
 

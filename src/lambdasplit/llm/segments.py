@@ -68,7 +68,10 @@ class LayerStack:
         if length == 0:
             self.cache = self._new_cache()
         elif length < self.length:
-            self.cache.crop(self.length - length)
+            try:
+                self.cache.crop(-(self.length - length))  # transformers 5: a negative count removes tokens
+            except RuntimeError as error:  # a sliding-window layer already dropped those positions
+                raise LambdaSplitError(f"cannot cut this cache back to {length} positions: {error}") from None
         self.length = length
 
     def cache_bytes(self) -> int:

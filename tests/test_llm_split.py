@@ -1,0 +1,128 @@
+"""Exactness: the split model, over a real loopback server, reproduces the unsplit model.
+
+For every supported family, built small from its config: greedy token ids equal those
+of transformers' own `generate()`, and the logits of every step match to 1e-4 (fp32),
+for splits including X=0, X=Y and Y=N.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lambdasplit.client import DeviceModel, RemoteBody, Sampling
+from lambdasplit.client.run import run_generation
+from lambdasplit.errors import SplitError, UnsupportedModelError
+from lambdasplit.llm import Checkpoint, load_body, load_head, load_tail
+from lambdasplit.server import BodyServer, BodyService, CloudService
+from tiny_models import FAMILIES
+
+SPLITS = [(0, 2), (2, 4), (3, 3), (4, 6)]  # X=0, a middle body, an empty body (X=Y), Y=N
+NEW_TOKENS = 24  # > the tiny models' sliding windows once the prompt is added
+PROMPT = "The quick brown fox jumps over the lazy dog and keeps running"
+
+
+def reference(folder, prompt_ids, new_tokens):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    out = model.generate(
+        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt_ids):].tolist(), torch.stack(out.logits)[:, 0]
+
+
+@pytest.fixture(scope="module")
+def family_servers(tiny_model_dir):
+    """One in-process server per family hosting every body of SPLITS: real sockets, shared by the tests."""
+    servers = {}
+    for family in FAMILIES:
+        folder = tiny_model_dir(family)
+        services = [BodyService(str(folder), f"{x}:{y}") for x, y in SPLITS] + [CloudService(str(folder))]
+        servers[family] = (folder, BodyServer(services).start_in_thread())
+    yield servers
+    for _, server in servers.values():
+        server.stop()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_matches_unsplit_generate(family, family_servers):
+    folder, server = family_servers[family]
+    checkpoint = Checkpoint(str(folder))
+    device_whole = DeviceModel.load(checkpoint)
+    prompt_ids = device_whole.encode(PROMPT, chat=False)
+    ref_ids, ref_logits = reference(folder, prompt_ids, NEW_TOKENS)
+    assert len(set(ref_ids)) > 3, "the tiny model collapsed; the comparison would prove little"
+    for x, y in SPLITS:
+        device = DeviceModel.load(checkpoint, (x, y))
+        with RemoteBody.for_device(device, server.address) as body:
+            result = device.generate(prompt_ids, body=body, max_new_tokens=NEW_TOKENS, ignore_eos=True, keep_logits=True)
+        assert result.token_ids == ref_ids, f"{family} split {x}:{y}"
+        logits = torch.stack(result.logits)
+        eos = list(device.eos_ids)
+        logits[:, eos] = ref_logits[:, eos]  # both sides mask EOS to -inf (min_new_tokens); compare the rest
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_same_seed_same_tokens_in_every_mode(family, family_servers):
+    folder, server = family_servers[family]
+    sampling = Sampling(temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    records = [
+        run_generation(model=str(folder), mode=mode, prompt=PROMPT, max_new_tokens=16, split="2:4",
+                       server=server.address, sampling=sampling, ignore_eos=True, chat=False)
+        for mode in ("local", "split", "cloud")
+    ]
+    assert records[0]["token_ids"] == records[1]["token_ids"] == records[2]["token_ids"]
+    assert records[0]["text"] == records[1]["text"] == records[2]["text"]
+    assert records[0]["bytes_up"] == 0 and records[1]["round_trips"] == 16 and records[2]["round_trips"] == 1
+
+
+def test_cache_none_gives_the_same_tokens(family_servers):
+    folder, server = family_servers["mistral"]
+    kv, none = (run_generation(model=str(folder), mode="split", prompt=PROMPT, max_new_tokens=20, split="2:4",
+                               server=server.address, cache=cache, ignore_eos=True, chat=False)
+                for cache in ("kv", "none"))
+    assert kv["token_ids"] == none["token_ids"]
+    assert none["bytes_up"] > 5 * kv["bytes_up"]
+
+
+def test_steps_of_several_positions_and_cut_back(tiny_model_dir):
+    """A step can carry k positions, and a cache can be cut back: what speculative decoding needs."""
+    folder = tiny_model_dir("llama")
+    head, body, tail = load_head(str(folder), 2), load_body(str(folder), 2, 4), load_tail(str(folder), 4)
+    ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def run(chunks):
+        outs, start = [], 0
+        for n in chunks:
+            piece = ids[:, start:start + n]
+            outs.append(tail.forward(body.forward(head.forward(piece, start), start), start, last_only=False))
+            start += n
+        return torch.cat(outs, dim=1)
+
+    whole = run([30])
+    torch.testing.assert_close(run([10, 1, 5, 14]), whole, atol=1e-4, rtol=0)
+    # Cut every cache back to 12 positions, then continue from there: same logits as before.
+    for stack in (head.stack, body.stack, tail.stack):
+        stack.truncate(12)
+    rest = tail.forward(body.forward(head.forward(ids[:, 12:], 12), 12), 12, last_only=False)
+    torch.testing.assert_close(rest, whole[:, 12:], atol=1e-4, rtol=0)
+
+
+def test_unsupported_family_is_refused_by_name(tmp_path):
+    from transformers import GraniteConfig
+
+    config = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="granite"):
+        load_body(str(tmp_path), 0, 1)
+
+
+def test_invalid_split_is_refused(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    for split in ("4:2", "0:7", "a:b"):
+        with pytest.raises(SplitError):
+            DeviceModel.load(str(folder), split)
