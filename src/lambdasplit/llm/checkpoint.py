@@ -119,7 +119,6 @@ class Checkpoint:
         model's own `_init_weights`, which is how transformers itself initialises them.
         """
         aliases = aliases or {}
-        by_file: dict[str, list[tuple[torch.nn.Module, str, str]]] = {}
         for module_name in module_names:
             module = model.get_submodule(module_name)
             module.to_empty(device="cpu")
@@ -127,16 +126,18 @@ class Checkpoint:
                 if sub._non_persistent_buffers_set:
                     model._init_weights(sub)
             source = aliases.get(module_name, module_name)
+            by_file: dict[str, list[tuple[str, str]]] = {}
             for key in module.state_dict():
                 tensor_name = self._tensor_name(f"{source}.{key}")
-                by_file.setdefault(self._weight_map[tensor_name], []).append((module, key, tensor_name))
-        for filename, entries in by_file.items():
-            self._fetch(filename)
-            with safe_open(str(self.folder / filename), framework="pt") as file:
-                for module, key, tensor_name in entries:
-                    _assign(module, key, file.get_tensor(tensor_name))
-        for module_name in module_names:
-            model.get_submodule(module_name).to(dtype)
+                by_file.setdefault(self._weight_map[tensor_name], []).append((key, tensor_name))
+            # One module at a time, file closed after each: the mapped pages of the
+            # checkpoint never add up beyond one module, so peak memory stays near what is kept.
+            for filename, entries in by_file.items():
+                self._fetch(filename)
+                with safe_open(str(self.folder / filename), framework="pt") as file:
+                    for key, tensor_name in entries:
+                        _assign(module, key, file.get_tensor(tensor_name), dtype)
+            module.to(dtype)  # the re-created buffers too
 
     def _tensor_name(self, name: str) -> str:
         if name in self._weight_map:
@@ -148,14 +149,18 @@ class Checkpoint:
         raise LambdaSplitError(f"checkpoint {self.name} has no tensor {name!r}")
 
 
-def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Put the loaded tensor in place (no copy into a second buffer: peak memory stays at one copy)."""
     owner_name, _, attr = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     current = getattr(owner, attr)
     if tuple(current.shape) != tuple(tensor.shape):
         raise LambdaSplitError(f"tensor {key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(current.shape)}")
-    with torch.no_grad():
-        current.copy_(tensor)
+    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if isinstance(current, torch.nn.Parameter):
+        setattr(owner, attr, torch.nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner._buffers[attr] = tensor
 
 
 def _safetensors_header(path: Path) -> dict:
