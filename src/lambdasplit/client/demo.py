@@ -76,10 +76,10 @@ def run_demo(args) -> int:
     wire.add_row("round trips", f"{record['round_trips']} (one per generated token; the prompt is the first)")
     wire.add_row("per token", f"one vector of {checkpoint.config.hidden_size} fp16 values each way")
     wire.add_row("prompt/answer words in the capture", ", ".join(leaked) if leaked else "none found")
-    if len(up) > 2:
-        wire.add_row("a step frame, as sniffed", _hexdump(up[2]))
     console.print(Panel(local, title="stayed on this device", border_style="green"))
     console.print(Panel(wire, title="crossed the wire (what an eavesdropper captures)", border_style="red"))
+    if len(up) > 2:
+        console.print(Panel(_hexdump(up[2]), title="the first token's uplink frame, as sniffed", expand=False))
     console.print(
         "[dim]Not seeing the text in the bytes is not privacy: anyone with the public weights can invert shallow "
         "hidden states. See docs/privacy.md for what the audit measures.[/]"
