@@ -126,3 +126,15 @@ def test_invalid_split_is_refused(tiny_model_dir):
     for split in ("4:2", "0:7", "a:b"):
         with pytest.raises(SplitError):
             DeviceModel.load(str(folder), split)
+
+
+@pytest.mark.parametrize("dtype,codec", [("bfloat16", "bf16"), ("float16", "fp16")])
+def test_half_precision_split_matches_local_in_that_dtype(dtype, codec, family_servers, tiny_model_dir):
+    """--dtype applies to both sides; with a codec that keeps that dtype, split equals local exactly."""
+    folder = tiny_model_dir("llama")
+    with BodyServer([BodyService(str(folder), "2:4", dtype=dtype)]) as server:
+        local = run_generation(model=str(folder), mode="local", prompt=PROMPT, max_new_tokens=12, dtype=dtype,
+                               ignore_eos=True, chat=False)
+        split = run_generation(model=str(folder), mode="split", prompt=PROMPT, max_new_tokens=12, dtype=dtype,
+                               split="2:4", server=server.address, codec=codec, ignore_eos=True, chat=False)
+    assert split["token_ids"] == local["token_ids"]
