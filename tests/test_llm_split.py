@@ -138,3 +138,19 @@ def test_half_precision_split_matches_local_in_that_dtype(dtype, codec, family_s
         split = run_generation(model=str(folder), mode="split", prompt=PROMPT, max_new_tokens=12, dtype=dtype,
                                split="2:4", server=server.address, codec=codec, ignore_eos=True, chat=False)
     assert split["token_ids"] == local["token_ids"]
+
+
+def test_body_spread_over_two_servers(tiny_model_dir):
+    """A session with several servers: layers [1, 3) on one, [3, 5) on another."""
+    from lambdasplit.client import BodyChain
+
+    folder = str(tiny_model_dir("qwen2"))
+    checkpoint = Checkpoint(folder)
+    device = DeviceModel.load(checkpoint, (1, 5))
+    prompt_ids = device.encode(PROMPT, chat=False)
+    with BodyServer([BodyService(folder, "1:3")]) as first, BodyServer([BodyService(folder, "3:5")]) as second:
+        with RemoteBody(first.address, fingerprint=checkpoint.fingerprint, split=(1, 3)) as a, \
+                RemoteBody(second.address, fingerprint=checkpoint.fingerprint, split=(3, 5)) as b:
+            chained = device.generate(prompt_ids, body=BodyChain([a, b]), max_new_tokens=20, ignore_eos=True)
+    local = DeviceModel.load(checkpoint).generate(prompt_ids, max_new_tokens=20, ignore_eos=True)
+    assert chained.token_ids == local.token_ids

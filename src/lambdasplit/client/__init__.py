@@ -6,8 +6,8 @@
     commands.py    `lambdasplit generate` and `lambdasplit demo`
 """
 
-from lambdasplit.client.device import DeviceModel, InProcessBody
+from lambdasplit.client.device import BodyChain, DeviceModel, InProcessBody
 from lambdasplit.client.generation import GenerationResult, Sampling
 from lambdasplit.client.remote import CloudClient, RemoteBody
 
-__all__ = ["DeviceModel", "InProcessBody", "GenerationResult", "Sampling", "CloudClient", "RemoteBody"]
+__all__ = ["BodyChain", "DeviceModel", "InProcessBody", "GenerationResult", "Sampling", "CloudClient", "RemoteBody"]

@@ -3,6 +3,7 @@
     DeviceModel.load(model, split="X:Y")  head [0, X) and tail [Y, N), nothing else
     DeviceModel.load(model)                the whole model (local mode; also what a cloud server runs)
     InProcessBody(load_body(...))         the body in this process (no network: overhead baseline)
+    BodyChain([...])                      a body spread over several servers, in layer order
 """
 
 from __future__ import annotations
@@ -32,6 +33,26 @@ class InProcessBody:
         self.cloud_seconds += time.perf_counter() - began
         self.round_trips += 1
         return out
+
+
+class BodyChain:
+    """Several bodies in sequence, e.g. layers [X, M) on one server and [M, Y) on another."""
+
+    def __init__(self, bodies: list):
+        self.bodies = bodies
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        for body in self.bodies:
+            hidden = body.forward(hidden, start)
+        return hidden
+
+    @property
+    def round_trips(self) -> int:
+        return sum(getattr(body, "round_trips", 0) for body in self.bodies)
+
+    @property
+    def cloud_seconds(self) -> float:
+        return sum(getattr(body, "cloud_seconds", 0.0) for body in self.bodies)
 
 
 @dataclass

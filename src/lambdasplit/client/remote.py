@@ -124,12 +124,14 @@ class CloudClient(Session):
     def __init__(self, address: str, *, fingerprint: str, dtype: str = "float32", **options):
         super().__init__(address, {"role": "cloud", "model": fingerprint, "dtype": dtype}, **options)
 
-    def generate(self, prompt: str, *, max_new_tokens: int, sampling, cache: str = "kv", ignore_eos: bool = False,
-                 chat: bool | None = None, on_text=None) -> dict:
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int, sampling, cache: str = "kv",
+                 ignore_eos: bool = False, chat: bool | None = None, on_text=None) -> dict:
         request = {
-            "prompt": prompt, "max_new_tokens": max_new_tokens, "sampling": sampling.to_dict(),
+            "max_new_tokens": max_new_tokens, "sampling": sampling.to_dict(),
             "cache": cache, "ignore_eos": ignore_eos, "chat": chat,
         }
+        # Token ids go as `prompt_ids` (benchmarks need an exact prompt length); text as `prompt`.
+        request["prompt_ids" if isinstance(prompt, list) else "prompt"] = prompt
         began = time.perf_counter()
         self.transport.send(json_frame(FrameType.GENERATE, request))
         while True:
