@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "lambdasplit.client.commands",  # generate, demo
     "lambdasplit.server.commands",  # serve
     "lambdasplit.zoo.commands",  # zoo list / eval / train
+    "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
 ]
 
 

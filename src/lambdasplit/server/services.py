@@ -149,7 +149,14 @@ class CloudSession(SessionHandler):
             raise ProtocolError("unexpected_frame", f"a cloud session takes GENERATE frames, got {frame_type.name}")
         request = parse_json(body)
         try:
-            prompt = str(request["prompt"])
+            prompt_ids = request.get("prompt_ids")
+            if prompt_ids is not None:  # exact token ids (benchmarks); else the prompt text
+                vocab = self.device.checkpoint.config.vocab_size
+                if not isinstance(prompt_ids, list) or not prompt_ids or not all(
+                        isinstance(i, int) and 0 <= i < vocab for i in prompt_ids):
+                    raise ValueError(f"prompt_ids must be a non-empty list of token ids in [0, {vocab})")
+            else:
+                prompt = str(request["prompt"])
             max_new_tokens = int(request["max_new_tokens"])
             sampling = Sampling(**request.get("sampling", {}))
             cache = request.get("cache", "kv")
@@ -157,7 +164,8 @@ class CloudSession(SessionHandler):
                 raise ValueError("cache must be kv or none; max_new_tokens >= 0")
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError("bad_request", f"GENERATE request: {error}") from None
-        prompt_ids = self.device.encode(prompt, request.get("chat"))
+        if prompt_ids is None:
+            prompt_ids = self.device.encode(prompt, request.get("chat"))
         if len(prompt_ids) + max_new_tokens > self.limits.max_positions:
             raise ProtocolError("too_many_positions", f"prompt + new tokens exceed {self.limits.max_positions} positions")
         streamed = []

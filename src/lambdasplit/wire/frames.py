@@ -8,7 +8,7 @@ Every frame: u32 length (of what follows, little-endian) | u8 type | body.
     RESULT   4  server -> client  u32 position | u32 server compute (microseconds) | u8 count | blobs
     ERROR    5  either way        JSON: {"code": ..., "message": ...}
     CLOSE    6  client -> server  empty
-    GENERATE 7  client -> server  JSON (cloud mode: the prompt text and sampling options)
+    GENERATE 7  client -> server  JSON (cloud mode: the prompt text or `prompt_ids`, sampling options)
     TOKEN    8  server -> client  u32 token id | UTF-8 text piece (cloud mode stream)
     DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
 

@@ -1,18 +1,39 @@
-"""Link emulation in the transport: rate (up and down), one-way delay, loss.
+"""Link emulation in the client's transport: rate (up and down), one-way delay, loss.
 
-Syntax (`--link`): comma-separated `key=value` items, or a preset name.
+It runs in user space at the client, so it needs no root and works in CI. The
+`scripts/netns_crosscheck.py` run compares it with the kernel's own shaping (tbf on a
+veth pair between two network namespaces); see docs/benchmarks.md.
 
-    up=81mbit,down=340mbit,delay=40ms     asymmetric rates, 40 ms one way
-    rate=1000mbit                         same rate both ways (alias: a bare `1000mbit`)
-    delay=40ms,loss=0.01                  1% packet loss, each loss costing a retransmission
-    paper | 5g | wan                      presets (see PRESETS)
+Syntax (`--link`): comma-separated items; each is `key=value`, a bare value, or a preset.
 
-The model is applied at the client, which sees every frame of the session: a frame of
-B bytes sent at time t reaches the server at t + B*8/up + delay; a frame the server
-sends reaches the client no earlier than delay + B*8/down after it left, and no earlier
-than the previous frame finished arriving (frames queue on the link). A lost packet
-(1448-byte segments, each lost with probability `loss`) costs one round trip
-(2 x delay) plus its own transmission again, like a fast retransmit.
+    up=81mbit,down=340mbit,delay=40ms   asymmetric rates, 40 ms one way
+    rate=1000mbit                       the same rate both ways
+    1000mbit,0ms                        bare values: a rate (bit/kbit/mbit/gbit) or a delay (us/ms/s)
+    delay=40ms,loss=0.01                1% of packets lost (also written loss=1%)
+    wan,loss=0.5%                       a preset, then overrides (later items win)
+
+Units follow tc: `mbit` is 10^6 bit/s (tc's `mbps` would be megabytes, so it is refused).
+
+Presets (PRESETS):
+    paper   1000 Mbit/s both ways, no added delay (the Λ-Split paper's testbed)
+    5g      81 Mbit/s up, 340 Mbit/s down (what the PPIDM paper assumes), no added delay
+    wan     100 Mbit/s both ways, 40 ms one way
+
+The model, for each frame of B bytes:
+    client -> server: the frame enters the uplink when it is free, takes B*8/up to
+        serialize, then `delay` to propagate; the client holds the frame (sleeps) until
+        that moment and only then writes it to the socket.
+    server -> client: the frame starts to arrive when its first byte reaches the client's
+        socket; it is handed to the caller no earlier than first byte + delay + B*8/down,
+        and no earlier than the previous frame finished (frames queue on the downlink).
+    loss: the frame is cut into 1448-byte TCP segments; each is lost with probability
+        `loss` (seeded, reproducible) and costs a fast retransmit: one round trip
+        (2 x delay) plus its own serialization again. This is the optimistic case (no
+        retransmission timeout, no congestion-window cut), so it is a lower bound.
+
+Only bytes the client sends or receives are shaped; server compute is never counted as
+link time, which is what lets the benchmark split wall time into compute and
+communication.
 """
 
 from __future__ import annotations
@@ -25,7 +46,7 @@ from dataclasses import dataclass
 
 from lambdasplit.errors import LambdaSplitError
 
-SEGMENT_BYTES = 1448  # TCP payload per Ethernet frame
+SEGMENT_BYTES = 1448  # TCP payload of one Ethernet frame (MTU 1500 minus IP/TCP headers with timestamps)
 
 PRESETS = {
     "paper": "rate=1000mbit,delay=0ms",  # the Λ-Split paper's 1 Gbit/s LAN
@@ -34,25 +55,49 @@ PRESETS = {
 }
 
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_SPIN_SECONDS = 0.001  # below this, spin instead of sleep: time.sleep overshoots by ~0.1 ms
 
 
 def _rate(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)\s*(bit|kbit|mbit|gbit)", text.strip().lower())
-    if not match:
-        raise LambdaSplitError(f"bad rate {text!r}: write e.g. 100mbit, 500kbit, 1gbit")
+    if not match or float(match.group(1)) <= 0:
+        raise LambdaSplitError(f"bad rate {text!r}: write e.g. 100mbit, 500kbit, 1gbit (bit/s, as tc does)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _seconds(text: str) -> float:
     match = re.fullmatch(r"([0-9.]+)\s*(ms|s|us)", text.strip().lower())
     if not match:
-        raise LambdaSplitError(f"bad delay {text!r}: write e.g. 40ms, 0.5s")
+        raise LambdaSplitError(f"bad delay {text!r}: write e.g. 40ms, 0.5s, 200us")
     return float(match.group(1)) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[match.group(2)]
+
+
+def _loss(text: str) -> float:
+    text = text.strip()
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise LambdaSplitError(f"bad loss {text!r}: write e.g. 0.01 or 1%") from None
+    if not 0 <= value < 1:
+        raise LambdaSplitError(f"loss must be in [0, 1), got {text!r}")
+    return value
+
+
+def wait_until(deadline: float) -> None:
+    """Sleep until `deadline` (a time.perf_counter value), spinning for the last millisecond.
+
+    Frames on a fast link take microseconds; time.sleep would add ~0.1 ms to each.
+    """
+    remaining = deadline - time.perf_counter()
+    if remaining > _SPIN_SECONDS:
+        time.sleep(remaining - _SPIN_SECONDS)
+    while time.perf_counter() < deadline:
+        pass
 
 
 @dataclass
 class Link:
-    """An emulated link. Rates in bit/s (None = unlimited), delay in seconds one way."""
+    """An emulated link. Rates in bit/s (None = unlimited), delay in seconds one way, loss a probability."""
 
     up_bps: float | None = None
     down_bps: float | None = None
@@ -61,20 +106,32 @@ class Link:
     seed: int = 0
 
     def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget queued frames and restart the loss sequence (each session starts on an idle link)."""
         self._random = random.Random(self.seed)
+        self._up_free_at = 0.0
         self._down_free_at = 0.0
 
     @classmethod
-    def parse(cls, text: str | None) -> "Link | None":
-        if not text:
+    def parse(cls, text: "str | Link | None") -> "Link | None":
+        """A Link from the `--link` syntax (module doc); None or "" means no emulation."""
+        if text is None or isinstance(text, Link):
+            return text
+        if not text.strip():
             return None
-        text = PRESETS.get(text.strip().lower(), text)
         link = cls()
-        for item in [part for part in text.split(",") if part.strip()]:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        expanded = []
+        for item in items:  # presets expand in place, so later items override them
+            preset = PRESETS.get(item.lower())
+            expanded += preset.split(",") if preset else [item]
+        for item in expanded:
             key, _, value = item.partition("=")
             key, value = key.strip().lower(), value.strip()
             if not value:  # a bare "100mbit" or "40ms"
-                key, value = ("delay", key) if key.endswith("s") and not key.endswith("bits") else ("rate", key)
+                key, value = ("rate", key) if key.endswith("bit") else ("delay", key)
             if key == "rate":
                 link.up_bps = link.down_bps = _rate(value)
             elif key == "up":
@@ -84,38 +141,47 @@ class Link:
             elif key == "delay":
                 link.delay_s = _seconds(value)
             elif key == "loss":
-                link.loss = float(value)
-                if not 0 <= link.loss < 1:
-                    raise LambdaSplitError("loss must be in [0, 1)")
+                link.loss = _loss(value)
+            elif key == "seed":
+                link.seed = int(value)
             else:
-                raise LambdaSplitError(f"unknown link option {key!r} (use up, down, rate, delay, loss or a preset)")
-        link.__post_init__()
+                raise LambdaSplitError(
+                    f"unknown link option {key!r}: use up=, down=, rate=, delay=, loss=, seed= "
+                    f"or a preset ({', '.join(PRESETS)})")
+        link.reset()
         return link
 
     def describe(self) -> str:
         def rate(bps):
             return "unlimited" if bps is None else f"{bps / 1e6:g} Mbit/s"
 
-        return f"up {rate(self.up_bps)}, down {rate(self.down_bps)}, delay {self.delay_s * 1e3:g} ms, loss {self.loss:g}"
+        text = f"up {rate(self.up_bps)}, down {rate(self.down_bps)}, delay {self.delay_s * 1e3:g} ms"
+        return text + (f", loss {self.loss:g}" if self.loss else "")
 
-    def _transfer(self, nbytes: int, bps: float | None) -> float:
+    def transfer_seconds(self, nbytes: int, bps: float | None) -> float:
+        """Serialization time of `nbytes`, plus the cost of the segments lost on the way."""
         seconds = 0.0 if bps is None else nbytes * 8 / bps
         if self.loss:
             segments = max(1, math.ceil(nbytes / SEGMENT_BYTES))
             lost = sum(self._random.random() < self.loss for _ in range(segments))
-            per_segment = 0.0 if bps is None else SEGMENT_BYTES * 8 / bps
+            per_segment = 0.0 if bps is None else min(nbytes, SEGMENT_BYTES) * 8 / bps
             seconds += lost * (2 * self.delay_s + per_segment)
         return seconds
 
     def send(self, nbytes: int) -> None:
         """Hold a frame the client sends until it would have reached the server."""
-        time.sleep(self._transfer(nbytes, self.up_bps) + self.delay_s)
+        start = max(time.perf_counter(), self._up_free_at)
+        self._up_free_at = start + self.transfer_seconds(nbytes, self.up_bps)
+        wait_until(self._up_free_at + self.delay_s)
 
     def receive(self, nbytes: int, first_byte_at: float) -> None:
         """Hold a received frame until it would have arrived over the emulated link."""
         start = max(first_byte_at + self.delay_s, self._down_free_at)
-        arrival = start + self._transfer(nbytes, self.down_bps)
-        self._down_free_at = arrival
-        wait = arrival - time.perf_counter()
-        if wait > 0:
-            time.sleep(wait)
+        self._down_free_at = start + self.transfer_seconds(nbytes, self.down_bps)
+        wait_until(self._down_free_at)
+
+    def minimum_seconds(self, bytes_up: int, bytes_down: int, round_trips: int) -> float:
+        """The least communication time the emulation adds: serialization both ways plus 2 x delay per round trip."""
+        up = 0.0 if self.up_bps is None else bytes_up * 8 / self.up_bps
+        down = 0.0 if self.down_bps is None else bytes_down * 8 / self.down_bps
+        return up + down + 2 * self.delay_s * round_trips

@@ -1,0 +1,141 @@
+"""`lambdasplit bench llm | overhead | diffusion`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from lambdasplit.zoo.registry import DEFAULT_LLM
+
+
+def add_commands(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: Table I (llm), framework overhead, diffusion")
+    which = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+
+    p = which.add_parser("llm", help="the Λ-Split paper's Table I for any model, on an emulated link",
+                         description="Every row of Table I (cloud-only, split without/with caching at each split, "
+                                     "local-only) against a real server process on loopback.")
+    p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
+    p.add_argument("--splits", default="1:N-1,4:N-4,8:N-8",
+                   help="comma-separated X:Y; N is the model's layer count (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=14,
+                   help="prompt length: the prompt text is repeated or cut to exactly this many tokens "
+                        "(0 = the text as is; default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=300, help="tokens generated per row, exactly (default %(default)s)")
+    p.add_argument("--prompt", help="prompt text (default: the paper's 'What is the difference between AI, ML and DL?')")
+    p.add_argument("--link", help="emulated link, e.g. up=81mbit,down=340mbit,delay=40ms, 1000mbit,0ms, "
+                                  "or a preset: paper | 5g | wan (default: plain loopback)")
+    p.add_argument("--codec", default="fp16", help="hidden states on the wire: fp32, fp16, bf16, int8 (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--configs", default="cloud,split,local", help="rows to run (default %(default)s)")
+    p.add_argument("--caches", default="none,kv", help="split rows: without (none) and/or with (kv) caching")
+    p.add_argument("--server", metavar="HOST:PORT",
+                   help="use this running server (it must host every split, plus --cloud for the cloud row) "
+                        "instead of starting one")
+    p.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's default)")
+    p.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    p.set_defaults(func=llm_command)
+
+    o = which.add_parser("overhead", help="tokens/s of split over loopback vs in-process split vs local; bytes/token",
+                         description="The framework's own cost, for a model and a wider random model.")
+    o.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    o.add_argument("--split", default="1:N-1", help="default %(default)s")
+    o.add_argument("--wide-hidden", type=int, default=2048,
+                   help="hidden size of the wider random Llama also measured (0 = skip; default %(default)s)")
+    o.add_argument("--wide-layers", type=int, default=6, help="default %(default)s")
+    o.add_argument("--new-tokens", type=int, default=64, help="default %(default)s")
+    o.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median kept (default %(default)s)")
+    o.add_argument("--codec", default="fp16", help="default %(default)s")
+    o.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's default)")
+    o.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json and run.json")
+    o.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    o.set_defaults(func=overhead_command)
+
+    # The diffusion benchmark lives in lambdasplit.diffusion.bench; its options are parsed
+    # only when it runs, so `bench llm` never imports diffusers (nor breaks without it).
+    d = which.add_parser("diffusion", help="diffusion split benchmark (options: bench diffusion --help)",
+                         add_help=False, prefix_chars="\0")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    d.set_defaults(func=diffusion_command)
+
+
+def _command_line() -> str:
+    return "lambdasplit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def llm_command(args) -> int:
+    from lambdasplit.bench.llm import COLUMNS, run_table, write_chart
+    from lambdasplit.bench.report import print_table, write_outputs
+
+    result = run_table(
+        model=args.model, splits=args.splits, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        prompt=args.prompt, link=args.link, codec=args.codec, dtype=args.dtype,
+        configs=_names(args.configs, {"cloud", "split", "local"}), caches=_names(args.caches, {"kv", "none"}),
+        server=args.server, threads=args.threads, progress=not args.json,
+    )
+    meta = {**result["meta"], "command": _command_line(), "caching_reduction": result["reduction"]}
+    title = f"Table I: {args.model}, {meta['prompt_tokens']} -> {args.new_tokens} tokens, link {meta['link']}"
+    notes = [
+        f"model {args.model}: {meta['num_layers']} layers, D = {meta['hidden_size']}; wire codec {args.codec}, "
+        f"compute {args.dtype}; greedy; {meta['eos_rule']}",
+        "MB = 10^6 socket bytes (handshake and framing included); times in seconds: local = head + tail + "
+        "sampling, cloud = body compute reported by the server, comm = wall - local - cloud",
+        *[f"traffic reduction from caching at {r['split']}: {r['measured_pct']:.2f}% measured, "
+          f"{r['from_positions_pct']:.2f}% from positions sent" for r in result["reduction"]],
+        f"command: `{meta['command']}`",
+    ]
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[2:-1]))
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
+        if not args.json:
+            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    return 0
+
+
+def overhead_command(args) -> int:
+    from lambdasplit.bench.overhead import COLUMNS, run_overhead
+    from lambdasplit.bench.report import print_table, write_outputs
+
+    result = run_overhead(model=args.model, split=args.split, wide_hidden=args.wide_hidden,
+                          wide_layers=args.wide_layers, new_tokens=args.new_tokens, repeats=args.repeats,
+                          codec=args.codec, threads=args.threads, progress=not args.json)
+    meta = {**result["meta"], "command": _command_line()}
+    title = f"Framework overhead: {args.new_tokens} tokens, codec {args.codec}, median of {args.repeats}"
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title)
+    if args.out:
+        notes = ["tokens/s: median over interleaved repeats; bytes/token: steady state, both directions",
+                 f"command: `{meta['command']}`"]
+        write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+    return 0
+
+
+def diffusion_command(args) -> int:
+    from lambdasplit.errors import LambdaSplitError
+
+    try:
+        from lambdasplit.diffusion import bench as diffusion_bench
+    except ImportError as error:
+        raise LambdaSplitError(f"the diffusion benchmark is not available: {error}") from None
+    parser = argparse.ArgumentParser(prog="lambdasplit bench diffusion")
+    diffusion_bench.add_arguments(parser)
+    return int(diffusion_bench.run(parser.parse_args(args.rest)) or 0)
+
+
+def _names(text: str, allowed: set[str]) -> tuple[str, ...]:
+    from lambdasplit.errors import LambdaSplitError
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise LambdaSplitError(f"expected a comma-separated subset of {', '.join(sorted(allowed))}, got {text!r}")
+    return names

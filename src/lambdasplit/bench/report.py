@@ -1,0 +1,107 @@
+"""Writers shared by every benchmark: a rich table in the terminal, and table.md / table.csv /
+table.json / run.json in an output folder.
+
+A benchmark describes its table once, as a list of `Column`s over row dicts; every
+writer uses that one description, so the terminal, the Markdown and the CSV never
+disagree. JSON and CSV keep the raw values (bytes, seconds); the terminal and Markdown
+show them formatted (MB, seconds with 2 decimals).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+from rich.table import Table
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: the row key, its header, and how to show a value (a format spec or a function)."""
+
+    key: str
+    header: str
+    fmt: str | Callable[[Any], str] = ""
+    numeric: bool = True
+
+    def show(self, row: dict) -> str:
+        value = row.get(self.key)
+        if value is None or value == "":
+            return ""
+        if callable(self.fmt):
+            return self.fmt(value)
+        return format(value, self.fmt)
+
+
+def megabytes(nbytes: float) -> str:
+    """Bytes as MB (10^6 bytes, as the Λ-Split paper's Table I counts)."""
+    return f"{nbytes / 1e6:.2f}"
+
+
+def print_table(rows: list[dict], columns: list[Column], title: str = "", caption: str = "",
+                console: Console | None = None) -> None:
+    table = Table(title=title or None, caption=caption or None)
+    for column in columns:
+        table.add_column(column.header, justify="right" if column.numeric else "left")
+    for row in rows:
+        table.add_row(*(column.show(row) for column in columns))
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+            console = Console(width=max(console.width, 200))
+    console.print(table)
+
+
+def markdown_table(rows: list[dict], columns: list[Column]) -> str:
+    lines = ["| " + " | ".join(c.header for c in columns) + " |",
+             "|" + "|".join("---:" if c.numeric else ":---" for c in columns) + "|"]
+    lines += ["| " + " | ".join(c.show(row) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> dict:
+    """What the numbers were measured on (figures in docs must name the machine)."""
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_model(),
+        "python": sys.version.split()[0], "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.is_available(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def write_outputs(out_dir: str | Path, rows: list[dict], columns: list[Column], *, title: str, meta: dict,
+                  notes: list[str] = ()) -> Path:
+    """Write table.md, table.csv, table.json (a list, one object per row) and run.json (meta)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    md += [f"- {note}" for note in notes]
+    md += ["", markdown_table(rows, columns)]
+    (out / "table.md").write_text("\n".join(md))
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out / "table.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
+    (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "run.json").write_text(json.dumps({"title": title, **meta, "machine": machine()}, indent=1) + "\n")
+    return out
