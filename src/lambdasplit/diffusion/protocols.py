@@ -1,0 +1,204 @@
+"""The two diffusion session protocols, device side, over the generic lambdasplit session.
+
+Both open with a HELLO (role "unet") that carries only small, non-private JSON: the
+protocol name, codec, guidance scale, the step schedule. Tensors always travel as binary
+blobs in STEP / RESULT frames (position = denoising step index).
+
+cloud-latent (the paper's protocol; one request, N streamed answers)
+    up    STEP 0: conditioning (prompt embeds [+ pooled, time ids]) and the initial latent, once
+    down  RESULT i for each cloud step i: the guided predicted noise, through the codec
+          (+ with `verify`, a 32-value sha256 digest of the cloud's latent after step i)
+    The cloud keeps its own latent and scheduler and steps them with the *dequantized* noise
+    it sent, exactly as the device does, so the two copies stay bit-identical.
+    Deterministic schedulers only (split.DETERMINISTIC_SCHEDULERS).
+
+client-latent (the cloud is stateless beyond the conditioning)
+    up    STEP i: the scheduler-scaled latent x_t (+ the conditioning in STEP 0)
+    down  RESULT i: the guided predicted noise, through the codec
+    The device runs the scheduler; the cloud never sees a scheduler or keeps a latent.
+    Guidance runs in the cloud: it halves the downlink (one noise tensor, not two) and
+    quantization then applies to the guided noise, instead of being amplified by the
+    guidance scale as it would be if uncond/text noise were quantized separately.
+    The cloud learns the guidance scale, which says nothing about the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lambdasplit.client.remote import Session
+from lambdasplit.errors import ProtocolError
+from lambdasplit.wire.codecs import AFFINE, Codec, decode, encode, get_codec
+from lambdasplit.wire.frames import FrameType, frame, parse_json
+
+PROTOCOLS = ("cloud-latent", "client-latent")
+ROLE = "unet"
+CLOUD_ROLE = "diffusion-cloud"
+
+
+def diffusion_codec(name: str) -> Codec:
+    """Codec names for diffusion tensors: intN means per-tensor (the paper's), intN/channel per latent channel."""
+    try:
+        return get_codec(name, default_granularity="tensor")
+    except ValueError as error:
+        raise ProtocolError("bad_codec", str(error)) from None
+
+
+@dataclass
+class Accounting:
+    """Bytes of tensor blobs, split as the issue asks: values, affine scales, blob headers."""
+
+    payload_bytes: int = 0
+    scale_bytes: int = 0
+    header_bytes: int = 0
+    per_step_payload: list[int] = field(default_factory=list)
+
+    def add(self, codec: Codec, shape: tuple[int, ...], blob_bytes: int) -> int:
+        numel = math.prod(shape)
+        if codec.kind == AFFINE:
+            groups = shape[1] if codec.granularity == "channel" else (numel // shape[-1] if codec.granularity == "token" else 1)
+            payload, scales = math.ceil(numel * codec.bits / 8), 8 * groups
+        else:
+            payload, scales = numel * codec.bits // 8, 0
+        self.payload_bytes += payload
+        self.scale_bytes += scales
+        self.header_bytes += blob_bytes - payload - scales
+        return payload
+
+
+def tensors_frame(frame_type: FrameType, prefix: bytes, blobs: list[bytes]) -> bytes:
+    """A STEP/RESULT frame from already encoded blobs (each blob names its own codec)."""
+    return frame(frame_type, prefix + struct.pack("<B", len(blobs)) + b"".join(blobs))
+
+
+def parse_blobs(body: memoryview, offset: int) -> list[tuple[torch.Tensor, Codec, int]]:
+    """(tensor, codec, blob size) for each blob after `offset` (a u8 count, then the blobs)."""
+    if offset + 1 > len(body):
+        raise ProtocolError("bad_frame", "frame too short for its tensor count")
+    count = body[offset]
+    offset += 1
+    out = []
+    for _ in range(count):
+        tensor, codec, end = decode(body, offset)
+        out.append((tensor, codec, end - offset))
+        offset = end
+    if offset != len(body):
+        raise ProtocolError("bad_frame", f"{len(body) - offset} unexpected bytes after the tensors")
+    return out
+
+
+def latent_digest(latents: torch.Tensor) -> torch.Tensor:
+    """sha256 of the latent's bytes as 32 float values (exact in fp32): a cheap bit-identity check."""
+    digest = hashlib.sha256(latents.detach().contiguous().numpy().tobytes()).digest()
+    return torch.tensor(np.frombuffer(digest, dtype=np.uint8).astype(np.float32))
+
+
+def timestep_list(timesteps: torch.Tensor) -> tuple[list, str]:
+    """Timesteps as JSON numbers plus their dtype; float32 -> float64 -> JSON -> float32 is exact."""
+    dtype = "int64" if not timesteps.is_floating_point() else "float32"
+    return [float(t) if dtype == "float32" else int(t) for t in timesteps.tolist()], dtype
+
+
+class DiffusionSession(Session):
+    """Common device-side bookkeeping: codecs, byte accounting, cloud time, received noise."""
+
+    def __init__(self, address: str, hello: dict, *, codec: str, up_codec: str, **options):
+        self.codec, self.up_codec = diffusion_codec(codec), diffusion_codec(up_codec)
+        self.up, self.down = Accounting(), Accounting()
+        self.received: dict[int, torch.Tensor] = {}  # step -> noise as received (kept only if asked)
+        self.keep: set[int] = set()
+        super().__init__(address, {"role": ROLE, "codec": self.codec.name, **hello}, **options)
+
+    def _send_step(self, position: int, tensors: list[torch.Tensor]) -> None:
+        blobs = []
+        for tensor in tensors:
+            blob = encode(tensor, self.up_codec).blob
+            self.up.add(self.up_codec, tuple(tensor.shape), len(blob))
+            blobs.append(blob)
+        self.transport.send(tensors_frame(FrameType.STEP, struct.pack("<I", position), blobs))
+
+    def _receive(self, position: int) -> list[torch.Tensor]:
+        body = self.expect(FrameType.RESULT)
+        if len(body) < 8:
+            raise ProtocolError("bad_frame", "RESULT frame too short")
+        got, compute_us = struct.unpack_from("<II", body, 0)
+        blobs = parse_blobs(body, 8)
+        if got != position or not blobs:
+            self.close()
+            raise ProtocolError("bad_result", f"expected the noise of step {position}, got step {got}")
+        self.cloud_seconds += compute_us / 1e6
+        noise, codec, size = blobs[0]
+        self.down.per_step_payload.append(self.down.add(codec, tuple(noise.shape), size))
+        for tensor, codec, size in blobs[1:]:
+            self.down.add(codec, tuple(tensor.shape), size)
+        if position in self.keep:
+            self.received[position] = noise
+        return [t for t, _, _ in blobs]
+
+
+class CloudLatentSession(DiffusionSession):
+    """The cloud holds a copy of the latent and steps it; it streams one noise per step."""
+
+    def __init__(self, address: str, *, fingerprint: str, steps: int, cloud_steps: int, guidance: float,
+                 scheduler, codec: str = "fp32", up_codec: str = "fp32", verify: bool = False, **options):
+        self.verify = verify
+        hello = {"model": fingerprint, "dtype": "float32", "diffusion": "cloud-latent", "guidance": guidance,
+                 "steps": steps, "cloud_steps": cloud_steps, "verify": verify,
+                 "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)}}
+        super().__init__(address, hello, codec=codec, up_codec=up_codec, **options)
+
+    def start(self, conditioning: list[torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+        """Send the conditioning and initial latent once; return the latent as the cloud decoded it.
+
+        With a lossy uplink codec the device continues from that decoded latent too,
+        so both copies start equal.
+        """
+        self._send_step(0, [*conditioning, latents])
+        self.round_trips += 1
+        return decode(encode(latents, self.up_codec).blob)[0] if not self.up_codec.lossless else latents
+
+    def noise(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next streamed noise (as dequantized by the codec) and, with verify, the cloud's latent digest."""
+        tensors = self._receive(step)
+        return tensors[0], (tensors[1] if self.verify and len(tensors) > 1 else None)
+
+
+class ClientLatentSession(DiffusionSession):
+    """The device holds the latent; each step it sends x_t and gets the noise back."""
+
+    def __init__(self, address: str, *, fingerprint: str, timesteps: torch.Tensor, guidance: float,
+                 codec: str = "fp32", up_codec: str = "fp32", **options):
+        values, dtype = timestep_list(timesteps)
+        hello = {"model": fingerprint, "dtype": "float32", "diffusion": "client-latent", "guidance": guidance,
+                 "timesteps": values, "timestep_dtype": dtype}
+        super().__init__(address, hello, codec=codec, up_codec=up_codec, **options)
+
+    def noise(self, step: int, model_input: torch.Tensor, conditioning: list[torch.Tensor] | None) -> torch.Tensor:
+        self._send_step(step, [model_input, *(conditioning or [])])
+        tensors = self._receive(step)
+        self.round_trips += 1
+        return tensors[0]
+
+
+class CloudImageClient(Session):
+    """Cloud-only baseline: the prompt text goes up, the finished image comes down."""
+
+    def __init__(self, address: str, *, fingerprint: str, **options):
+        super().__init__(address, {"role": CLOUD_ROLE, "model": fingerprint, "dtype": "float32"}, **options)
+
+    def generate(self, request: dict) -> tuple[np.ndarray, dict]:
+        from lambdasplit.wire.frames import json_frame
+
+        self.transport.send(json_frame(FrameType.GENERATE, request))
+        body = self.expect(FrameType.RESULT)
+        _, compute_us = struct.unpack_from("<II", body, 0)
+        image = parse_blobs(body, 8)[0][0]
+        self.round_trips += 1
+        self.cloud_seconds += compute_us / 1e6
+        return image.numpy(), parse_json(self.expect(FrameType.DONE))

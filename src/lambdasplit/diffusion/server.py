@@ -1,0 +1,237 @@
+"""The cloud side of split diffusion: `lambdasplit serve --component unet|pipeline`.
+
+    UNetService      role "unet": loads ONLY the U-Net (plus the tiny JSON configs) and serves
+                     the cloud-latent and client-latent protocols (diffusion/protocols.py)
+    PipelineService  role "diffusion-cloud": the whole pipeline, for the honest cloud-only
+                     baseline (prompt text in, image out)
+
+Every client mistake (shapes, step order, scheduler, codec) is a ProtocolError: that
+session gets an ERROR frame and closes, every other session keeps being served.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import torch
+
+from lambdasplit.diffusion import protocols as proto
+from lambdasplit.diffusion.split import (
+    Conditioning, Device, PipelineInfo, check_scheduler, load_unet, make_scheduler, predict_noise,
+)
+from lambdasplit.errors import LambdaSplitError, ProtocolError
+from lambdasplit.server.services import Service, SessionHandler
+from lambdasplit.wire.codecs import decode, encode, get_codec
+from lambdasplit.wire.frames import FrameType, json_frame, parse_json
+
+MAX_STEPS = 1000
+MAX_LATENT_SIDE = 256  # latent pixels per side (a 2048 px image at VAE factor 8)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UNetService(Service):
+    role = proto.ROLE
+
+    def __init__(self, model: str, dtype: str = "float32"):
+        self.info = PipelineInfo.read(model)
+        self.dtype_name = dtype
+        self.unet = load_unet(self.info.folder, DTYPES[dtype])
+        self.fingerprint = self.info.fingerprint
+        self.description = f"{model} U-Net ({self.info.class_name}, {dtype}; cloud-latent and client-latent)"
+
+    def check_hello(self, hello: dict) -> str | None:
+        if hello.get("dtype", "float32") != self.dtype_name:
+            return f"this server runs the U-Net in {self.dtype_name}"
+        return None
+
+    def open(self, hello: dict, limits) -> SessionHandler:
+        protocol = hello.get("diffusion")
+        codec = proto.diffusion_codec(str(hello.get("codec", "fp32")))
+        try:
+            guidance = float(hello.get("guidance", 1.0))
+        except (TypeError, ValueError):
+            raise ProtocolError("bad_hello", "guidance must be a number") from None
+        if protocol == "cloud-latent":
+            return CloudLatentHandler(self, hello, codec, guidance)
+        if protocol == "client-latent":
+            return ClientLatentHandler(self, hello, codec, guidance)
+        raise ProtocolError("bad_hello", f"diffusion protocol must be one of {', '.join(proto.PROTOCOLS)}, got {protocol!r}")
+
+    # -- validation shared by both protocols
+    def check_latent(self, latent: torch.Tensor, what: str) -> None:
+        c = self.info.unet_config["in_channels"]
+        if latent.dim() != 4 or latent.shape[0] != 1 or latent.shape[1] != c:
+            raise ProtocolError("bad_shape", f"{what} must have shape [1, {c}, h, w], got {list(latent.shape)}")
+        if not (1 <= min(latent.shape[2:]) and max(latent.shape[2:]) <= MAX_LATENT_SIDE):
+            raise ProtocolError("bad_shape", f"{what}: latent sides must be 1..{MAX_LATENT_SIDE}")
+
+    def conditioning(self, tensors: list[torch.Tensor], guidance: float) -> Conditioning:
+        batch = 2 if guidance > 1.0 else 1
+        config = self.info.unet_config
+        wanted = 3 if self.info.kind == "sdxl" else 1
+        if len(tensors) != wanted:
+            raise ProtocolError("bad_step", f"a {self.info.class_name} needs {wanted} conditioning tensor(s), got {len(tensors)}")
+        embeds = tensors[0]
+        if embeds.dim() != 3 or embeds.shape[0] != batch or embeds.shape[2] != config["cross_attention_dim"] \
+                or not 1 <= embeds.shape[1] <= 1024:
+            raise ProtocolError("bad_shape", f"prompt embeddings must be [{batch}, tokens, {config['cross_attention_dim']}] "
+                                             f"(guidance {guidance:g}), got {list(embeds.shape)}")
+        if wanted == 3:
+            pooled, time_ids = tensors[1], tensors[2]
+            pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            if list(pooled.shape) != [batch, pooled_dim] or list(time_ids.shape) != [batch, 6]:
+                raise ProtocolError("bad_shape", f"pooled embeddings [{batch}, {pooled_dim}] and time ids [{batch}, 6] "
+                                                 f"expected, got {list(pooled.shape)} and {list(time_ids.shape)}")
+        return Conditioning.from_tensors([t.to(self.unet.dtype) for t in tensors])
+
+    def noise(self, model_input, t, cond, guidance) -> torch.Tensor:
+        return predict_noise(self.unet, model_input.to(self.unet.dtype), t, cond, guidance).float()
+
+
+def _result(position: int, began: float, blobs: list[bytes]) -> bytes:
+    compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
+    return proto.tensors_frame(FrameType.RESULT, struct.pack("<II", position, compute_us), blobs)
+
+
+def _step(body) -> tuple[int, list[torch.Tensor]]:
+    if len(body) < 4:
+        raise ProtocolError("bad_frame", "STEP frame too short")
+    (position,) = struct.unpack_from("<I", body, 0)
+    return position, [t for t, _, _ in proto.parse_blobs(body, 4)]
+
+
+class CloudLatentHandler(SessionHandler):
+    """Holds the cloud's copy of the latent and its own scheduler; streams the noise."""
+
+    def __init__(self, service: UNetService, hello: dict, codec, guidance: float):
+        self.service, self.codec, self.guidance = service, codec, guidance
+        self.verify = bool(hello.get("verify", False))
+        spec = hello.get("scheduler") or {}
+        try:
+            self.scheduler = make_scheduler(str(spec.get("class")), dict(spec.get("config") or {}))
+            steps, self.cloud_steps = int(hello["steps"]), int(hello["cloud_steps"])
+        except (LambdaSplitError, KeyError, TypeError, ValueError) as error:
+            raise ProtocolError("bad_scheduler", f"cloud-latent needs steps, cloud_steps and a deterministic scheduler: {error}") from None
+        reason = check_scheduler(self.scheduler)
+        if reason:
+            raise ProtocolError("stochastic_scheduler", reason)
+        if not 1 <= steps <= MAX_STEPS or not 0 <= self.cloud_steps <= steps:
+            raise ProtocolError("bad_hello", f"need 1 <= steps <= {MAX_STEPS} and 0 <= cloud_steps <= steps")
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        self.timesteps, _ = retrieve_timesteps(self.scheduler, steps, "cpu")
+        if service.info.kind == "sdxl" and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        # What the device's pipeline passes to step(): eta 0 (DDIM), and no generator (the
+        # deterministic schedulers never use its draws for the result).
+        import inspect
+
+        self.step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(self.scheduler.step).parameters else {}
+        self.started = False
+
+    def handle(self, frame_type, body, emit) -> None:
+        if frame_type != FrameType.STEP:
+            raise ProtocolError("unexpected_frame", f"a cloud-latent session takes one STEP frame, got {frame_type.name}")
+        if self.started:
+            raise ProtocolError("out_of_order", "cloud-latent takes a single STEP (conditioning + initial latent)")
+        self.started = True
+        _, tensors = _step(body)
+        if len(tensors) < 2:
+            raise ProtocolError("bad_step", "cloud-latent STEP carries the conditioning and the initial latent")
+        latents = tensors[-1]
+        self.service.check_latent(latents, "the initial latent")
+        cond = self.service.conditioning(tensors[:-1], self.guidance)
+        for i in range(self.cloud_steps):
+            began = time.perf_counter()
+            t = self.timesteps[i]
+            model_input = self.scheduler.scale_model_input(latents, t)
+            noise = self.service.noise(model_input, t, cond, self.guidance)
+            blob = encode(noise, self.codec).blob
+            # Step with exactly what the device will decode, so both copies stay bit-identical.
+            received = decode(blob)[0]
+            latents = self.scheduler.step(received, t, latents, **self.step_kwargs, return_dict=False)[0]
+            blobs = [blob]
+            if self.verify:
+                blobs.append(encode(proto.latent_digest(latents), get_codec("fp32")).blob)
+            emit(_result(i, began, blobs))
+
+
+class ClientLatentHandler(SessionHandler):
+    """Stateless per step apart from the conditioning: x_t in, guided noise out."""
+
+    def __init__(self, service: UNetService, hello: dict, codec, guidance: float):
+        self.service, self.codec, self.guidance = service, codec, guidance
+        values, dtype = hello.get("timesteps"), hello.get("timestep_dtype", "int64")
+        if not isinstance(values, list) or not 1 <= len(values) <= MAX_STEPS or dtype not in ("int64", "float32"):
+            raise ProtocolError("bad_hello", f"client-latent needs a list of 1..{MAX_STEPS} timesteps (int64 or float32)")
+        try:
+            self.timesteps = torch.tensor(values, dtype=torch.int64 if dtype == "int64" else torch.float32)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ProtocolError("bad_hello", f"timesteps: {error}") from None
+        self.cond: Conditioning | None = None
+        self.next = 0
+
+    def handle(self, frame_type, body, emit) -> None:
+        if frame_type != FrameType.STEP:
+            raise ProtocolError("unexpected_frame", f"a client-latent session takes STEP frames, got {frame_type.name}")
+        began = time.perf_counter()
+        position, tensors = _step(body)
+        if position != self.next or position >= len(self.timesteps):
+            raise ProtocolError("out_of_order", f"expected step {self.next} of {len(self.timesteps)}, got {position}")
+        if not tensors:
+            raise ProtocolError("bad_step", "a client-latent STEP carries the scaled latent")
+        self.service.check_latent(tensors[0], "x_t")
+        if position == 0:
+            self.cond = self.service.conditioning(tensors[1:], self.guidance)
+        elif len(tensors) != 1:
+            raise ProtocolError("bad_step", "the conditioning is sent once, in step 0")
+        self.next += 1
+        noise = self.service.noise(tensors[0], self.timesteps[position], self.cond, self.guidance)
+        emit(_result(position, began, [encode(noise, self.codec).blob]))
+
+
+class PipelineService(Service):
+    """The whole pipeline in the cloud (baseline): the cloud sees the prompt and the image."""
+
+    role = proto.CLOUD_ROLE
+
+    def __init__(self, model: str, dtype: str = "float32"):
+        if dtype != "float32":
+            raise LambdaSplitError("the cloud-only diffusion baseline runs in float32")
+        self.device = Device.load(model, with_unet=True)
+        self.fingerprint = self.device.info.fingerprint
+        self.description = f"{model} whole pipeline ({self.device.info.class_name}), cloud-only mode"
+
+    def check_hello(self, hello: dict) -> str | None:
+        return None if hello.get("dtype", "float32") == "float32" else "this server runs the pipeline in float32"
+
+    def open(self, hello: dict, limits) -> SessionHandler:
+        return PipelineHandler(self)
+
+
+class PipelineHandler(SessionHandler):
+    def __init__(self, service: PipelineService):
+        self.service = service
+
+    def handle(self, frame_type, body, emit) -> None:
+        from lambdasplit.diffusion.client import generate_local
+
+        if frame_type != FrameType.GENERATE:
+            raise ProtocolError("unexpected_frame", f"a diffusion-cloud session takes GENERATE frames, got {frame_type.name}")
+        request = parse_json(body)
+        try:
+            prompt = str(request["prompt"])
+            steps, seed, guidance = int(request["steps"]), int(request["seed"]), float(request["guidance"])
+            size = tuple(int(v) for v in request.get("size") or ()) or None
+            negative = request.get("negative_prompt")
+            if not 1 <= steps <= MAX_STEPS or (size and len(size) != 2):
+                raise ValueError(f"steps must be 1..{MAX_STEPS}; size is [height, width]")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProtocolError("bad_request", f"GENERATE request: {error}") from None
+        began = time.perf_counter()
+        image = generate_local(self.service.device, prompt, steps=steps, seed=seed, guidance=guidance,
+                               negative_prompt=negative, size=size)
+        blob = encode(torch.from_numpy(image), get_codec("fp32")).blob
+        emit(_result(0, began, [blob]))
+        emit(json_frame(FrameType.DONE, {"compute_seconds": time.perf_counter() - began}))
