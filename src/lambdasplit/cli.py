@@ -15,6 +15,8 @@ COMMAND_MODULES = [
     "lambdasplit.client.commands",  # generate, demo
     "lambdasplit.server.commands",  # serve
     "lambdasplit.zoo.commands",  # zoo list / eval / train
+    "lambdasplit.audit.commands",  # audit llm / diffusion
+    "lambdasplit.diffusion.commands",  # imagine
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
 ]
 

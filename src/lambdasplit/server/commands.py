@@ -16,7 +16,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--layers", action="append", default=[], metavar="X:Y",
                    help="host body layers [X, Y) (repeat to host several splits)")
     p.add_argument("--cloud", action="store_true", help="host the whole model for cloud-only mode")
-    p.add_argument("--component", choices=["unet"], help="host a diffusion component instead of an LLM body")
+    p.add_argument("--component", choices=["unet", "pipeline"],
+                   help="host a diffusion component: unet (split), pipeline (cloud-only baseline)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -41,12 +42,16 @@ def build_services(args) -> list:
         from lambdasplit.diffusion.server import UNetService  # noqa: PLC0415 (diffusion is optional here)
 
         services.append(UNetService(args.model, dtype=args.dtype))
+    if args.component == "pipeline":
+        from lambdasplit.diffusion.server import PipelineService  # noqa: PLC0415
+
+        services.append(PipelineService(args.model, dtype=args.dtype))
     for layers in args.layers:
         services.append(BodyService(args.model, layers, dtype=args.dtype))
     if args.cloud:
         services.append(CloudService(args.model, dtype=args.dtype))
     if not services:
-        raise LambdaSplitError("nothing to serve: pass --layers X:Y, --cloud or --component unet")
+        raise LambdaSplitError("nothing to serve: pass --layers X:Y, --cloud or --component unet|pipeline")
     return services
 
 
