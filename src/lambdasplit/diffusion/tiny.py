@@ -56,7 +56,8 @@ def _scheduler(name: str):
 
     cls = getattr(diffusers, SCHEDULERS[name])
     return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-               **({"clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1} if name == "ddim" else {}))
+               steps_offset=1, **({"clip_sample": False} if name in ("ddim", "ddpm") else {}),
+               **({"set_alpha_to_one": False} if name == "ddim" else {}))
 
 
 def _vae(seed: int):
