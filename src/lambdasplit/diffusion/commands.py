@@ -60,6 +60,7 @@ def quiet_loaders() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # e.g. prompt truncation notes: the model's limit, not ours
 
 
 def imagine_command(args) -> int:
