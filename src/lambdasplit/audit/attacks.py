@@ -57,11 +57,28 @@ def visible_token_runs(stream: bytes, runs: list[bytes]) -> float:
 # ---------------------------------------------------------------- public weights: head inversion
 
 
-def nearest_embeddings(embed_weight: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, k] token ids whose input embedding is closest in cosine to each hidden state."""
+def nearest_embeddings(embed_weight: torch.Tensor, hidden: torch.Tensor, k: int, probe: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, k] token ids whose input embedding is closest in cosine to each hidden state.
+
+    With `probe` (a [D + 1, D] linear map fitted on public text, see `fit_probe`), the state
+    is first mapped back towards its input embedding: after even one layer a few outlier
+    dimensions dominate the raw cosine, so the raw state ranks the true token poorly.
+    """
     table = torch.nn.functional.normalize(embed_weight.float(), dim=-1)
-    query = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    query = hidden.float()
+    if probe is not None:
+        query = torch.cat([query, torch.ones(len(query), 1)], dim=1) @ probe
+    query = torch.nn.functional.normalize(query, dim=-1)
     return (query @ table.T).topk(k, dim=-1).indices
+
+
+def fit_probe(features: torch.Tensor, tokens: torch.Tensor, embed_weight: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """Least squares (ridge) map from hidden states (+ bias) to the tokens' input embeddings."""
+    x = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
+    y = embed_weight.double()[tokens]
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    return torch.linalg.solve(gram, x.T @ y).float()
 
 
 class HeadInversion:

@@ -221,7 +221,8 @@ def audit_llm(config: LLMAuditConfig, *, progress: bool = True, log=print) -> di
             tick()
             gru = inverters.train_gru(features[x], sequences, vocab, vocab_size, epochs=config.epochs, seed=config.seed)
             tick()
-            models[x] = {"mlp": mlp, "gru": gru}
+            probe = attacks.fit_probe(flat, tokens, public_head.embed.weight)
+            models[x] = {"mlp": mlp, "gru": gru, "probe": probe}
 
         # -------- real sessions over a real loopback server
         services = [BodyService(str(checkpoint.folder), f"{x}:{n_layers - x}") for x in splits]
@@ -272,15 +273,15 @@ def _attack_session(scores: Scores, split: str, t: Transcript, defense_name: str
     targets = _targets(t)
     extra = defense_row or {}
     # public weights: exact inversion, proposals from the nearest embeddings and the MLP's top-k
-    k = 32
-    proposals = torch.cat([attacks.nearest_embeddings(inversion.head.embed.weight, up, k),
+    k = 64
+    proposals = torch.cat([attacks.nearest_embeddings(inversion.head.embed.weight, up, k, models["probe"]),
                            inverters.predict(models["mlp"], up, vocab, k)], dim=1)
     found = inversion.invert(up, proposals)
     predictions = {
         ("uplink", "exact-inversion", "public-weights"): found["top5"],
         ("uplink", "mlp-inverter", "auxiliary-data"): inverters.predict(models["mlp"], up, vocab),
         ("uplink", "gru-inverter", "auxiliary-data"): inverters.predict(models["gru"], up, vocab),
-        ("uplink", "nearest-embedding", "public-weights"): proposals[:, :5],
+        ("uplink", "linear-probe", "auxiliary-data"): proposals[:, :5],
         ("uplink", "unigram-baseline", "baseline"): unigram[:5].expand(len(up), -1),
         ("downlink", "logit-lens", "public-weights"): attacks.logit_lens(tail, down).topk(5, dim=-1).indices,
         ("downlink", "public-tail", "public-weights"): attacks.public_tail(tail, down).topk(5, dim=-1).indices,
@@ -322,6 +323,7 @@ def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, 
                                   seed=config.seed, transform=resolve_defense(spec, calibration, seed=1).apply)
         gru = inverters.train_gru([resolve_defense(spec, calibration, seed=2).apply(f) for f in features[x]],
                                   sequences, vocab, vocab_size, epochs=max(2, config.epochs // 2), seed=config.seed)
+        probe = attacks.fit_probe(resolve_defense(spec, calibration, seed=3).apply(flat), tokens, device.head.embed.weight)
         inversion = attacks.HeadInversion(load_head(checkpoint, x), vocab_size, public=defense.public, sweep_budget_s=0)
         agree, total = 0, 0
         positions = 0
@@ -335,7 +337,8 @@ def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, 
             agree += sum(a == b for a, b in zip(reference, t.token_ids))
             total += len(reference)
             positions += len(t.prompt_ids) + len(t.token_ids) - 1
-            _attack_session(scores, split, t, defense.name, inversion, tail, {"mlp": mlp, "gru": gru}, vocab, unigram)
+            _attack_session(scores, split, t, defense.name, inversion, tail, {"mlp": mlp, "gru": gru, "probe": probe},
+                            vocab, unigram)
             tick()
         ppl = split_perplexity(device, body, heldout, defense)
         rows.append({"defense": defense.name, "spec": spec, "split": split, "greedy_agreement": agree / max(total, 1),
