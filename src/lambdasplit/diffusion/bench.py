@@ -43,6 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--server", metavar="HOST:PORT", help="a running `serve --component unet` (default: start one on loopback)")
     parser.add_argument("--min-psnr", type=float, default=35.0, help="quality bar for the cheapest codec (default %(default)s dB)")
     parser.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and grid.png")
+    parser.add_argument("--judge", choices=["auto", "digits", "none"], default="auto",
+                        help="digits: label every image with the independent digit classifier (auto: for zoo:digits)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on each side (default %(default)s: device and server share a small machine)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
@@ -66,17 +68,20 @@ def _pooled_psnr(mses: list[float]) -> float:
 
 
 def run_study(device, server: str, prompts: list[str], codecs: list[str], *, steps: int, guidance: float, seed: int,
-              protocol: str = "cloud-latent", session_options: dict | None = None, progress=None) -> dict:
+              protocol: str = "cloud-latent", judge: bool = False, session_options: dict | None = None,
+              progress=None) -> dict:
     """Generate every (codec, prompt) image; return rows (one per codec) and the images."""
     from lambdasplit.diffusion.client import imagine
     from lambdasplit.diffusion.quality import psnr, ssim, to_uint8
 
     session_options = session_options or {}
     digits = [expected_digit(p) for p in prompts]
-    judge = None
-    if device.info.folder.name == "digits" and all(d is not None for d in digits):
+    if judge:
+        from lambdasplit.errors import LambdaSplitError
         from lambdasplit.zoo.digit_classifier import classifier
 
+        if any(d is None for d in digits):
+            raise LambdaSplitError("--judge digits needs every prompt to name a digit ('... seven' or '... 7')")
         judge = classifier()
     if "fp32" not in codecs:
         codecs = ["fp32", *codecs]  # the reference
@@ -165,7 +170,7 @@ def write_grid(path: Path, study: dict, max_prompts: int = 10) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(prompt if len(prompt) <= 18 else prompt[-18:], fontsize=6)
+                ax.set_title(prompt if len(prompt) <= 18 else "…" + " ".join(prompt.split()[-2:]), fontsize=6)
         psnr = "ref" if row["codec"] == "fp32" else ("=" if row["psnr_db"] == float("inf") else f"{row['psnr_db']:.0f} dB")
         axes[r][0].set_ylabel(f"{row['codec']}\n{psnr}", fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
@@ -198,9 +203,11 @@ def run(args) -> int:
     guidance = default_guidance if args.guidance is None else args.guidance
     codecs = [diffusion_codec(c.strip()).name for c in args.codecs.split(",") if c.strip()]
     device = Device.load(args.model)
+    is_digits = args.model == "zoo:digits" or device.info.folder.name == "digits"
+    judge = args.judge == "digits" or (args.judge == "auto" and is_digits)
     if args.prompts:
         prompts = args.prompts
-    elif device.info.folder.name == "digits":
+    elif is_digits:
         from lambdasplit.zoo.digits_data import prompt
 
         prompts = [prompt(d) for d in range(10)]
@@ -219,7 +226,7 @@ def run(args) -> int:
                       console=console, transient=True, disable=args.json) as progress:
             task = progress.add_task("images", total=total)
             study = run_study(device, args.server or server.address, prompts, codecs, steps=steps, guidance=guidance,
-                              seed=args.seed, protocol=args.protocol, session_options=options,
+                              seed=args.seed, protocol=args.protocol, judge=judge, session_options=options,
                               progress=lambda: progress.advance(task))
     finally:
         if server is not None:
