@@ -235,3 +235,15 @@ def test_bundled_digits_model_split_is_exact(request):
                     generator=torch.Generator().manual_seed(0)).images[0]
     assert np.abs(got.image - expected).max() == 0.0
     assert classifier().predict(got.image[None]).shape == (1,)
+
+
+def test_eavesdropper_replays_a_plain_cloud_latent_session(servers, devices):
+    """Honest privacy: the initial latent + the streamed noise + the public scheduler and VAE give
+    the image back exactly; with --local-steps only a latent K steps short of the end."""
+    device = devices["sd"]
+    capture: list = []
+    got = imagine(device, PROMPT, server=servers["sd"], steps=4, seed=SEED, guidance=GUIDANCE, codec="int8",
+                  capture=capture)
+    latents, replayed = proto.replay_cloud_latent(capture, device)
+    assert replayed == 4
+    assert np.array_equal(device.decode(latents), got.image)

@@ -25,6 +25,7 @@ client-latent (the cloud is stateless beyond the conditioning)
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import struct
 from dataclasses import dataclass, field
@@ -202,3 +203,48 @@ class CloudImageClient(Session):
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
         return image.numpy(), parse_json(self.expect(FrameType.DONE))
+
+
+def split_frames(stream: bytes) -> list[tuple[FrameType, memoryview]]:
+    """Cut one direction of a captured byte stream (plain TCP) back into frames."""
+    from lambdasplit.wire.frames import FRAME_HEADER
+
+    frames, offset, data = [], 0, memoryview(stream)
+    while offset + FRAME_HEADER.size <= len(data):
+        length, kind = FRAME_HEADER.unpack_from(data, offset)
+        frames.append((FrameType(kind), data[offset + FRAME_HEADER.size: offset + FRAME_HEADER.size - 1 + length]))
+        offset += FRAME_HEADER.size - 1 + length
+    return frames
+
+
+def replay_cloud_latent(capture: list[tuple[str, bytes]], device) -> tuple[torch.Tensor, int]:
+    """What an eavesdropper on a plain-TCP cloud-latent session can rebuild, with only public parts.
+
+    The HELLO names the scheduler and its config, STEP 0 carries the initial latent, and
+    each RESULT the noise the device stepped with; replaying the scheduler gives the
+    device's latent after the last cloud step, and the model's public VAE decodes it.
+    Returns (that latent, the number of steps replayed). With local_steps = 0 it is the
+    final latent, so the eavesdropper gets the image itself: the noise looks like noise,
+    but together with the initial latent it is not private (use TLS; see docs/diffusion.md).
+    """
+    up = b"".join(data for direction, data in capture if direction == "up")
+    down = b"".join(data for direction, data in capture if direction == "down")
+    up_frames, down_frames = split_frames(up), split_frames(down)
+    hello = parse_json(up_frames[0][1])
+    from lambdasplit.diffusion.split import make_scheduler
+
+    scheduler = make_scheduler(hello["scheduler"]["class"], hello["scheduler"]["config"])
+    scheduler.set_timesteps(int(hello["steps"]))
+    if device.info.kind == "sdxl" and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    step = next(body for kind, body in up_frames if kind == FrameType.STEP)
+    latents = parse_blobs(step, 4)[-1][0]
+    kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
+    replayed = 0
+    for kind, body in down_frames:
+        if kind != FrameType.RESULT:
+            continue
+        noise = parse_blobs(body, 8)[0][0]
+        latents = scheduler.step(noise, scheduler.timesteps[replayed], latents, **kwargs, return_dict=False)[0]
+        replayed += 1
+    return latents, replayed
