@@ -62,12 +62,14 @@ def test_describe():
     assert Link.parse("wan,loss=0.02").describe() == "up 100 Mbit/s, down 100 Mbit/s, delay 40 ms, loss 0.02"
 
 
-def test_send_holds_a_frame_for_serialization_plus_delay():
+def test_a_reply_waits_for_the_request_serialization_and_two_delays():
     link = Link.parse("up=8mbit,delay=5ms")  # 1 MB/s: 10 kB take 10 ms
     began = time.perf_counter()
-    link.send(10_000)
+    link.send(10_000)  # written at once: the real transfer overlaps the emulated one
+    assert time.perf_counter() - began < 0.005
+    link.receive(100, time.perf_counter())  # the reply: 10 ms up + 5 ms there + 5 ms back
     elapsed = time.perf_counter() - began
-    assert 0.015 <= elapsed < 0.5  # upper bound loose: a loaded machine wakes sleepers late
+    assert 0.020 <= elapsed < 0.5  # upper bound loose: a loaded machine wakes sleepers late
 
 
 def test_received_frames_queue_on_the_downlink():

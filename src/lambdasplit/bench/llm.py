@@ -124,6 +124,8 @@ def measure_row(spec: RowSpec, *, model, devices: dict, prompt_ids: list[int], n
     if record["new_tokens"] != new_tokens:
         raise LambdaSplitError(f"{spec.label} generated {record['new_tokens']} tokens, not {new_tokens}")
     remote = spec.config != "local"
+    if not remote:  # local-only: the whole wall time is device time (loop bookkeeping included), as in the paper
+        record["local_seconds"], record["comm_seconds"] = record["seconds"], 0.0
     return {
         "config": spec.config, "split": spec.split, "cache": spec.cache,
         "layers": f"{local_layers}:{num_layers - local_layers}",  # the paper's Local : Cloud ratio

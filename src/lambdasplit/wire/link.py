@@ -20,12 +20,17 @@ Presets (PRESETS):
     wan     100 Mbit/s both ways, 40 ms one way
 
 The model, for each frame of B bytes:
-    client -> server: the frame enters the uplink when it is free, takes B*8/up to
-        serialize, then `delay` to propagate; the client holds the frame (sleeps) until
-        that moment and only then writes it to the socket.
-    server -> client: the frame starts to arrive when its first byte reaches the client's
-        socket; it is handed to the caller no earlier than first byte + delay + B*8/down,
-        and no earlier than the previous frame finished (frames queue on the downlink).
+    client -> server: the frame enters the uplink when it is free and takes B*8/up to
+        serialize, then `delay` to propagate. The client writes it to the socket at once
+        (so the real loopback transfer overlaps the emulated one instead of adding to
+        it) and remembers how much later than now it would have arrived: the lag.
+    server -> client: a reply cannot start arriving before its first byte really did,
+        plus that lag (the server would have started late by that much), plus `delay`;
+        it is handed to the caller after B*8/down more, and no earlier than the previous
+        frame finished (frames queue on the downlink). The client sleeps until then.
+    So a request/response costs, on top of the real exchange, up + down serialization
+    and 2 x delay, with a single sleep per frame received. This is exact for a protocol
+    in which the client waits for each reply, as lambdasplit's does.
     loss: the frame is cut into 1448-byte TCP segments; each is lost with probability
         `loss` (seeded, reproducible) and costs a fast retransmit: one round trip
         (2 x delay) plus its own serialization again. This is the optimistic case (no
@@ -113,6 +118,7 @@ class Link:
         self._random = random.Random(self.seed)
         self._up_free_at = 0.0
         self._down_free_at = 0.0
+        self._lag = 0.0  # how much later than really sent the last request would have reached the server
 
     @classmethod
     def parse(cls, text: "str | Link | None") -> "Link | None":
@@ -169,14 +175,14 @@ class Link:
         return seconds
 
     def send(self, nbytes: int) -> None:
-        """Hold a frame the client sends until it would have reached the server."""
-        start = max(time.perf_counter(), self._up_free_at)
-        self._up_free_at = start + self.transfer_seconds(nbytes, self.up_bps)
-        wait_until(self._up_free_at + self.delay_s)
+        """A frame the client sends: queue it on the uplink and note how late it would arrive."""
+        now = time.perf_counter()
+        self._up_free_at = max(now, self._up_free_at) + self.transfer_seconds(nbytes, self.up_bps)
+        self._lag = self._up_free_at + self.delay_s - now
 
     def receive(self, nbytes: int, first_byte_at: float) -> None:
         """Hold a received frame until it would have arrived over the emulated link."""
-        start = max(first_byte_at + self.delay_s, self._down_free_at)
+        start = max(first_byte_at + self._lag + self.delay_s, self._down_free_at)
         self._down_free_at = start + self.transfer_seconds(nbytes, self.down_bps)
         wait_until(self._down_free_at)
 
