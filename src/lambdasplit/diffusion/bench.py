@@ -76,13 +76,14 @@ def run_study(device, server: str, prompts: list[str], codecs: list[str], *, ste
 
     session_options = session_options or {}
     digits = [expected_digit(p) for p in prompts]
+    judge_model = None
     if judge:
         from lambdasplit.errors import LambdaSplitError
         from lambdasplit.zoo.digit_classifier import classifier
 
         if any(d is None for d in digits):
             raise LambdaSplitError("--judge digits needs every prompt to name a digit ('... seven' or '... 7')")
-        judge = classifier()
+        judge_model = classifier()
     if "fp32" not in codecs:
         codecs = ["fp32", *codecs]  # the reference
     images: dict[str, list[np.ndarray]] = {}
@@ -113,8 +114,8 @@ def run_study(device, server: str, prompts: list[str], codecs: list[str], *, ste
             "identical": sum(m == 0 for m in mses),
             "images": len(prompts),
         }
-        if judge is not None:
-            labels = judge.predict(np.stack(pictures))
+        if judge_model is not None:
+            labels = judge_model.predict(np.stack(pictures))
             row["prompt_match"] = float(np.mean(labels == np.array(digits)))
         rows.append(row)
     base = rows[0]["noise_bytes_per_step"]
