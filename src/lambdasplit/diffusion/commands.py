@@ -59,6 +59,7 @@ def quiet_loaders() -> None:
     import transformers
 
     diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()  # e.g. "expected CLIPTextModel, got BertModel" for zoo:digits
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # e.g. prompt truncation notes: the model's limit, not ours
 
