@@ -9,15 +9,14 @@ link the no-cache rows' communication time is bytes / rate within 10%.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from lambdasplit.bench.llm import exact_prompt, positions_sent, resolve_splits, run_table, table_rows
+from lambdasplit.cli import main
 from lambdasplit.client import DeviceModel
 from lambdasplit.errors import LambdaSplitError
-from lambdasplit.server.process import ServerProcess
+from lambdasplit.server import BodyServer, BodyService, CloudService
 
 ROW_FIELDS = {"config", "split", "cache", "bytes_up", "bytes_down", "local_s", "cloud_s", "comm_s", "total_s",
               "tokens_per_s"}
@@ -25,60 +24,62 @@ ROW_FIELDS = {"config", "split", "cache", "bytes_up", "bytes_down", "local_s", "
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama", num_layers=4, hidden_size=256))
+    return str(tiny_model_dir("llama", num_layers=3, hidden_size=256))
 
 
 @pytest.fixture(scope="module")
 def server(model):
-    """One real `lambdasplit serve` process for the link tests (the CLI test starts its own)."""
-    with ServerProcess(["--model", model, "--layers", "1:3", "--cloud"], env={"OMP_NUM_THREADS": "1"}) as process:
-        yield process.address
+    """A server on a thread of this process, for the link tests (real sockets; saves a process start).
+
+    The full command, in test_table_at_the_papers_shape, starts its own server process.
+    """
+    with BodyServer([BodyService(model, "1:2"), CloudService(model)]) as body_server:
+        yield body_server.address
 
 
-def test_table_at_the_papers_shape(model, tmp_path):
+def test_table_at_the_papers_shape(model, tmp_path, capsys):
     """The full command, as a user runs it: it starts and stops its own server, writes every output."""
     out = tmp_path / "table"
-    done = subprocess.run(
-        [sys.executable, "-m", "lambdasplit", "bench", "llm", "--model", model, "--splits", "1:N-1",
-         "--prompt-tokens", "14", "--new-tokens", "300", "--threads", "1", "--json", "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
+    # Split rows only: the cloud and local rows are covered by the faster tests below.
+    code = main(["bench", "llm", "--model", model, "--splits", "1:N-1", "--prompt-tokens", "14",
+                 "--new-tokens", "300", "--configs", "split", "--threads", "1", "--json", "--out", str(out)])
+    assert code == 0
     rows = json.loads((out / "table.json").read_text())
-    assert json.loads(done.stdout)["rows"] == rows
-    assert [(r["config"], r["split"], r["cache"]) for r in rows] == [
-        ("cloud", "", "kv"), ("split", "1:3", "none"), ("split", "1:3", "kv"), ("local", "", "kv")]
+    assert json.loads(capsys.readouterr().out)["rows"] == rows
+    assert [(r["config"], r["split"], r["cache"]) for r in rows] == [("split", "1:2", "none"), ("split", "1:2", "kv")]
     for row in rows:
         assert ROW_FIELDS <= set(row)
         assert row["new_tokens"] == 300 and row["prompt_tokens"] == 14
         assert row["total_s"] == pytest.approx(row["local_s"] + row["cloud_s"] + row["comm_s"], abs=1e-6)
-    cloud, none, kv, local = rows
-    assert local["bytes_up"] == local["bytes_down"] == 0 and local["cloud_s"] == 0
-    assert cloud["bytes_up"] > 0 and cloud["local_s"] == 0
+    none, kv = rows
     reduction = 100 * (1 - (kv["bytes_up"] + kv["bytes_down"]) / (none["bytes_up"] + none["bytes_down"]))
     from_positions = 100 * (1 - positions_sent(14, 300, "kv") / positions_sent(14, 300, "none"))
     assert reduction >= 99.0
     assert abs(reduction - from_positions) <= 0.2, (reduction, from_positions)
     for name in ("table.md", "table.csv", "run.json", "chart.png"):
         assert (out / name).stat().st_size > 0
-    assert "| split | 2:2 | 1:3 | none |" in (out / "table.md").read_text()
-    assert json.loads((out / "run.json").read_text())["caching_reduction"][0]["split"] == "1:3"
+    assert "| split | 2:1 | 1:2 | none |" in (out / "table.md").read_text()
+    assert json.loads((out / "run.json").read_text())["caching_reduction"][0]["split"] == "1:2"
 
 
 def test_delay_adds_two_delays_per_round_trip(model, server):
     delay = 0.020
-    result = run_table(model=model, splits="1:3", new_tokens=6, link=f"delay={delay * 1000:g}ms",
-                       configs=("cloud", "split"), caches=("kv",), server=server, progress=False)
-    for row in result["rows"]:
-        assert row["round_trips"] >= 1
+    result = run_table(model=model, splits="1:2", new_tokens=6, link=f"delay={delay * 1000:g}ms",
+                       caches=("kv",), server=server, progress=False)
+    cloud, split, local = result["rows"]
+    for row in (cloud, split):
+        assert row["round_trips"] >= 1 and row["bytes_up"] > 0
         assert row["comm_s"] >= row["round_trips"] * 2 * delay, row
+    assert cloud["local_s"] == 0 and split["local_s"] > 0
+    assert local["bytes_up"] == local["bytes_down"] == local["round_trips"] == 0
+    assert local["comm_s"] == local["cloud_s"] == 0 and local["local_s"] == local["total_s"]
 
 
 def test_rate_dominated_rows_take_bytes_over_rate(model, server):
     rate = 5e6
     # A long prompt and few steps: transfer dominates, and the real loopback exchange (a few ms
     # per step, more when other jobs load the machine) stays a small part of the time.
-    result = run_table(model=model, splits="1:3", prompt_tokens=300, new_tokens=4, link="rate=5mbit",
+    result = run_table(model=model, splits="1:2", prompt_tokens=300, new_tokens=4, link="rate=5mbit",
                        configs=("split",), caches=("none",), server=server, progress=False)
     (row,) = result["rows"]
     expected = (row["bytes_up"] + row["bytes_down"]) * 8 / rate
@@ -101,11 +102,14 @@ def test_exact_prompt_length_and_split_expressions(model):
                       ("split", "1:3", "kv"), ("split", "2:2", "kv"), ("local", "", "kv")]
 
 
-def test_bench_diffusion_is_wired_lazily():
+def test_bench_diffusion_is_wired_lazily(capsys):
     """`bench diffusion` either runs the diffusion module's own parser or explains why it cannot."""
-    done = subprocess.run([sys.executable, "-m", "lambdasplit", "bench", "diffusion", "--help"],
-                          capture_output=True, text=True, timeout=120)
-    if done.returncode == 0:
-        assert "usage: lambdasplit bench diffusion" in done.stdout
+    try:
+        code = main(["bench", "diffusion", "--help"])
+    except SystemExit as done:  # argparse's --help
+        code = done.code
+    captured = capsys.readouterr()
+    if code == 0:
+        assert "usage: lambdasplit bench diffusion" in captured.out
     else:
-        assert "diffusion benchmark is not available" in done.stderr
+        assert "diffusion benchmark is not available" in captured.err

@@ -20,9 +20,9 @@ PROMPT = list(range(20, 34))  # 14 token ids, the paper's prompt length
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir):
-    folder = str(tiny_model_dir("llama", num_layers=4, hidden_size=D))
-    with BodyServer([BodyService(folder, "1:3")]) as server:
-        yield DeviceModel.load(folder, "1:3"), server
+    folder = str(tiny_model_dir("llama", num_layers=3, hidden_size=D))
+    with BodyServer([BodyService(folder, "1:2")]) as server:
+        yield DeviceModel.load(folder, "1:2"), server
 
 
 def session_bytes(setup, new_tokens: int, codec: str = "fp16", cache: str = "kv") -> int:
