@@ -213,11 +213,11 @@ class Device:
         extra = {"safety_checker": None, "feature_extractor": None} if info.kind == "sd" else {}
         pipe = pipeline_class.from_pretrained(info.folder, unet=unet, vae=load_vae_decoder(info.folder), **extra)
         if scheduler:
-            cls = getattr(diffusers, scheduler, None)
-            if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            scheduler_class = getattr(diffusers, scheduler, None)
+            if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
                 raise LambdaSplitError(f"unknown scheduler {scheduler!r}: name a diffusers scheduler class, "
                                        "e.g. DDIMScheduler or EulerDiscreteScheduler")
-            pipe.scheduler = cls.from_config(pipe.scheduler.config)
+            pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         loaded = ["tokenizer", "text_encoder"] + (["tokenizer_2", "text_encoder_2"] if info.kind == "sdxl" else [])
         loaded += ["scheduler", "vae decoder"] + (["unet"] if with_unet else [])
