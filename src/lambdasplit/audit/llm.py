@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -137,14 +138,17 @@ def _eavesdrop(scores: Scores, split: str, t: Transcript, defense: str) -> None:
 
 
 class Progress:
-    """A rich progress bar on stderr (or nothing)."""
+    """Rich progress bars on stderr; plain timestamped lines when stderr is not a terminal (nohup logs)."""
 
     def __init__(self, enabled: bool):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
+        self.console = Console(stderr=True)
+        self.enabled, self.began = enabled, time.perf_counter()
+        self.lines = enabled and not self.console.is_terminal
         self.bar = Bar(TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       console=Console(stderr=True), disable=not enabled)
+                       console=self.console, disable=not enabled or self.lines)
 
     def __enter__(self):
         self.bar.__enter__()
@@ -155,7 +159,16 @@ class Progress:
 
     def task(self, description: str, total: int):
         task = self.bar.add_task(description, total=total)
-        return lambda: self.bar.advance(task)
+        done = [0]
+
+        def tick() -> None:
+            self.bar.advance(task)
+            done[0] += 1
+            if self.lines:
+                print(f"[{time.perf_counter() - self.began:7.1f} s] {description}: {done[0]}/{total}",
+                      file=sys.stderr, flush=True)
+
+        return tick
 
 
 def resolve_defense(spec: str, calibration: torch.Tensor, seed: int = 0):

@@ -1,0 +1,143 @@
+"""The LLM privacy audit has teeth: real loopback sessions, real captures, real attacks.
+
+Tiny random model (built from a config) for the full audit path and the CLI contract;
+the bundled SmolLM2 for the acceptance figures (white-box inversion at X=1, logit lens
+with a one-layer tail).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lambdasplit.audit import attacks, inverters
+from lambdasplit.audit.capture import run_session, split_frames
+from lambdasplit.audit.llm import LLMAuditConfig, audit_llm, default_prompts
+from lambdasplit.client.device import DeviceModel
+from lambdasplit.llm.segments import load_head, load_tail
+from lambdasplit.server import BodyServer, BodyService, CloudService
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return tiny_model_dir("llama", num_layers=6, hidden_size=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny):
+    config = LLMAuditConfig(model=str(tiny), splits=[1, 2], prompts=default_prompts()[:3], max_new_tokens=6,
+                            train_tokens=2000, epochs=2, sweep_budget_s=10, defenses=["gaussian:nsr=1,clip=auto"],
+                            defense_prompts=1)
+    return audit_llm(config, progress=False)
+
+
+def _row(report, **want):
+    rows = [r for r in report["results"] if all(r[k] == v for k, v in want.items())]
+    assert len(rows) == 1, (want, rows)
+    return rows[0]
+
+
+def test_white_box_inverts_the_prompt_at_one_layer(tiny_report):
+    row = _row(tiny_report, split="1:5", direction="uplink", positions="prompt", attack="exact-inversion", defense="none")
+    assert row["threat_model"] == "public-weights"
+    assert row["top1"] >= 0.95
+    generated = _row(tiny_report, split="1:5", direction="uplink", positions="generated", attack="exact-inversion",
+                     defense="none")
+    assert generated["top1"] >= 0.95
+
+
+def test_public_tail_reveals_every_generated_token(tiny_report):
+    for split in ("1:5", "2:4"):
+        row = _row(tiny_report, split=split, direction="downlink", positions="generated", attack="public-tail",
+                   defense="none")
+        assert row["top1"] == 1.0 and row["exact_match"] == 1.0
+        lens = _row(tiny_report, split=split, direction="downlink", positions="generated", attack="logit-lens",
+                    defense="none")
+        base = _row(tiny_report, split=split, direction="downlink", positions="generated", attack="unigram-baseline",
+                    defense="none")
+        assert lens["top5"] > base["top5"]  # random layers: the lens is weaker than on a trained model, not blind
+
+
+def test_eavesdropper_sees_the_prompt_in_cloud_mode_only(tiny_report):
+    cloud = _row(tiny_report, split="cloud", direction="uplink", positions="prompt", attack="utf8-substrings")
+    assert cloud["exact_match"] == 1.0 and cloud["top1"] == 1.0
+    for split in ("1:5", "2:4"):
+        for direction in ("uplink", "downlink"):
+            for positions in ("prompt", "generated"):
+                row = _row(tiny_report, split=split, direction=direction, positions=positions,
+                           attack="utf8-substrings", defense="none")
+                assert row["exact_match"] == 0.0
+                # only chance 4-byte coincidences and protocol words ("dtype") can show up
+                assert len(row["longest"]) < 8, row["longest"]
+                runs = _row(tiny_report, split=split, direction=direction, positions=positions,
+                            attack="token-id-runs", defense="none")
+                assert runs["top1"] == 0.0
+
+
+def test_report_rows_have_the_contract_fields(tiny_report):
+    for row in tiny_report["results"]:
+        assert {"split", "direction", "positions", "attack", "threat_model", "top1", "top5", "exact_match",
+                "defense"} <= row.keys()
+        assert row["direction"] in ("uplink", "downlink") and row["positions"] in ("prompt", "generated")
+        assert row["threat_model"] in ("eavesdropper", "public-weights", "auxiliary-data", "baseline")
+        assert 0.0 <= row["top1"] <= row["top5"] <= 1.0
+    defended = [r for r in tiny_report["results"] if r["defense"].startswith("gaussian:")]
+    assert defended and tiny_report["utility"][1]["accounting"]["epsilon_per_vector"] > 0
+
+
+def test_candidate_batch_matches_the_real_head_exactly(tiny):
+    """The batched candidate forward (expanded prefix cache) equals the head's own output."""
+    head = load_head(str(tiny), 2)
+    ids = [5, 17, 42, 99, 7, 300]
+    real = head.fork().forward(torch.tensor([ids]), 0)[0]
+    search = attacks.HeadInversion(head, head.embed.weight.shape[0])
+    prefix = head.fork()
+    prefix.forward(torch.tensor([ids[:4]]), 0)
+    batch = search._candidates_at(prefix, torch.tensor([ids[4], 3, 11]), 4)
+    torch.testing.assert_close(batch[0], real[4], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batch[1], real[4])
+
+
+def test_cli_writes_report_files(tiny, tmp_path):
+    from lambdasplit.cli import main
+
+    out = tmp_path / "audit"
+    assert main(["audit", "llm", "--model", str(tiny), "--split", "1:5", "--prompts", "1", "--max-new-tokens", "3",
+                 "--train-tokens", "800", "--epochs", "1", "--sweep-budget", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {r["split"] for r in report["results"]} == {"1:5", "cloud"}
+    assert (out / "report.md").read_text().startswith("# Privacy audit")
+    assert (out / "recovery.png").stat().st_size > 1000
+
+
+def test_cli_rejects_a_split_without_matching_tail(tiny, capsys):
+    from lambdasplit.cli import main
+
+    assert main(["audit", "llm", "--model", str(tiny), "--split", "1:4"]) == 2
+    assert "Y = N - X" in capsys.readouterr().err
+
+
+def test_bundled_model_white_box_and_logit_lens(smollm2_path):
+    """SmolLM2-135M at 1:29: exact inversion of the prompt, and the logit lens on a one-layer tail."""
+    model = str(smollm2_path)
+    device = DeviceModel.load(model, "1:29")
+    sequences, _, _ = inverters.build_sequences(device, inverters.shipped_text("kjv_train.txt"), max_tokens=1500)
+    head = load_head(model, 1)
+    features = inverters.head_features(head, sequences, [1])[1]
+    tokens = torch.tensor([t for s in sequences for t in s])
+    probe = attacks.fit_probe(torch.cat(features), tokens, head.embed.weight)
+    tail = load_tail(model, 29)
+    with BodyServer([BodyService(model, "1:29")]) as server:
+        t = run_session(device, server.address, default_prompts()[0], mode="split", max_new_tokens=8)
+    assert split_frames(t.stream("up"))  # real frames, parsed from the captured bytes
+    up, down = t.hidden("up"), t.hidden("down")
+    proposals = attacks.nearest_embeddings(head.embed.weight, up, 64, probe)
+    found = attacks.HeadInversion(head, head.embed.weight.shape[0], sweep_budget_s=30).invert(up, proposals)
+    a, b = t.content
+    truth = torch.tensor(t.sequence)
+    assert (found["top1"][a:b] == truth[a:b]).float().mean() >= 0.95
+    p = len(t.prompt_ids)
+    lens = attacks.logit_lens(tail, down).argmax(-1)[p - 1:p - 1 + len(t.token_ids)]
+    assert (lens == torch.tensor(t.token_ids)).float().mean() > 0.5
