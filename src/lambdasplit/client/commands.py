@@ -38,6 +38,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="never stop at EOS (EOS logits masked, like min_new_tokens)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
+    p.add_argument("--defense", default="none", help="split mode: none | gaussian:sigma=S,clip=C | "
+                   "dpquant:bits=B,epsilon=E,clip=C on the uplink (see docs/privacy.md)")
     add_session_options(p)
     p.set_defaults(func=generate_command)
 
@@ -61,6 +63,7 @@ def generate_command(args) -> int:
         server=args.server, cache=args.cache, codec=args.codec, sampling=sampling, dtype=args.dtype,
         token=args.token, tls_ca=args.tls_ca, link=args.link, ignore_eos=args.ignore_eos,
         chat=False if args.no_chat else None, on_text=None if args.json else stream,
+        defense=_defense(args.defense, args.seed, args.mode),
     )
     if args.json:
         print(json.dumps(record))
@@ -70,6 +73,18 @@ def generate_command(args) -> int:
               f"{record['bytes_up']} B up, {record['bytes_down']} B down, {record['round_trips']} round trips]",
               file=sys.stderr)
     return 0
+
+
+def _defense(spec: str, seed: int, mode: str):
+    if spec in (None, "", "none"):
+        return None
+    from lambdasplit.audit.defenses import parse_defense
+    from lambdasplit.errors import LambdaSplitError
+
+    if mode != "split":  # local mode sends nothing; cloud mode sends the text itself
+        raise LambdaSplitError(f"--defense acts on the hidden states of split mode; it does nothing in {mode} mode")
+
+    return parse_defense(spec, seed=seed)
 
 
 def demo_command(args) -> int:
