@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_CODECS = "fp32,fp16,bf16,int8,int6,int4,int2,int8/channel,int4/channel,int2/channel"
+# The paper's set (FP16, INT8, INT6, INT4, INT2), plus bf16, the odd widths and per-channel
+# scales, so the search for the cheapest codec above the quality bar is not limited to it.
+DEFAULT_CODECS = "fp32,fp16,bf16,int8,int6,int5,int4,int3,int2,int8/channel,int4/channel,int3/channel,int2/channel"
 GENERIC_PROMPTS = ["a red cat", "a lighthouse", "a bowl of fruit", "a blue lake"]
 
 
@@ -124,9 +126,10 @@ def run_study(device, server: str, prompts: list[str], codecs: list[str], *, ste
     return {"rows": rows, "images": images, "prompts": prompts}
 
 
-def cheapest(rows: list[dict], min_psnr: float) -> dict | None:
-    """The codec with the fewest bytes per image whose pooled PSNR against FP32 is >= min_psnr."""
-    passing = [r for r in rows if r["psnr_db"] >= min_psnr]
+def cheapest(rows: list[dict], min_psnr: float, key: str = "psnr_db") -> dict | None:
+    """The codec with the fewest bytes per image whose PSNR against FP32 (pooled, or `min_psnr_db`:
+    the worst image) is >= min_psnr."""
+    passing = [r for r in rows if r[key] >= min_psnr]
     return min(passing, key=lambda r: (r["total_bytes"], r["noise_bytes_per_step"])) if passing else None
 
 
@@ -234,11 +237,14 @@ def run(args) -> int:
             server.stop()
     rows = study["rows"]
     best = cheapest(rows, args.min_psnr)
+    best_worst = cheapest(rows, args.min_psnr, "min_psnr_db")
     with_match = "prompt_match" in rows[0]
     command = "lambdasplit bench diffusion " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     verdict = (f"cheapest codec with PSNR >= {args.min_psnr:g} dB against FP32: {best['codec']} "
                f"({best['total_bytes']:.0f} B/image, {best['noise_vs_fp32']:.2%} of FP32's noise payload)"
                if best else f"no codec reaches PSNR >= {args.min_psnr:g} dB")
+    verdict += (f"; with every single image >= {args.min_psnr:g} dB: {best_worst['codec']} "
+                f"({best_worst['total_bytes']:.0f} B/image)" if best_worst else "")
     notes = [
         f"model {args.model}, {len(prompts)} prompts, {steps} steps, guidance {guidance:g}, seed {args.seed}, "
         f"protocol {args.protocol}, {args.threads} torch thread(s) per side; machine: {_machine_line()}",
@@ -249,6 +255,7 @@ def run(args) -> int:
     ]
     meta = {"command": command, "model": args.model, "prompts": prompts, "steps": steps, "guidance": guidance,
             "seed": args.seed, "protocol": args.protocol, "threads": args.threads, "cheapest_codec": best["codec"] if best else None,
+            "cheapest_codec_every_image": best_worst["codec"] if best_worst else None,
             "min_psnr": args.min_psnr, "seconds": time.perf_counter() - began}
     clean = [{k: _jsonable(v) for k, v in row.items()} for row in rows]
     if args.out:
