@@ -232,6 +232,7 @@ class PipelineHandler(SessionHandler):
         began = time.perf_counter()
         image = generate_local(self.service.device, prompt, steps=steps, seed=seed, guidance=guidance,
                                negative_prompt=negative, size=size)
-        blob = encode(torch.from_numpy(image), get_codec("fp32")).blob
+        # a fresh copy: a grey image is a (H, W, 1) view whose last stride is not 1 (numpy still calls it contiguous)
+        blob = encode(torch.from_numpy(image.copy(order="C")), get_codec("fp32")).blob
         emit(_result(0, began, [blob]))
         emit(json_frame(FrameType.DONE, {"compute_seconds": time.perf_counter() - began}))
