@@ -79,6 +79,22 @@ def test_no_guidance_and_euler_are_exact(folders, servers, devices):
             assert np.abs(got.image - expected).max() == 0.0, (kind, protocol)
 
 
+def test_swapped_scheduler_is_exact_and_sent_to_the_cloud(folders, servers):
+    """`--scheduler`: the device replaces the model's scheduler; cloud-latent sends its class and config."""
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+
+    device = Device.load(folders["sd"], scheduler="DPMSolverMultistepScheduler")
+    pipe = DiffusionPipeline.from_pretrained(folders["sd"])
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, num_inference_steps=4, guidance_scale=GUIDANCE, output_type="np",
+                    generator=torch.Generator().manual_seed(SEED)).images[0]
+    got = imagine(device, PROMPT, server=servers["sd"], steps=4, seed=SEED, guidance=GUIDANCE, verify=True)
+    assert np.abs(got.image - expected).max() == 0.0
+    with pytest.raises(LambdaSplitError, match="unknown scheduler"):
+        Device.load(folders["sd"], scheduler="NoSuchScheduler")
+
+
 @pytest.mark.parametrize("scheduler", ["sd", "sd-euler"])
 def test_cloud_latent_copies_stay_bit_identical_after_every_step(folders, servers, devices, scheduler):
     """Drive the cloud-latent session by hand with a lossy codec and compare, after every step,
