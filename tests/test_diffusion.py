@@ -266,3 +266,18 @@ def test_eavesdropper_replays_a_plain_cloud_latent_session(servers, devices):
     latents, replayed = proto.replay_cloud_latent(capture, device)
     assert replayed == 4
     assert np.array_equal(device.decode(latents), got.image)
+
+
+def test_sdxl_non_square_size_is_exact(folders, servers, devices):
+    """The size reaches the latent shape and SDXL's added time ids on both sides."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folders["sdxl"])
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=24, width=32,
+                    output_type="np", generator=torch.Generator().manual_seed(SEED)).images[0]
+    got = imagine(devices["sdxl"], PROMPT, server=servers["sdxl"], steps=STEPS, seed=SEED, guidance=GUIDANCE,
+                  size=(24, 32))
+    assert got.image.shape == (24, 32, 3) and np.abs(got.image - expected).max() == 0.0
+    with pytest.raises(LambdaSplitError, match="multiples of 2"):
+        imagine(devices["sdxl"], PROMPT, server=servers["sdxl"], steps=STEPS, size=(25, 32))

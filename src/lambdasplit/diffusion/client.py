@@ -63,6 +63,9 @@ def denoise(device: Device, prompt: str, *, steps: int, seed: int, guidance: flo
     first steps - local_steps; the device's own U-Net the rest (all of them when remote is None)."""
     clock = clock or _Clock()
     size = tuple(size) if size else (device.info.default_size(),) * 2
+    factor = device.pipe.vae_scale_factor
+    if len(size) != 2 or any(side <= 0 or side % factor for side in size):
+        raise LambdaSplitError(f"image size must be two positive multiples of {factor} (the VAE's scale factor), got {size}")
     generator = torch.Generator().manual_seed(seed)
     cond = clock.run(device.encode, prompt, negative_prompt, guidance, size)
     timesteps = device.timesteps(steps)
