@@ -42,8 +42,12 @@ STOCHASTIC_ALGORITHMS = {"sde-dpmsolver", "sde-dpmsolver++"}
 
 
 def resolve_folder(model: str) -> Path:
-    from lambdasplit.zoo.registry import resolve
+    from lambdasplit.zoo.registry import ZOO, resolve
 
+    entry = ZOO.get(model[len("zoo:"):]) if model.startswith("zoo:") else None
+    if entry is not None and entry.kind != "diffusion":  # refuse before building an LLM we would not use
+        raise LambdaSplitError(f"{model} is a {entry.kind} model; diffusion needs a diffusers pipeline "
+                               f"(e.g. {', '.join('zoo:' + n for n, e in ZOO.items() if e.kind == 'diffusion')})")
     folder = Path(resolve(model))
     if not (folder / "model_index.json").is_file():
         raise LambdaSplitError(f"{model}: not a local diffusers pipeline folder (no model_index.json)")
