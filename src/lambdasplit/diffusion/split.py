@@ -46,7 +46,7 @@ def resolve_folder(model: str) -> Path:
 
     entry = ZOO.get(model[len("zoo:"):]) if model.startswith("zoo:") else None
     if entry is not None and entry.kind != "diffusion":  # refuse before building an LLM we would not use
-        raise LambdaSplitError(f"{model} is a {entry.kind} model; diffusion needs a diffusers pipeline "
+        raise LambdaSplitError(f"{model} is not a diffusion model (kind {entry.kind}); diffusion needs a diffusers pipeline "
                                f"(e.g. {', '.join('zoo:' + n for n, e in ZOO.items() if e.kind == 'diffusion')})")
     folder = Path(resolve(model))
     if not (folder / "model_index.json").is_file():
