@@ -249,8 +249,9 @@ def write_chart(path, rows: list[dict], title: str) -> None:
     left.bar(labels, [r["tokens_per_s"] for r in rows], color=colors)
     left.set_ylabel("tokens / s")
     left.set_title("throughput")
-    ups = [max(r["bytes_up"], 1) / 1e6 for r in rows]
-    downs = [max(r["bytes_down"], 1) / 1e6 for r in rows]
+    # No bar where nothing crossed the network (local-only): log scale has no zero.
+    ups = [r["bytes_up"] / 1e6 if r["bytes_up"] else float("nan") for r in rows]
+    downs = [r["bytes_down"] / 1e6 if r["bytes_down"] else float("nan") for r in rows]
     positions = range(len(rows))
     right.bar([p - 0.2 for p in positions], ups, width=0.4, label="up", color="tab:green")
     right.bar([p + 0.2 for p in positions], downs, width=0.4, label="down", color="tab:purple")
