@@ -120,7 +120,11 @@ def test_cli_rejects_a_split_without_matching_tail(tiny, capsys):
 
 
 def test_bundled_model_white_box_and_logit_lens(smollm2_path):
-    """SmolLM2-135M at 1:29: exact inversion of the prompt, and the logit lens on a one-layer tail."""
+    """SmolLM2-135M at 1:29: exact inversion of the prompt; the (tuned) logit lens reads a one-layer tail.
+
+    The plain logit lens reads about half of the generated tokens here (52% top-1 in the
+    audit of docs/privacy.md); an affine translator fitted on public text lifts that.
+    """
     model = str(smollm2_path)
     device = DeviceModel.load(model, "1:29")
     sequences, _, _ = inverters.build_sequences(device, inverters.shipped_text("kjv_train.txt"), max_tokens=1500)
@@ -129,15 +133,21 @@ def test_bundled_model_white_box_and_logit_lens(smollm2_path):
     tokens = torch.tensor([t for s in sequences for t in s])
     probe = attacks.fit_probe(torch.cat(features), tokens, head.embed.weight)
     tail = load_tail(model, 29)
+    # the tuned lens: an affine map from layer 29 to layer 30, fitted on public text
+    deep = inverters.head_features(load_head(model, 30), sequences[:12], [29, 30])
+    translator = attacks.fit_affine(torch.cat(deep[29]), torch.cat(deep[30]))
+    inverted, lensed = [], []
     with BodyServer([BodyService(model, "1:29")]) as server:
-        t = run_session(device, server.address, default_prompts()[0], mode="split", max_new_tokens=8)
-    assert split_frames(t.stream("up"))  # real frames, parsed from the captured bytes
-    up, down = t.hidden("up"), t.hidden("down")
-    proposals = attacks.nearest_embeddings(head.embed.weight, up, 64, probe)
-    found = attacks.HeadInversion(head, head.embed.weight.shape[0], sweep_budget_s=30).invert(up, proposals)
-    a, b = t.content
-    truth = torch.tensor(t.sequence)
-    assert (found["top1"][a:b] == truth[a:b]).float().mean() >= 0.95
-    p = len(t.prompt_ids)
-    lens = attacks.logit_lens(tail, down).argmax(-1)[p - 1:p - 1 + len(t.token_ids)]
-    assert (lens == torch.tensor(t.token_ids)).float().mean() > 0.5
+        for prompt in default_prompts()[:2]:
+            t = run_session(device, server.address, prompt, mode="split", max_new_tokens=12)
+            assert split_frames(t.stream("up"))  # real frames, parsed from the captured bytes
+            up, down = t.hidden("up"), t.hidden("down")
+            proposals = attacks.nearest_embeddings(head.embed.weight, up, 64, probe)
+            found = attacks.HeadInversion(head, head.embed.weight.shape[0], sweep_budget_s=30).invert(up, proposals)
+            a, b = t.content
+            inverted.append(found["top1"][a:b] == torch.tensor(t.sequence)[a:b])
+            p = len(t.prompt_ids)
+            lensed.append(attacks.tuned_lens(tail, down, translator).argmax(-1)[p - 1:p - 1 + 12]
+                          == torch.tensor(t.token_ids))
+    assert torch.cat(inverted).float().mean() >= 0.95
+    assert torch.cat(lensed).float().mean() > 0.5, "the tuned lens reads most generated tokens off a 1-layer tail"

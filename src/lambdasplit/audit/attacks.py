@@ -67,18 +67,26 @@ def nearest_embeddings(embed_weight: torch.Tensor, hidden: torch.Tensor, k: int,
     table = torch.nn.functional.normalize(embed_weight.float(), dim=-1)
     query = hidden.float()
     if probe is not None:
-        query = torch.cat([query, torch.ones(len(query), 1)], dim=1) @ probe
+        query = apply_affine(query, probe)
     query = torch.nn.functional.normalize(query, dim=-1)
     return (query @ table.T).topk(k, dim=-1).indices
 
 
-def fit_probe(features: torch.Tensor, tokens: torch.Tensor, embed_weight: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """Least squares (ridge) map from hidden states (+ bias) to the tokens' input embeddings."""
-    x = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1)
-    y = embed_weight.double()[tokens]
+def fit_affine(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """Ridge least squares [D_x + 1, D_y] map (last row: bias) from x to y."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
     gram = x.T @ x
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
-    return torch.linalg.solve(gram, x.T @ y).float()
+    return torch.linalg.solve(gram, x.T @ y.double()).float()
+
+
+def apply_affine(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.float(), torch.ones(*x.shape[:-1], 1)], dim=-1) @ a
+
+
+def fit_probe(features: torch.Tensor, tokens: torch.Tensor, embed_weight: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """Linear map from hidden states back to the tokens' input embeddings, fitted on public text."""
+    return fit_affine(features, embed_weight.float()[tokens], ridge)
 
 
 class HeadInversion:
@@ -164,6 +172,13 @@ class HeadInversion:
 def logit_lens(tail: Tail, hidden: torch.Tensor) -> torch.Tensor:
     """Public final norm + LM head applied directly to the downlink states: [T, vocab] logits."""
     return tail.family.logits(tail.config, tail.lm_head(tail.norm(hidden.float()[None])))[0]
+
+
+@torch.inference_mode()
+def tuned_lens(tail: Tail, hidden: torch.Tensor, translator: torch.Tensor) -> torch.Tensor:
+    """The logit lens after an affine translator from layer Y to the last layer, fitted on public
+    text (a linear 'tuned lens'): it needs no tail layers, so it also reads a private tail's input."""
+    return logit_lens(tail, apply_affine(hidden, translator))
 
 
 @torch.inference_mode()

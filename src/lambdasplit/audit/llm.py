@@ -58,6 +58,7 @@ class LLMAuditConfig:
     proposals: int = 32  # candidates from each cheap ranker
     perplexity_tokens: int = 256
     cloud_check: bool = True
+    lens_sequences: int = 40  # public sequences run through every layer to fit the tuned lens
     seed: int = 0
 
 
@@ -237,6 +238,17 @@ def audit_llm(config: LLMAuditConfig, *, progress: bool = True, log=print) -> di
             probe = attacks.fit_probe(flat, tokens, public_head.embed.weight)
             models[x] = {"mlp": mlp, "gru": gru, "probe": probe}
 
+        # the tuned lens: layer Y -> last layer, fitted on a slice of the public text through all layers
+        lens_sequences = sequences[: config.lens_sequences]
+        depths = sorted({n_layers - x for x in splits + [defense_x]} | {n_layers})
+        tick = bars.task("public text through all layers", len(lens_sequences))
+        deep = inverters.head_features(load_head(checkpoint, n_layers), lens_sequences, depths, progress=tick)
+        lenses = {x: attacks.fit_affine(torch.cat(deep[n_layers - x]), torch.cat(deep[n_layers]))
+                  for x in set(splits + [defense_x])}
+        for x in splits:
+            models[x]["lens"] = lenses[x]
+        del deep
+
         # -------- real sessions over a real loopback server
         services = [BodyService(str(checkpoint.folder), f"{x}:{n_layers - x}") for x in splits]
         if defense_x not in splits:
@@ -271,7 +283,7 @@ def audit_llm(config: LLMAuditConfig, *, progress: bool = True, log=print) -> di
             # -------- defenses: privacy and utility at one split
             if config.defenses:
                 utility = _audit_defenses(config, checkpoint, server, defense_x, features, sequences, tokens, vocab,
-                                          unigram, vocab_size, scores, undefended, bars)
+                                          unigram, vocab_size, scores, undefended, bars, lenses[defense_x])
         finally:
             server.stop()
     meta["seconds"] = round(time.perf_counter() - began, 1)
@@ -297,9 +309,17 @@ def _attack_session(scores: Scores, split: str, t: Transcript, defense_name: str
         ("uplink", "linear-probe", "auxiliary-data"): proposals[:, :5],
         ("uplink", "unigram-baseline", "baseline"): unigram[:5].expand(len(up), -1),
         ("downlink", "logit-lens", "public-weights"): attacks.logit_lens(tail, down).topk(5, dim=-1).indices,
+        ("downlink", "tuned-lens", "public-weights"): attacks.tuned_lens(tail, down, models["lens"]).topk(5, dim=-1).indices,
         ("downlink", "public-tail", "public-weights"): attacks.public_tail(tail, down).topk(5, dim=-1).indices,
         ("downlink", "unigram-baseline", "baseline"): unigram[:5].expand(len(down), -1),
     }
+    # The learned inverters can only name tokens in their output vocabulary: their ceiling.
+    in_vocab = torch.isin(torch.tensor(t.sequence), vocab)
+    for positions in ("prompt", "generated"):
+        index, truth = targets[("uplink", positions)]
+        ceiling = torch.where(in_vocab[index], truth, torch.full_like(truth, -1))[:, None].expand(-1, 5)
+        scores.add((split, "uplink", positions, "inverter-vocabulary-ceiling", "auxiliary-data", defense_name),
+                   ceiling, truth, extra)
     for (direction, attack, threat), top5 in predictions.items():
         for positions in ("prompt", "generated"):
             index, truth = targets[(direction, positions)]
@@ -311,7 +331,7 @@ def _attack_session(scores: Scores, split: str, t: Transcript, defense_name: str
 
 
 def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, vocab, unigram, vocab_size,
-                    scores, undefended, bars) -> list[dict]:
+                    scores, undefended, bars, lens) -> list[dict]:
     n_layers = checkpoint.config.num_hidden_layers
     split = f"{x}:{n_layers - x}"
     device = DeviceModel.load(checkpoint, split)
@@ -350,7 +370,8 @@ def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, 
             agree += sum(a == b for a, b in zip(reference, t.token_ids))
             total += len(reference)
             positions += len(t.prompt_ids) + len(t.token_ids) - 1
-            _attack_session(scores, split, t, defense.name, inversion, tail, {"mlp": mlp, "gru": gru, "probe": probe},
+            _attack_session(scores, split, t, defense.name, inversion, tail,
+                            {"mlp": mlp, "gru": gru, "probe": probe, "lens": lens},
                             vocab, unigram)
             tick()
         ppl = split_perplexity(device, body, heldout, defense)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 ATTACK_ORDER = ["utf8-substrings", "token-id-runs", "exact-inversion", "linear-probe", "mlp-inverter",
-                "gru-inverter", "logit-lens", "public-tail", "unigram-baseline"]
+                "gru-inverter", "inverter-vocabulary-ceiling", "logit-lens", "tuned-lens", "public-tail", "unigram-baseline"]
 
 
 def _pct(value) -> str:
