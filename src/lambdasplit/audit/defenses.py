@@ -28,32 +28,31 @@ from lambdasplit.errors import LambdaSplitError
 DELTA = 1e-5  # the delta used for every (epsilon, delta) figure the audit prints
 
 
-def _phi(x: float) -> float:
-    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
-
-
 def gaussian_epsilon(sensitivity: float, sigma: float, delta: float = DELTA) -> float:
     """Smallest epsilon for which N(0, sigma^2) on an L2-sensitivity query is (epsilon, delta)-DP.
 
     The analytic Gaussian mechanism (Balle & Wang 2018): delta(eps) = Phi(D/2s - eps s/D)
     - e^eps Phi(-D/2s - eps s/D); exact for every epsilon, unlike the classic bound that
-    needs epsilon < 1. Solved by bisection.
+    needs epsilon < 1. Evaluated in log space (large epsilons overflow e^eps) and solved
+    by bisection.
     """
+    from scipy.special import log_ndtr, ndtr
+
     if sigma <= 0:
         return math.inf
     a = sensitivity / sigma
 
     def delta_of(eps: float) -> float:
-        return _phi(a / 2 - eps / a) - math.exp(eps) * _phi(-a / 2 - eps / a) if eps < 700 else 0.0
+        return float(ndtr(a / 2 - eps / a) - math.exp(min(eps + log_ndtr(-a / 2 - eps / a), 0.0)))
 
     if delta_of(0.0) <= delta:
         return 0.0
     low, high = 0.0, 1.0
     while delta_of(high) > delta:
         high *= 2
-        if high > 1e6:
+        if high > 1e12:
             return math.inf
-    for _ in range(100):
+    for _ in range(200):
         mid = (low + high) / 2
         low, high = (mid, high) if delta_of(mid) > delta else (low, mid)
     return high
