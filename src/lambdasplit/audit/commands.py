@@ -34,10 +34,12 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=llm_command)
 
     d = sub.add_parser("diffusion", help="replay, preview and prompt-recovery attacks on a split diffusion session")
-    d.add_argument("--model", default=DEFAULT_DIFFUSION)
-    d.add_argument("--protocol", choices=["cloud-latent", "client-latent"], default="client-latent")
+    d.add_argument("--model", default=DEFAULT_DIFFUSION,
+                   help="pipeline folder, zoo:NAME, or tiny:sd (a tiny random SD pipeline with a CLIP encoder, built "
+                        "on the fly: exercises the attacks where no trained model is at hand)")
+    d.add_argument("--protocol", choices=["cloud-latent", "client-latent", "both"], default="both")
     d.add_argument("--local-steps", default="0,2,5,10", help="defense sweep: last K denoising steps kept on the device")
-    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25 for zoo:digits)")
     d.add_argument("--prompts", type=int, default=10, help="sessions (one prompt per digit)")
     d.add_argument("--codec", default="fp16")
     d.add_argument("--threads", type=int, default=0)
@@ -97,7 +99,14 @@ def diffusion_command(args) -> int:
     from lambdasplit.audit.diffusion import DiffusionAuditConfig, audit_diffusion, print_diffusion, write_diffusion
 
     _threads(args.threads)
-    config = DiffusionAuditConfig(model=args.model, protocol=args.protocol, steps=args.steps, sessions=args.prompts,
+    model = args.model
+    if model == "tiny:sd":
+        import tempfile
+
+        from lambdasplit.diffusion.tiny import build_tiny_pipeline
+
+        model = str(build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="lambdasplit-tiny-sd-"))))
+    config = DiffusionAuditConfig(model=model, protocol=args.protocol, steps=args.steps, sessions=args.prompts,
                                   local_steps=[int(v) for v in args.local_steps.split(",") if v], codec=args.codec)
     report = audit_diffusion(config, progress=not args.json)
     command = "lambdasplit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
