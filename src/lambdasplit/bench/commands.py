@@ -34,7 +34,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--server", metavar="HOST:PORT",
                    help="use this running server (it must host every split, plus --cloud for the cloud row) "
                         "instead of starting one")
-    p.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process, device and server alike (default %(default)s: the two "
+                        "processes share the machine, and spinning intra-op threads that fight for cores made "
+                        "SmolLM2 3x slower on a loaded 2-core machine)")
     p.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     p.set_defaults(func=llm_command)
@@ -49,7 +52,7 @@ def add_commands(subparsers) -> None:
     o.add_argument("--new-tokens", type=int, default=64, help="default %(default)s")
     o.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median kept (default %(default)s)")
     o.add_argument("--codec", default="fp16", help="default %(default)s")
-    o.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's default)")
+    o.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s, see bench llm)")
     o.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json and run.json")
     o.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     o.set_defaults(func=overhead_command)
