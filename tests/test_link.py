@@ -63,7 +63,7 @@ def test_describe():
 
 
 def test_a_reply_waits_for_the_request_serialization_and_two_delays():
-    link = Link.parse("up=8mbit,delay=5ms")  # 1 MB/s: 10 kB take 10 ms
+    link = Link.parse("up=8mbit,delay=5ms")  # 1 MB/s: 10 kB take 10 ms (10.5 with headers)
     began = time.perf_counter()
     link.send(10_000)  # written at once: the real transfer overlaps the emulated one
     assert time.perf_counter() - began < 0.005
@@ -80,9 +80,11 @@ def test_received_frames_queue_on_the_downlink():
     assert time.perf_counter() - first_byte_at >= 0.012
 
 
-def test_minimum_seconds():
+def test_minimum_seconds_count_the_headers_of_every_segment():
     link = Link.parse("up=10mbit,down=20mbit,delay=10ms")
-    assert link.minimum_seconds(1_250_000, 1_250_000, 3) == pytest.approx(1.0 + 0.5 + 0.06)
+    wire = 1_448_000 + 1000 * 66  # 1000 full segments, 66 header bytes each
+    assert Link.wire_bytes(1_448_000) == wire and Link.wire_bytes(10) == 76
+    assert link.minimum_seconds(1_448_000, 1_448_000, 3) == pytest.approx(wire * 8 / 10e6 + wire * 8 / 20e6 + 0.06)
 
 
 def test_loss_costs_a_round_trip_per_lost_segment_and_is_reproducible():
@@ -91,7 +93,7 @@ def test_loss_costs_a_round_trip_per_lost_segment_and_is_reproducible():
     nbytes = 1000 * SEGMENT_BYTES
     base = lossless.transfer_seconds(nbytes, lossless.up_bps)
     extra = lossy.transfer_seconds(nbytes, lossy.up_bps) - base
-    per_loss = 2 * 0.010 + SEGMENT_BYTES * 8 / 100e6
+    per_loss = 2 * 0.010 + (SEGMENT_BYTES + 66) * 8 / 100e6
     lost = extra / per_loss
     assert lost == pytest.approx(round(lost), abs=1e-6)  # a whole number of lost segments
     assert 60 <= lost <= 140  # about 10% of 1000

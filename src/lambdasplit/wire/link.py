@@ -19,7 +19,11 @@ Presets (PRESETS):
     5g      81 Mbit/s up, 340 Mbit/s down (what the PPIDM paper assumes), no added delay
     wan     100 Mbit/s both ways, 40 ms one way
 
-The model, for each frame of B bytes:
+Rates are of the wire, as tc's are: a frame of B bytes occupies the link as
+wire_bytes(B) = B + 66 bytes per 1448-byte TCP segment (Ethernet, IP and TCP headers,
+4.6% more for large frames), which is what the kernel's tbf shaper counts too.
+
+The model, for each frame of B bytes (B*8/rate below means wire_bytes(B)*8/rate):
     client -> server: the frame enters the uplink when it is free and takes B*8/up to
         serialize, then `delay` to propagate. The client writes it to the socket at once
         (so the real loopback transfer overlaps the emulated one instead of adding to
@@ -52,6 +56,7 @@ from dataclasses import dataclass
 from lambdasplit.errors import LambdaSplitError
 
 SEGMENT_BYTES = 1448  # TCP payload of one Ethernet frame (MTU 1500 minus IP/TCP headers with timestamps)
+HEADER_BYTES = 66  # what each such segment adds on the wire: Ethernet 14 + IPv4 20 + TCP 20 + timestamps 12
 
 PRESETS = {
     "paper": "rate=1000mbit,delay=0ms",  # the Λ-Split paper's 1 Gbit/s LAN
@@ -164,13 +169,18 @@ class Link:
         text = f"up {rate(self.up_bps)}, down {rate(self.down_bps)}, delay {self.delay_s * 1e3:g} ms"
         return text + (f", loss {self.loss:g}" if self.loss else "")
 
+    @staticmethod
+    def wire_bytes(nbytes: int) -> int:
+        """Bytes on the wire for `nbytes` of TCP payload: each 1448-byte segment carries 66 bytes of headers."""
+        return nbytes + max(1, math.ceil(nbytes / SEGMENT_BYTES)) * HEADER_BYTES
+
     def transfer_seconds(self, nbytes: int, bps: float | None) -> float:
-        """Serialization time of `nbytes`, plus the cost of the segments lost on the way."""
-        seconds = 0.0 if bps is None else nbytes * 8 / bps
+        """Serialization time of `nbytes` of payload, plus the cost of the segments lost on the way."""
+        seconds = 0.0 if bps is None else self.wire_bytes(nbytes) * 8 / bps
         if self.loss:
             segments = max(1, math.ceil(nbytes / SEGMENT_BYTES))
             lost = sum(self._random.random() < self.loss for _ in range(segments))
-            per_segment = 0.0 if bps is None else min(nbytes, SEGMENT_BYTES) * 8 / bps
+            per_segment = 0.0 if bps is None else (min(nbytes, SEGMENT_BYTES) + HEADER_BYTES) * 8 / bps
             seconds += lost * (2 * self.delay_s + per_segment)
         return seconds
 
@@ -187,7 +197,10 @@ class Link:
         wait_until(self._down_free_at)
 
     def minimum_seconds(self, bytes_up: int, bytes_down: int, round_trips: int) -> float:
-        """The least communication time the emulation adds: serialization both ways plus 2 x delay per round trip."""
-        up = 0.0 if self.up_bps is None else bytes_up * 8 / self.up_bps
-        down = 0.0 if self.down_bps is None else bytes_down * 8 / self.down_bps
+        """The least communication time the emulation adds: serialization both ways plus 2 x delay per round trip.
+
+        Approximate for many frames: headers are counted as if the bytes were one frame each way.
+        """
+        up = 0.0 if self.up_bps is None else self.wire_bytes(bytes_up) * 8 / self.up_bps
+        down = 0.0 if self.down_bps is None else self.wire_bytes(bytes_down) * 8 / self.down_bps
         return up + down + 2 * self.delay_s * round_trips
