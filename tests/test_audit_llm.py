@@ -17,7 +17,7 @@ from lambdasplit.audit.capture import run_session, split_frames
 from lambdasplit.audit.llm import LLMAuditConfig, audit_llm, default_prompts
 from lambdasplit.client.device import DeviceModel
 from lambdasplit.llm.segments import load_head, load_tail
-from lambdasplit.server import BodyServer, BodyService, CloudService
+from lambdasplit.server import BodyServer, BodyService
 
 
 @pytest.fixture(scope="module")

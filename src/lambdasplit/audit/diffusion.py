@@ -233,7 +233,7 @@ def audit_diffusion(config: DiffusionAuditConfig, *, progress: bool = True) -> d
     from lambdasplit.audit import inverters
     from lambdasplit.audit.llm import Progress
     from lambdasplit.diffusion.client import default_settings, imagine
-    from lambdasplit.diffusion.quality import psnr, ssim
+    from lambdasplit.diffusion.quality import psnr
     from lambdasplit.diffusion.server import UNetService
     from lambdasplit.diffusion.split import Device
     from lambdasplit.server import BodyServer
