@@ -48,3 +48,13 @@ def test_preview_curve_and_report_files(report, tmp_path):
     paths = write_diffusion(report, tmp_path, "lambdasplit audit diffusion ...")
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["causal_text_encoder"] is True
     assert any(p.suffix == ".png" for p in paths)
+
+
+def test_cli_audit_diffusion_on_a_tiny_pipeline(tmp_path):
+    from lambdasplit.cli import main
+
+    assert main(["audit", "diffusion", "--model", "tiny:sd", "--steps", "3", "--prompts", "1", "--local-steps", "0",
+                 "--protocol", "client-latent", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    replay = [r for r in report["results"] if r["attack"] == "replay"]
+    assert replay and replay[0]["exact"] == 1.0
