@@ -107,22 +107,29 @@ def recovery_chart(report: dict, path: Path) -> Path | None:
     if not rows:
         return None
     panels = [("uplink", "prompt"), ("uplink", "generated"), ("downlink", "generated")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    colors = {attack: plt.get_cmap("tab10")(i % 10) for i, attack in enumerate(ATTACK_ORDER)}  # one colour per attack
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4), sharey=True)
+    handles = {}
     for ax, (direction, positions) in zip(axes, panels):
         for attack in ATTACK_ORDER:
             points = sorted(((_split_key(r["split"])[0], r["top1"]) for r in rows if r["attack"] == attack
                              and r["direction"] == direction and r["positions"] == positions))
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=attack)
+                (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colors[attack],
+                                  linestyle="--" if attack in ("unigram-baseline", "inverter-vocabulary-ceiling") else "-")
+                handles[attack] = line
         ax.set_title(f"{direction}, {positions} positions")
         ax.set_xlabel("head depth X (tail depth X)")
         ax.set_xscale("log", base=2)
+        depths = sorted({_split_key(r["split"])[0] for r in rows})
+        ax.set_xticks(depths, labels=[str(d) for d in depths])
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 token recovery")
-    axes[-1].legend(fontsize=7, loc="best")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize=8)
+    fig.subplots_adjust(bottom=0.28)
     fig.suptitle(f"{report['meta']['model']}: what a captured session gives away ({report['meta'].get('machine', '')})",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
