@@ -154,3 +154,40 @@ def test_body_spread_over_two_servers(tiny_model_dir):
             chained = device.generate(prompt_ids, body=BodyChain([a, b]), max_new_tokens=20, ignore_eos=True)
     local = DeviceModel.load(checkpoint).generate(prompt_ids, max_new_tokens=20, ignore_eos=True)
     assert chained.token_ids == local.token_ids
+
+
+def test_sharded_checkpoint_loads_selectively_with_one_fingerprint(tiny_model_dir, tmp_path):
+    """A Hub-style sharded checkpoint: each side reads only its shards, and both sides
+    compute the same fingerprint whatever shards they hold (a server never fetches the
+    embedding's shard just to agree on the model)."""
+    import shutil
+
+    folder = tiny_model_dir("llama")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, sharded / name)
+    full = Checkpoint(str(sharded))
+    shards = sorted(set(full._weight_map.values()))
+    assert len(shards) > 3
+
+    # The body side: a copy without the shards that hold the embedding, norm and LM head.
+    body_only = tmp_path / "body-only"
+    shutil.copytree(sharded, body_only)
+    device_tensors = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+    body_shards = {f for n, f in full._weight_map.items() if n.startswith(("model.layers.2.", "model.layers.3."))}
+    removed = {full._weight_map[name] for name in device_tensors} - body_shards
+    for shard in removed:
+        (body_only / shard).unlink()
+    assert removed
+    body_checkpoint = Checkpoint(str(body_only))
+    assert body_checkpoint.fingerprint == full.fingerprint == Checkpoint(str(sharded)).fingerprint
+
+    prompt_ids = DeviceModel.load(full).encode(PROMPT, chat=False)
+    with BodyServer([BodyService(str(body_only), "2:4")]) as server:
+        device = DeviceModel.load(full, (2, 4))
+        with RemoteBody.for_device(device, server.address) as body:
+            split = device.generate(prompt_ids, body=body, max_new_tokens=12, ignore_eos=True)
+    local = DeviceModel.load(str(folder)).generate(prompt_ids, max_new_tokens=12, ignore_eos=True)
+    assert split.token_ids == local.token_ids

@@ -82,25 +82,25 @@ class Checkpoint:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the config and the tensor names (and, where readable, dtypes and shapes).
+        """sha256 of the config and the checkpoint's tensor layout; the first 32 hex digits.
 
-        Cheap: reads the config and safetensors headers only, never the weights, so
-        both sides can compute it without loading what they do not run.
+        Cheap, and the same on every side whatever shards it holds: a sharded checkpoint
+        contributes its index (tensor name -> shard file), which every side reads; a
+        single-file one the {name: [dtype, shape]} map of its safetensors header. No
+        weight is read.
         """
         digest = hashlib.sha256()
         config = json.loads((self.folder / "config.json").read_text())
         for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
             config.pop(volatile, None)
         digest.update(json.dumps(config, sort_keys=True).encode())
-        for filename in sorted(set(self._weight_map.values())):
-            path = self.folder / filename
-            if path.exists():
-                header = _safetensors_header(path)
-                header.pop("__metadata__", None)
-                entries = {name: (info["dtype"], info["shape"]) for name, info in header.items()}
-            else:  # a shard this side does not hold: names only
-                entries = {name: None for name, file in self._weight_map.items() if file == filename}
-            digest.update(json.dumps(entries, sort_keys=True).encode())
+        if (self.folder / "model.safetensors.index.json").exists():
+            layout = self._weight_map
+        else:
+            header = _safetensors_header(self.folder / "model.safetensors")
+            header.pop("__metadata__", None)
+            layout = {name: [info["dtype"], info["shape"]] for name, info in header.items()}
+        digest.update(json.dumps(layout, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
     def has_tensor(self, name: str) -> bool:
