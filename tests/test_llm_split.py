@@ -23,8 +23,8 @@ NEW_TOKENS = 24  # > the tiny models' sliding windows once the prompt is added
 PROMPT = "The quick brown fox jumps over the lazy dog and keeps running"
 
 
-def reference(folder, prompt_ids, new_tokens):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+def reference(folder, prompt_ids, new_tokens, dtype=torch.float32):
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     out = model.generate(
         torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -128,16 +128,24 @@ def test_invalid_split_is_refused(tiny_model_dir):
             DeviceModel.load(str(folder), split)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("dtype,codec", [("bfloat16", "bf16"), ("float16", "fp16")])
-def test_half_precision_split_matches_local_in_that_dtype(dtype, codec, family_servers, tiny_model_dir):
-    """--dtype applies to both sides; with a codec that keeps that dtype, split equals local exactly."""
-    folder = tiny_model_dir("llama")
+def test_half_precision_split_matches_unsplit_in_that_dtype(family, dtype, codec, tiny_model_dir):
+    """--dtype applies to both sides; with a codec that keeps that dtype, split equals the unsplit
+    transformers model loaded with `from_pretrained(dtype=...)`: same tokens, same logits."""
+    folder = tiny_model_dir(family)
+    checkpoint = Checkpoint(str(folder))
+    prompt_ids = DeviceModel.load(checkpoint).encode(PROMPT, chat=False)
+    ref_ids, ref_logits = reference(folder, prompt_ids, 12, dtype=getattr(torch, dtype))
     with BodyServer([BodyService(str(folder), "2:4", dtype=dtype)]) as server:
-        local = run_generation(model=str(folder), mode="local", prompt=PROMPT, max_new_tokens=12, dtype=dtype,
-                               ignore_eos=True, chat=False)
-        split = run_generation(model=str(folder), mode="split", prompt=PROMPT, max_new_tokens=12, dtype=dtype,
-                               split="2:4", server=server.address, codec=codec, ignore_eos=True, chat=False)
-    assert split["token_ids"] == local["token_ids"]
+        device = DeviceModel.load(checkpoint, (2, 4), dtype)
+        with RemoteBody.for_device(device, server.address, codec=codec) as body:
+            split = device.generate(prompt_ids, body=body, max_new_tokens=12, ignore_eos=True, keep_logits=True)
+    assert split.token_ids == ref_ids
+    logits = torch.stack(split.logits).float()
+    eos = list(device.eos_ids)
+    logits[:, eos] = ref_logits[:, eos].float()
+    torch.testing.assert_close(logits, ref_logits.float(), atol=0, rtol=0)
 
 
 def test_body_spread_over_two_servers(tiny_model_dir):

@@ -106,12 +106,16 @@ class Checkpoint:
     def has_tensor(self, name: str) -> bool:
         return name in self._weight_map
 
-    def skeleton(self):
-        """The whole model on the meta device: structure and config, no memory."""
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config)
+    def skeleton(self, dtype: torch.dtype = torch.float32):
+        """The whole model on the meta device: structure and config, no memory.
 
-    def load_modules(self, model, module_names: list[str], dtype: torch.dtype, aliases: dict[str, str] | None = None):
+        Built in `dtype` as `from_pretrained(dtype=...)` builds it, so every tensor gets the
+        dtype transformers would give it (rotary frequencies stay float32 in a bf16 model).
+        """
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+
+    def load_modules(self, model, module_names: list[str], aliases: dict[str, str] | None = None):
         """Allocate the named sub-modules of a meta skeleton and fill them from the checkpoint.
 
         `aliases` maps a module name to the one whose weights it shares (tied LM head).
@@ -136,8 +140,7 @@ class Checkpoint:
                 self._fetch(filename)
                 with safe_open(str(self.folder / filename), framework="pt") as file:
                     for key, tensor_name in entries:
-                        _assign(module, key, file.get_tensor(tensor_name), dtype)
-            module.to(dtype)  # the re-created buffers too
+                        _assign(module, key, file.get_tensor(tensor_name))
 
     def _tensor_name(self, name: str) -> str:
         if name in self._weight_map:
@@ -149,14 +152,14 @@ class Checkpoint:
         raise LambdaSplitError(f"checkpoint {self.name} has no tensor {name!r}")
 
 
-def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
-    """Put the loaded tensor in place (no copy into a second buffer: peak memory stays at one copy)."""
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put the loaded tensor in place, in the skeleton's dtype for it (no second copy: peak memory stays at one)."""
     owner_name, _, attr = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     current = getattr(owner, attr)
     if tuple(current.shape) != tuple(tensor.shape):
         raise LambdaSplitError(f"tensor {key}: checkpoint shape {tuple(tensor.shape)} != model {tuple(current.shape)}")
-    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    tensor = tensor.to(current.dtype) if tensor.is_floating_point() else tensor
     if isinstance(current, torch.nn.Parameter):
         setattr(owner, attr, torch.nn.Parameter(tensor, requires_grad=False))
     else:

@@ -155,11 +155,11 @@ class Tail:
 # ---------------------------------------------------------------- loading
 
 
-def _stack(checkpoint: Checkpoint, model, family: Family, start: int, end: int, dtype) -> LayerStack:
+def _stack(checkpoint: Checkpoint, model, family: Family, start: int, end: int) -> LayerStack:
     names = [f"{family.layers}.{i}" for i in range(start, end)]
     if family.rotary:
         names.append(family.rotary)
-    checkpoint.load_modules(model, names, dtype)
+    checkpoint.load_modules(model, names)
     layers = [model.get_submodule(f"{family.layers}.{i}").eval() for i in range(start, end)]
     rotary = model.get_submodule(family.rotary) if family.rotary else None
     return LayerStack(family, model.config, layers, rotary, start, end)
@@ -168,39 +168,39 @@ def _stack(checkpoint: Checkpoint, model, family: Family, start: int, end: int, 
 def _prepare(model: str | Checkpoint, dtype):
     checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
     family = family_for(checkpoint.config)
-    return checkpoint, family, checkpoint.skeleton(), parse_dtype(dtype)
+    return checkpoint, family, checkpoint.skeleton(parse_dtype(dtype))
 
 
 def load_head(model: str | Checkpoint, x: int, dtype="float32") -> Head:
     """Embedding + layers [0, x), and nothing else, from the checkpoint."""
-    checkpoint, family, skeleton, dtype = _prepare(model, dtype)
+    checkpoint, family, skeleton = _prepare(model, dtype)
     modules = [family.embed] + ([family.position_embed] if family.position_embed else [])
-    checkpoint.load_modules(skeleton, modules, dtype)
+    checkpoint.load_modules(skeleton, modules)
     position_embed = skeleton.get_submodule(family.position_embed) if family.position_embed else None
-    return Head(skeleton.get_submodule(family.embed), position_embed, _stack(checkpoint, skeleton, family, 0, x, dtype))
+    return Head(skeleton.get_submodule(family.embed), position_embed, _stack(checkpoint, skeleton, family, 0, x))
 
 
 def load_body(model: str | Checkpoint, x: int, y: int, dtype="float32") -> Body:
     """Layers [x, y) only: never the embedding table or the LM head."""
-    checkpoint, family, skeleton, dtype = _prepare(model, dtype)
-    return Body(_stack(checkpoint, skeleton, family, x, y, dtype))
+    checkpoint, family, skeleton = _prepare(model, dtype)
+    return Body(_stack(checkpoint, skeleton, family, x, y))
 
 
 def load_tail(model: str | Checkpoint, y: int, dtype="float32", head: Head | None = None) -> Tail:
     """Layers [y, N) + final norm + LM head. With tied embeddings, shares `head`'s table when given."""
-    checkpoint, family, skeleton, dtype = _prepare(model, dtype)
+    checkpoint, family, skeleton = _prepare(model, dtype)
     config = checkpoint.config
     n = config.num_hidden_layers
-    checkpoint.load_modules(skeleton, [family.norm], dtype)
+    checkpoint.load_modules(skeleton, [family.norm])
     lm_head = skeleton.get_submodule(family.lm_head)
     tied = getattr(config, "tie_word_embeddings", False) or not checkpoint.has_tensor(f"{family.lm_head}.weight")
     if tied and head is not None:
         lm_head.to_empty(device="cpu")
         lm_head.weight = head.embed.weight  # the same tensor: no second copy on the device
         if getattr(lm_head, "bias", None) is not None:
-            checkpoint.load_modules(skeleton, [family.lm_head], dtype)
+            checkpoint.load_modules(skeleton, [family.lm_head])
     else:
         aliases = {family.lm_head: family.embed} if tied else None
-        checkpoint.load_modules(skeleton, [family.lm_head], dtype, aliases=aliases)
-    stack = _stack(checkpoint, skeleton, family, y, n, dtype)
+        checkpoint.load_modules(skeleton, [family.lm_head], aliases=aliases)
+    stack = _stack(checkpoint, skeleton, family, y, n)
     return Tail(stack, skeleton.get_submodule(family.norm).eval(), lm_head.eval(), family, config)
