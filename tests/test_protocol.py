@@ -101,6 +101,21 @@ def test_malformed_frames(server, device):
     }
     for code, frames_in in cases.items():
         assert error_code(raw_session(server, frames_in)) == code, code
+    # Tensor blobs whose header fields do not fit together: each a bad_tensor, never an internal error.
+    def blob(kind, bits, granularity, shape, extra=b""):
+        return struct.pack("<BBBB", kind, bits, granularity, len(shape)) + struct.pack(f"<{len(shape)}I", *shape) + extra
+    broken_blobs = [
+        blob(3, 8, 1, (1, 3, 0), b"\x00" * 16),  # per-token int8 with empty vectors
+        blob(3, 4, 2, (7,), b"\x00" * 64),  # per-channel with no channel dimension
+        blob(3, 8, 1, (0, 3, 64), b"\x00" * 16),  # no values at all
+        blob(0, 32, 0, (1, 2**31, 2**31)),  # far more values than bytes
+    ]
+    for broken in broken_blobs:
+        reply = raw_session(server, [hello(device), frame(FrameType.STEP, struct.pack("<IB", 0, 1) + broken)])
+        assert error_code(reply) == "bad_tensor", broken
+    # A HELLO far larger than any real one is refused before it is read (no auth yet).
+    huge_hello = FRAME_HEADER.pack(10**6, int(FrameType.HELLO))
+    assert error_code(raw_session(server, [huge_hello])) == "frame_too_large"
     # An unknown frame type byte
     assert error_code(raw_session(server, [hello(device), FRAME_HEADER.pack(1, 200)])) == "bad_frame"
 
@@ -128,6 +143,35 @@ def test_session_limit(model, device):
         with RemoteBody.for_device(device, server.address):
             with pytest.raises(RemoteError, match="too_many_sessions"):
                 RemoteBody.for_device(device, server.address)
+
+
+def test_kv_and_position_limits_are_per_client(model, device):
+    """Two sessions of one client share its KV budget; positions are capped per session."""
+    d = 64
+    per_position = 2 * 2 * 2 * 16 * 4  # 2 layers x (K, V) x 2 KV heads x head_dim 16 x fp32
+    limits = Limits(max_kv_mb=30 * per_position / 2**20, max_positions=24)
+    with BodyServer([BodyService(model, "2:4")], limits=limits) as server:
+        with RemoteBody.for_device(device, server.address) as first, \
+                RemoteBody.for_device(device, server.address) as second:
+            first.forward(torch.randn(1, 20, d), 0)  # 20 of the client's 30 positions' worth
+            with pytest.raises(RemoteError, match="kv_cache_limit"):
+                second.forward(torch.randn(1, 12, d), 0)  # alone it would fit; with the first it does not
+        with RemoteBody.for_device(device, server.address) as body:
+            body.forward(torch.randn(1, 20, d), 0)
+            with pytest.raises(RemoteError, match="too_many_positions"):
+                body.forward(torch.randn(1, 5, d), 20)  # 25 positions in one session > 24
+        with RemoteBody.for_device(device, server.address) as body:  # the server still serves
+            assert body.forward(torch.randn(1, 3, d), 0).shape == (1, 3, d)
+
+
+def test_cut_back_past_a_sliding_window_is_a_clear_error(tiny_model_dir):
+    folder = str(tiny_model_dir("mistral"))  # window 16
+    device = DeviceModel.load(folder, "2:4")
+    with BodyServer([BodyService(folder, "2:4")]) as server:
+        with RemoteBody.for_device(device, server.address) as body:
+            body.forward(torch.randn(1, 40, 64), 0)
+            with pytest.raises(RemoteError, match="bad_step"):
+                body.forward(torch.randn(1, 1, 64), 5)
 
 
 def test_non_loopback_needs_tls_and_token(model):

@@ -5,6 +5,10 @@ class LambdaSplitError(Exception):
     """Base class of every error lambdasplit raises on purpose."""
 
 
+class UsageError(LambdaSplitError, ValueError):
+    """A bad argument value (unknown codec or model name, empty prompt, ...)."""
+
+
 class UnsupportedModelError(LambdaSplitError):
     """The model family cannot be split with exact results, so it is refused."""
 

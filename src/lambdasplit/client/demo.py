@@ -14,6 +14,7 @@ from rich.table import Table
 from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.run import run_generation
 from lambdasplit.llm.checkpoint import Checkpoint
+from lambdasplit.llm.segments import parse_split
 from lambdasplit.server.process import ServerProcess
 
 
@@ -45,13 +46,13 @@ def run_demo(args) -> int:
         checkpoint = Checkpoint(args.model)
     n = checkpoint.config.num_hidden_layers
     split = args.split or f"{min(2, n // 2)}:{n - min(2, n // 2)}"
-    x, y = split.split(":")
+    x, y = parse_split(split, n)
     with console.status(f"starting `lambdasplit serve --layers {split}` on loopback"):
         server = ServerProcess(["--model", str(checkpoint.folder), "--layers", split]).start()
     try:
         with console.status("loading head and tail"):
             device = DeviceModel.load(checkpoint, split)
-        console.print(f"body server: {server.address} (layers {x}..{int(y) - 1} of {n})")
+        console.print(f"body server: {server.address} (layers {x}..{y - 1} of {n})")
         console.print(f"[bold]prompt:[/] {args.prompt}\n[bold]answer:[/] ", end="")
         capture: list[tuple[str, bytes]] = []
         record = run_generation(
@@ -67,7 +68,7 @@ def run_demo(args) -> int:
     local.add_row("prompt text", args.prompt)
     local.add_row("generated text", record["text"])
     local.add_row("tokenizer, embedding", "here")
-    local.add_row("layers", f"0..{int(x) - 1} (head) and {y}..{n - 1} (tail), final norm, LM head, sampling")
+    local.add_row("layers", f"0..{x - 1} (head) and {y}..{n - 1} (tail), final norm, LM head, sampling")
 
     up = [data for direction, data in capture if direction == "up"]
     leaked = text_in_capture([args.prompt, record["text"]], capture)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
+from lambdasplit.errors import UsageError
 from lambdasplit.client.generation import GenerationResult, Sampler, Sampling, generate_ids
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import Body, load_head, load_tail, parse_split
@@ -114,7 +115,7 @@ class DeviceModel:
                  chat: bool | None = None, on_text=None, on_token=None, keep_logits: bool = False) -> GenerationResult:
         """Generate from a prompt (text, or token ids). `on_text(piece)` streams decoded text."""
         if body is None and self.split[0] != self.split[1]:
-            raise ValueError(f"split {self.split[0]}:{self.split[1]} needs a body (layers the device does not hold)")
+            raise UsageError(f"split {self.split[0]}:{self.split[1]} needs a body (layers the device does not hold)")
         prompt_ids = prompt if isinstance(prompt, list) else self.encode(prompt, chat)
         streamer = _TextStreamer(self, on_text) if on_text else None
 

@@ -17,6 +17,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from lambdasplit.errors import UsageError
+
 
 @dataclass
 class Sampling:
@@ -83,9 +85,11 @@ def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, ma
     (the paper's baseline without caching).
     """
     if cache not in ("kv", "none"):
-        raise ValueError("cache must be 'kv' or 'none'")
+        raise UsageError("cache must be 'kv' or 'none'")
     if not prompt_ids:
-        raise ValueError("the prompt is empty")
+        raise UsageError("the prompt is empty")
+    if max_new_tokens < 0:
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     result = GenerationResult(token_ids=[], prompt_ids=list(prompt_ids))
     sequence = list(prompt_ids)
     start, new = 0, list(prompt_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.server.server import BodyServer, Limits
@@ -63,7 +64,7 @@ def serve_command(args) -> int:
     server = BodyServer(build_services(args), host=args.host, port=args.port, token=args.token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits)
     for service in server.services:
-        print(f"hosting {service.description}", flush=True)
+        print(f"hosting {service.description}", file=sys.stderr, flush=True)
 
     def ready(s: BodyServer) -> None:
         print(f"listening on {s.host}:{s.port}", flush=True)

@@ -27,13 +27,17 @@ from lambdasplit.wire.frames import (
 
 @dataclass
 class Limits:
-    """What one client may take. Each has a `serve` option of the same name."""
+    """What one client (one peer address) may take. Each has a `serve` option of the same name."""
 
-    max_sessions: int = 16  # concurrent sessions on this server
-    max_kv_mb: float = 1024.0  # KV cache per session, MiB
+    max_sessions: int = 16  # concurrent sessions of one client
+    max_kv_mb: float = 1024.0  # KV cache of one client, all its sessions together, MiB
     idle_timeout: float = 300.0  # seconds without a frame before a session expires
     max_frame_mb: float = 64.0  # largest frame accepted, MiB
-    max_positions: int = 8192  # positions per session (and per step)
+    max_positions: int = 8192  # positions per session (and so per step)
+
+    # Before authentication a connection gets less: a small HELLO, soon.
+    max_hello_bytes: int = 64 * 1024
+    hello_timeout: float = 30.0
 
     @property
     def max_kv_bytes(self) -> int:
@@ -74,6 +78,7 @@ class BodyServer:
             self.ssl_context.load_cert_chain(tls_cert, tls_key)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lambdasplit-compute")
         self.sessions: dict[int, object] = {}
+        self.clients: dict[str, set] = {}  # peer host -> its open session handlers
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -127,15 +132,16 @@ class BodyServer:
         self.stop()
 
     # ------------------------------------------------------------ one connection
-    async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[FrameType, memoryview]:
+    async def _read_frame(self, reader: asyncio.StreamReader, max_bytes: int | None = None) -> tuple[FrameType, memoryview]:
+        max_bytes = max_bytes or self.limits.max_frame_bytes
         header = await reader.readexactly(FRAME_HEADER.size)
         length, type_byte = FRAME_HEADER.unpack(header)
         if length < 1:
             raise ProtocolError("bad_frame", "frame length must be at least 1")
-        if length > self.limits.max_frame_bytes:
+        if length > max_bytes:
             raise ProtocolError(
                 "frame_too_large",
-                f"frame of {length} bytes exceeds this server's limit of {self.limits.max_frame_bytes} bytes",
+                f"frame of {length} bytes exceeds this server's limit of {max_bytes} bytes",
             )
         body = await reader.readexactly(length - 1)
         try:
@@ -147,16 +153,22 @@ class BodyServer:
         task = asyncio.current_task()
         self._tasks = getattr(self, "_tasks", set())
         self._tasks.add(task)
-        session_id = None
+        session_id = handler = None
+        client = str((writer.get_extra_info("peername") or ("?",))[0])
         try:
-            frame_type, body = await asyncio.wait_for(self._read_frame(reader), self.limits.idle_timeout)
+            frame_type, body = await asyncio.wait_for(
+                self._read_frame(reader, self.limits.max_hello_bytes), self.limits.hello_timeout)
             if frame_type != FrameType.HELLO:
                 raise ProtocolError("expected_hello", f"a session starts with HELLO, got {frame_type.name}")
             hello = parse_json(body)
             service = self._admit(hello)
-            if len(self.sessions) >= self.limits.max_sessions:
-                raise ProtocolError("too_many_sessions", f"this server allows {self.limits.max_sessions} concurrent sessions")
+            peers = self.clients.setdefault(client, set())
+            if len(peers) >= self.limits.max_sessions:
+                raise ProtocolError(
+                    "too_many_sessions", f"this server allows {self.limits.max_sessions} concurrent sessions per client")
             handler = service.open(hello, self.limits)
+            handler.peers = peers  # the client's other sessions, for its KV-cache budget
+            peers.add(handler)
             session_id = next(self._ids)
             self.sessions[session_id] = handler
             writer.write(json_frame(FrameType.WELCOME, {
@@ -169,7 +181,8 @@ class BodyServer:
         except ProtocolError as error:
             await self._send_error(writer, error.code, error.message)
         except asyncio.TimeoutError:
-            await self._send_error(writer, "idle_timeout", f"no frame for {self.limits.idle_timeout:g} s; session expired")
+            waited = self.limits.idle_timeout if handler is not None else self.limits.hello_timeout
+            await self._send_error(writer, "idle_timeout", f"no frame for {waited:g} s; session expired")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client went away; its session is dropped below
         except asyncio.CancelledError:
@@ -178,6 +191,11 @@ class BodyServer:
             await self._send_error(writer, "internal_error", f"{type(error).__name__}: {error}")
         finally:
             self.sessions.pop(session_id, None)
+            peers = self.clients.get(client)
+            if peers is not None:
+                peers.discard(handler)
+                if not peers:
+                    del self.clients[client]
             self._tasks.discard(task)
             try:
                 writer.close()

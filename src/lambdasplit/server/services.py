@@ -14,7 +14,7 @@ import torch
 
 from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.generation import Sampling
-from lambdasplit.errors import ProtocolError
+from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
 from lambdasplit.wire.codecs import get_codec
@@ -37,6 +37,25 @@ class Service:
 
 
 class SessionHandler:
+    peers = frozenset()  # the server sets this: the same client's open sessions, this one included
+
+    def client_memory_bytes(self) -> int:
+        """KV cache held by this client's other sessions (the limit is per client)."""
+        return sum(peer.memory_bytes() for peer in list(self.peers) if peer is not self)
+
+    def check_kv(self, positions: int, per_position_bytes: int, limits) -> None:
+        """Refuse a step that would take this client's KV caches over `limits.max_kv_mb`."""
+        if positions > limits.max_positions:
+            raise ProtocolError("too_many_positions",
+                                f"{positions} positions in this session; the limit is {limits.max_positions}")
+        mine, others = positions * per_position_bytes, self.client_memory_bytes()
+        if mine + others > limits.max_kv_bytes:
+            raise ProtocolError(
+                "kv_cache_limit",
+                f"{positions} positions would need {mine / 2**20:.1f} MiB of KV cache (this client's other sessions "
+                f"hold {others / 2**20:.1f} MiB); this server allows {limits.max_kv_bytes / 2**20:.1f} MiB per client",
+            )
+
     def handle(self, frame_type: FrameType, body: memoryview, emit) -> None:
         """Answer one frame by calling emit(frame_bytes) zero or more times."""
         raise NotImplementedError
@@ -57,6 +76,7 @@ class BodyService(Service):
         self.body = load_body(self.checkpoint, self.x, self.y, self.dtype)
         self.fingerprint = self.checkpoint.fingerprint
         self.hidden_size = self.checkpoint.config.hidden_size
+        self.per_position_bytes = kv_bytes_per_position(self.checkpoint.config, self.y - self.x, self.dtype)
         self.description = f"{model} layers {self.x}:{self.y} ({dtype_name(self.dtype)})"
 
     def check_hello(self, hello: dict) -> str | None:
@@ -91,29 +111,25 @@ class BodySession(SessionHandler):
         d = self.service.hidden_size
         if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != d or hidden.shape[1] < 1:
             raise ProtocolError("bad_shape", f"expected hidden states of shape [1, n, {d}], got {list(hidden.shape)}")
-        if hidden.shape[1] > self.limits.max_positions:
-            raise ProtocolError("too_many_positions", f"{hidden.shape[1]} positions in one step; the limit is {self.limits.max_positions}")
         cached = self.body.stack.length
         if position > cached:
             raise ProtocolError("out_of_order", f"step starts at position {position} but only {cached} positions are cached")
-        projected = (position + hidden.shape[1]) * self.per_position_bytes()
-        if projected > self.limits.max_kv_bytes:
-            raise ProtocolError(
-                "kv_cache_limit",
-                f"{position + hidden.shape[1]} positions would need {projected / 2**20:.1f} MiB of KV cache; "
-                f"this server allows {self.limits.max_kv_bytes / 2**20:.1f} MiB per session",
-            )
+        self.check_kv(position + hidden.shape[1], self.service.per_position_bytes, self.limits)
         began = time.perf_counter()
-        out = self.body.forward(hidden.to(self.service.dtype), position)
+        try:
+            out = self.body.forward(hidden.to(self.service.dtype), position)
+        except LambdaSplitError as error:  # e.g. cutting a sliding-window cache back past its window
+            raise ProtocolError("bad_step", str(error)) from None
         compute_us = int((time.perf_counter() - began) * 1e6)
         emit(result_frame(position, compute_us, [out], self.codec))
 
-    def per_position_bytes(self) -> int:
-        config = self.service.checkpoint.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        element = torch.tensor([], dtype=self.service.dtype).element_size()
-        return 2 * (self.service.y - self.service.x) * heads * head_dim * element
+
+
+def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:
+    """KV-cache bytes one position takes in `num_layers` layers (keys and values)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * num_layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
 class CloudService(Service):
@@ -166,8 +182,9 @@ class CloudSession(SessionHandler):
             raise ProtocolError("bad_request", f"GENERATE request: {error}") from None
         if prompt_ids is None:
             prompt_ids = self.device.encode(prompt, request.get("chat"))
-        if len(prompt_ids) + max_new_tokens > self.limits.max_positions:
-            raise ProtocolError("too_many_positions", f"prompt + new tokens exceed {self.limits.max_positions} positions")
+        config = self.device.checkpoint.config
+        self.check_kv(len(prompt_ids) + max_new_tokens,
+                      kv_bytes_per_position(config, config.num_hidden_layers, self.device.dtype), self.limits)
         streamed = []
 
         def on_text(piece: str) -> None:

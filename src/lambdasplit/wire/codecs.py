@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lambdasplit.errors import ProtocolError
+from lambdasplit.errors import ProtocolError, UsageError
 
 FLOAT_KINDS = {"fp32": (0, 32, torch.float32), "fp16": (1, 16, torch.float16), "bf16": (2, 16, torch.bfloat16)}
 AFFINE = 3
@@ -69,7 +69,7 @@ def get_codec(name: str, default_granularity: str = "token") -> Codec:
     granularity = granularity or default_granularity
     if base.startswith("int") and base[3:].isdigit() and 2 <= int(base[3:]) <= 8 and granularity in GRANULARITIES:
         return Codec(f"{base}/{granularity}", AFFINE, int(base[3:]), granularity)
-    raise ValueError(
+    raise UsageError(
         f"unknown codec {name!r}: use fp32, fp16, bf16 or intN with N in 2..8, optionally /tensor, /token or /channel"
     )
 
@@ -166,9 +166,9 @@ def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Cod
         if kind != AFFINE or not 2 <= bits <= 8:
             raise ProtocolError("bad_tensor", f"unknown codec kind {kind} with {bits} bits")
         codec = Codec(f"int{bits}/{granularity}", AFFINE, bits, granularity)
+        if numel == 0 or (granularity == "channel" and ndim < 2):
+            raise ProtocolError("bad_tensor", f"an int{bits}/{granularity} tensor of shape {list(shape)} has no groups to scale")
         groups = 1 if granularity == "tensor" or ndim == 0 else (numel // shape[-1] if granularity == "token" else shape[1])
-        if granularity != "tensor" and ndim == 0 or (granularity == "token" and shape[-1] == 0):
-            raise ProtocolError("bad_tensor", "empty groups")
         _need(data, offset, 8 * groups)
         scale = np.frombuffer(data, dtype="<f4", count=groups, offset=offset)
         low = np.frombuffer(data, dtype="<f4", count=groups, offset=offset + 4 * groups)
@@ -181,6 +181,8 @@ def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Cod
         return _ungroup(values, tuple(shape), granularity), codec, offset + size
     except struct.error as error:
         raise ProtocolError("bad_tensor", f"truncated tensor blob: {error}") from None
+    except (ValueError, RuntimeError, IndexError, OverflowError) as error:  # inconsistent header fields
+        raise ProtocolError("bad_tensor", f"malformed tensor blob: {error}") from None
 
 
 def _need(data: memoryview, offset: int, size: int) -> None:

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lambdasplit.errors import UsageError
+
 
 @dataclass(frozen=True)
 class ZooEntry:
@@ -49,7 +51,7 @@ def resolve(model: str) -> str:
         return model
     name = model[len("zoo:"):]
     if name not in ZOO:
-        raise ValueError(f"unknown zoo model {model!r}; known: {', '.join('zoo:' + n for n in ZOO)}")
+        raise UsageError(f"unknown zoo model {model!r}; known: {', '.join('zoo:' + n for n in ZOO)}")
     return str(_call(ZOO[name].builder, cache_dir()))
 
 
