@@ -199,3 +199,54 @@ def test_sharded_checkpoint_loads_selectively_with_one_fingerprint(tiny_model_di
             split = device.generate(prompt_ids, body=body, max_new_tokens=12, ignore_eos=True)
     local = DeviceModel.load(str(folder)).generate(prompt_ids, max_new_tokens=12, ignore_eos=True)
     assert split.token_ids == local.token_ids
+
+
+def test_hub_checkpoint_fetches_only_the_shards_a_side_runs(tiny_model_dir, tmp_path, monkeypatch):
+    """A Hub id: each side downloads the small files, then only the weight shards it runs.
+
+    There is no network here, so the three huggingface_hub calls lambdasplit makes are
+    served from a local folder laid out as a Hub repository; what is under test is which
+    files each side asks for, and that both agree on the fingerprint.
+    """
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    folder = tiny_model_dir("llama")
+    repo = tmp_path / "repo"
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).save_pretrained(repo, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, repo / name)
+    fetched: dict[str, list[str]] = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns):
+        snapshot = tmp_path / "cache" / repo_id.replace("/", "--") / "snapshots" / "0123abcd"
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for file in repo.iterdir():
+            if any(fnmatch.fnmatch(file.name, pattern) for pattern in allow_patterns):
+                shutil.copy(file, snapshot / file.name)
+        return str(snapshot)
+
+    def fake_hf_hub_download(repo_id, filename, revision):
+        assert revision == "0123abcd"
+        fetched.setdefault(repo_id, []).append(filename)
+        target = tmp_path / "cache" / repo_id.replace("/", "--") / "snapshots" / revision / filename
+        shutil.copy(repo / filename, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+
+    server_side, device_side = Checkpoint("org/server-copy"), Checkpoint("org/device-copy")
+    assert not fetched  # nothing but small files until a side loads what it runs
+    assert server_side.fingerprint == device_side.fingerprint
+    load_body(server_side, 2, 4)
+    DeviceModel.load(device_side, (2, 4))
+    weight_map = server_side._weight_map
+    in_body = lambda name: name.startswith(("model.layers.2.", "model.layers.3."))  # noqa: E731
+    body_shards = {weight_map[name] for name in weight_map if in_body(name)}
+    device_shards = {weight_map[name] for name in weight_map if not in_body(name)}
+    assert set(fetched["org/server-copy"]) == body_shards
+    assert set(fetched["org/device-copy"]) == device_shards
+    assert weight_map["model.embed_tokens.weight"] not in body_shards  # the server never holds the table

@@ -34,20 +34,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
-def _local_folder(model: str) -> Path:
-    """A local folder for `model`: a path as is, `zoo:NAME` resolved, a Hub id downloaded (config + index only)."""
+# What a Hub checkpoint's folder needs before any weight is read: config, shard index,
+# tokenizer, chat template, generation config. Weight files come later, one by one, and
+# only those a side runs.
+_SMALL_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+def _local_folder(model: str) -> tuple[Path, bool]:
+    """(a local folder for `model`, whether it is a Hub snapshot): a path as is, `zoo:NAME`
+    resolved, a Hub id with its small files downloaded (no weights yet)."""
     from lambdasplit.zoo import resolve
 
     model = resolve(model)
     if os.path.isdir(model):
-        return Path(model)
-    try:  # A Hub id: fetch the small files now; weight shards are fetched only when needed.
-        from huggingface_hub import hf_hub_download
+        return Path(model), False
+    try:
+        from huggingface_hub import snapshot_download
 
-        config_file = hf_hub_download(model, "config.json")
+        return Path(snapshot_download(model, allow_patterns=_SMALL_FILES)), True
     except Exception as error:
         raise LambdaSplitError(f"cannot find model {model!r} locally or on the Hub: {error}") from error
-    return Path(config_file).parent
 
 
 class Checkpoint:
@@ -55,30 +61,57 @@ class Checkpoint:
 
     def __init__(self, model: str):
         self.name = model
-        self.folder = _local_folder(model)
+        self.folder, self.from_hub = _local_folder(model)
+        if not (self.folder / "config.json").exists():
+            raise LambdaSplitError(f"{model!r} has no config.json: not a transformers checkpoint")
         self.config = AutoConfig.from_pretrained(self.folder)
+        self._headers: dict[str, dict] = {}
         self._weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
             return json.loads(index.read_text())["weight_map"]
-        single = self.folder / "model.safetensors"
-        if not single.exists():
-            self._fetch("model.safetensors")
-        if not single.exists():
-            raise LambdaSplitError(f"{self.folder} has no safetensors weights (lambdasplit reads only safetensors)")
-        return {name: "model.safetensors" for name in _safetensors_header(single) if name != "__metadata__"}
+        return {name: "model.safetensors" for name in self._header("model.safetensors")}
+
+    def _header(self, filename: str) -> dict:
+        """{tensor name: {"dtype", "shape"}} of one safetensors file, without reading its weights:
+        from the local file's header, or for a Hub file not downloaded yet, from the Hub's metadata."""
+        if filename not in self._headers:
+            self._headers[filename] = self._read_header(filename)
+        return self._headers[filename]
+
+    def _read_header(self, filename: str) -> dict:
+        path = self.folder / filename
+        if path.exists():
+            header = _safetensors_header(path)
+            header.pop("__metadata__", None)
+            return header
+        if not self.from_hub:
+            raise LambdaSplitError(f"{self.folder} has no {filename} (lambdasplit reads only safetensors weights)")
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            files = get_safetensors_metadata(self.name).files_metadata
+        except Exception as error:
+            raise LambdaSplitError(f"cannot read the safetensors metadata of {self.name!r} on the Hub: {error}") from error
+        if filename not in files:
+            raise LambdaSplitError(f"{self.name!r} has no {filename} on the Hub (lambdasplit reads only safetensors weights)")
+        return {name: {"dtype": info.dtype, "shape": list(info.shape)} for name, info in files[filename].tensors.items()}
 
     def _fetch(self, filename: str) -> None:
+        """Make sure one weight file is in the folder (downloads it for a Hub checkpoint)."""
         if (self.folder / filename).exists():
             return
+        if not self.from_hub:
+            raise LambdaSplitError(f"{self.folder} is missing {filename}, which holds tensors this side needs")
         try:
             from huggingface_hub import hf_hub_download
 
-            hf_hub_download(self.name, filename)
-        except Exception:
-            pass
+            # The snapshot's revision, so a new commit on the Hub cannot mix files of two versions.
+            hf_hub_download(self.name, filename, revision=self.folder.name)
+        except Exception as error:
+            raise LambdaSplitError(f"cannot download {filename} of {self.name!r}: {error}") from error
 
     @property
     def fingerprint(self) -> str:
@@ -97,9 +130,8 @@ class Checkpoint:
         if (self.folder / "model.safetensors.index.json").exists():
             layout = self._weight_map
         else:
-            header = _safetensors_header(self.folder / "model.safetensors")
-            header.pop("__metadata__", None)
-            layout = {name: [info["dtype"], info["shape"]] for name, info in header.items()}
+            header = self._header("model.safetensors")
+            layout = {name: [info["dtype"], list(info["shape"])] for name, info in header.items()}
         digest.update(json.dumps(layout, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
