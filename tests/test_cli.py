@@ -46,6 +46,21 @@ def test_generate_json_contract_in_every_mode(model, server):
     assert split["bytes_up"] > 0 and split["bytes_down"] > 0 and local["bytes_up"] == 0
 
 
+def test_generate_split_equals_transformers_generate(model, server):
+    """The contract's exactness, end to end: `generate --mode split` against a `serve` process
+    gives the greedy token ids of the unsplit model's own `generate()`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "the lazy dog sleeps in the warm sun"
+    split = generate("--model", model, "--prompt", prompt, "--max-new-tokens", "10", "--ignore-eos", "--no-chat",
+                     "--mode", "split", "--split", "1:5", "--server", server.address, "--codec", "fp32")
+    ids = AutoTokenizer.from_pretrained(model)(prompt, return_tensors="pt").input_ids
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    assert split["token_ids"] == reference[0, ids.shape[1]:].tolist()
+
+
 def test_cli_errors_are_one_clear_line(model, server):
     out = subprocess.run(
         [sys.executable, "-m", "lambdasplit", "generate", "--model", model, "--mode", "split", "--split", "3:4",
@@ -55,6 +70,14 @@ def test_cli_errors_are_one_clear_line(model, server):
     assert out.returncode == 2
     assert "wrong_split" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""
+    for bad, message in ((["--codec", "int99"], "unknown codec"), (["--max-new-tokens", "-3"], "max_new_tokens"),
+                         (["--split", "4:2"], "invalid")):
+        out = subprocess.run(
+            [sys.executable, "-m", "lambdasplit", "generate", "--model", model, "--mode", "split", "--split", "2:4",
+             "--server", server.address, "--prompt", "hi", "--json", *bad],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, (bad, out.stderr)
 
 
 def test_serve_refuses_public_address_without_tls(model):

@@ -9,7 +9,7 @@ folder, so both ``AutoModelForCausalLM.from_pretrained(dest)`` and
 Each family exercises its peculiarities (see `_family_config`): grouped-query
 attention everywhere it exists, sliding windows small enough (16) to matter
 for prompts longer than 16 tokens, Gemma2 soft-capping and tied embeddings,
-Phi3 fused projections, GPT-2 absolute positions, Qwen3 q/k norms.
+Phi3 fused projections and sliding windows, GPT-2 absolute positions, Qwen3 q/k norms.
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ def _family_config(
             tie_word_embeddings=True,
         )
     elif family == "phi3":
-        # The modeling code fuses qkv_proj and gate_up_proj.
+        # The modeling code fuses qkv_proj and gate_up_proj; a window on every layer, as Mistral.
         cls = transformers.Phi3Config
+        kw.update(sliding_window=SLIDING_WINDOW)
     elif family == "gpt2":
         # Learned absolute positions, LayerNorm, Conv1D weights; no GQA in GPT-2. No dropout.
         cls = transformers.GPT2Config
