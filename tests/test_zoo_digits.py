@@ -100,6 +100,21 @@ def test_describe():
     info = digits.describe()
     assert info["kind"] == "diffusion" and info["latent_shape"] == "4x8x8"
     assert info["unet_parameters"] > 0 and 0 < info["prompt_match"] <= 1
+    assert "3 down" in info["unet_layers"] and info["text_encoder_layers"] == 6
+
+
+def test_training_script_runs_and_saves_a_loadable_pipeline(tmp_path):
+    """`lambdasplit zoo train digits` in miniature: a few steps, then the standard loaders."""
+    from diffusers import StableDiffusionPipeline
+
+    from lambdasplit.zoo import digits_train
+
+    quality = digits_train.train(tmp_path / "parts", vae_steps=3, unet_steps=3, evaluate=False)
+    assert quality["unet_steps"] == 3 and quality["vae_reconstruction_mse"] > 0
+    folder = digits.assemble(tmp_path / "parts", tmp_path / "digits")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    image = pipe("a handwritten digit two", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 1)  # grey digits
 
 
 def test_missing_weights_say_how_to_train(tmp_path, monkeypatch):

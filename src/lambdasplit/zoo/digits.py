@@ -292,6 +292,13 @@ def describe() -> dict:
                 info[f"{part}_parameters"] = sum(
                     math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         info["text_encoder_parameters"] = 22_713_216
+        info["text_encoder_layers"] = 6
+        unet = json.loads((PARTS_DIR / "unet" / "config.json").read_text())
+        vae = json.loads((PARTS_DIR / "vae" / "config.json").read_text())
+        info["unet_layers"] = (f"{len(unet['down_block_types'])} down + mid + {len(unet['up_block_types'])} up blocks, "
+                               f"{unet['layers_per_block']} layer each, channels {unet['block_out_channels']}")
+        info["vae_layers"] = (f"{len(vae['down_block_types'])} encoder + {len(vae['up_block_types'])} decoder blocks, "
+                              f"channels {vae['block_out_channels']}")
         info["shipped_size_mb"] = round(sum(p.stat().st_size for p in PARTS_DIR.rglob("*") if p.is_file()) / 1e6, 2)
     quality = stored_quality()
     if quality.get("full"):
