@@ -32,6 +32,9 @@ def folders(tmp_path_factory):
     return {kind: build_tiny_pipeline(root / kind, kind) for kind in ("sd", "sdxl")} | {
         "sd-ddpm": build_tiny_pipeline(root / "sd-ddpm", "sd", scheduler="ddpm"),
         "sd-euler": build_tiny_pipeline(root / "sd-euler", "sd", scheduler="euler"),
+        "sd-pndm": build_tiny_pipeline(root / "sd-pndm", "sd", scheduler="pndm"),
+        "sd-heun": build_tiny_pipeline(root / "sd-heun", "sd", scheduler="heun"),
+        "sdxl-euler": build_tiny_pipeline(root / "sdxl-euler", "sdxl", scheduler="euler"),
     }
 
 
@@ -79,6 +82,46 @@ def test_no_guidance_and_euler_are_exact(folders, servers, devices):
             assert np.abs(got.image - expected).max() == 0.0, (kind, protocol)
 
 
+@pytest.mark.parametrize("kind, calls", [("sd-pndm", STEPS + 1), ("sd-heun", 2 * STEPS - 1), ("sdxl-euler", STEPS)])
+def test_cloud_latent_is_exact_when_the_schedule_is_longer_than_steps(folders, servers, devices, kind, calls):
+    """PNDM's schedule has steps + 1 entries, Heun's 2 steps - 1: cloud_steps and --local-steps
+    count U-Net calls on both sides. SDXL + Euler: begin index and Euler's input scaling."""
+    expected = reference(folders[kind])
+    got = imagine(devices[kind], PROMPT, server=servers[kind], steps=STEPS, seed=SEED, guidance=GUIDANCE, verify=True)
+    assert np.abs(got.image - expected).max() == 0.0
+    assert got.record["cloud_steps"] == calls and got.record["round_trips"] == 1
+    device = Device.load(folders[kind], with_unet=True)
+    got = imagine(device, PROMPT, server=servers[kind], steps=STEPS, seed=SEED, guidance=GUIDANCE, local_steps=2)
+    assert np.abs(got.image - expected).max() == 0.0 and got.record["cloud_steps"] == calls - 2
+    with pytest.raises(LambdaSplitError, match=f"between 0 and the {calls} U-Net calls"):
+        imagine(device, PROMPT, server=servers[kind], steps=STEPS, local_steps=calls + 1)
+    # a client that asks for more cloud steps than the schedule has is refused by the server
+    with pytest.raises(RemoteError, match=f"cloud_steps <= {calls}"):
+        proto.CloudLatentSession(servers[kind], fingerprint=device.info.fingerprint, steps=STEPS, cloud_steps=calls + 1,
+                                 guidance=GUIDANCE, scheduler=device.pipe.scheduler)
+
+
+def test_cloud_latent_logs_no_scheduler_warning(servers, devices):
+    """The device scales its latent before Euler's step as the pipeline does (else diffusers warns)."""
+    import logging
+
+    import diffusers
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        imagine(devices["sd-euler"], PROMPT, server=servers["sd-euler"], steps=STEPS, seed=SEED, guidance=GUIDANCE)
+    finally:
+        logger.removeHandler(handler)
+        diffusers.utils.logging.set_verbosity(level)
+    assert [r.getMessage() for r in records] == []
+
+
 def test_swapped_scheduler_is_exact_and_sent_to_the_cloud(folders, servers):
     """`--scheduler`: the device replaces the model's scheduler; cloud-latent sends its class and config."""
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
@@ -110,6 +153,7 @@ def test_cloud_latent_copies_stay_bit_identical_after_every_step(folders, server
                                   verify=True) as session:
         latents = session.start(cond.tensors(), latents)
         for i, t in enumerate(timesteps):
+            device.pipe.scheduler.scale_model_input(latents, t)  # as the pipeline does (Euler keeps state in it)
             noise, digest = session.noise(i)
             assert len(torch.unique(noise)) <= 16  # really the 4-bit noise, as both sides step with it
             stepped = device.pipe.scheduler.step(noise, t, latents, **kwargs, return_dict=False)[0]
@@ -152,6 +196,19 @@ def test_noise_payload_ratios_are_exact(servers, devices, granularity):
         assert 0 < record["framing_bytes"] < 2000
     # the codec is the downlink's: the uplink tensors do not change
     assert records["fp32"]["payload_bytes_up"] == records["int2"]["payload_bytes_up"]
+    assert records["fp32"]["sync_bytes_down"] == 0
+    assert records["int8"]["scale_bytes"] == records["int8"]["scale_bytes_up"] + records["int8"]["scale_bytes_down"]
+
+
+def test_verify_sync_digest_is_counted_apart_from_the_payload(servers, devices):
+    plain = imagine(devices["sd"], PROMPT, server=servers["sd"], steps=STEPS, seed=SEED, guidance=GUIDANCE).record
+    verified = imagine(devices["sd"], PROMPT, server=servers["sd"], steps=STEPS, seed=SEED, guidance=GUIDANCE,
+                       verify=True).record
+    for key in ("payload_bytes", "payload_bytes_down", "blob_header_bytes", "noise_payload_bytes_per_step"):
+        assert verified[key] == plain[key], key
+    assert verified["sync_bytes_down"] == STEPS * (32 * 4 + 8)  # 32 fp32 values + a 1-d blob header, per step
+    # the digest blob is the whole difference on the downlink (the blob count byte is there either way)
+    assert verified["bytes_down"] - plain["bytes_down"] == verified["sync_bytes_down"]
 
 
 def test_stochastic_scheduler_refused_for_cloud_latent_but_exact_client_latent(folders, servers, devices):
@@ -159,7 +216,7 @@ def test_stochastic_scheduler_refused_for_cloud_latent_but_exact_client_latent(f
         imagine(devices["sd-ddpm"], PROMPT, server=servers["sd-ddpm"], steps=STEPS, seed=SEED, guidance=GUIDANCE)
     # A client that skips the check is refused by the server too.
     device = devices["sd-ddpm"]
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RemoteError, match="DDPMScheduler draws fresh noise") as refused:
         proto.CloudLatentSession(servers["sd-ddpm"], fingerprint=device.info.fingerprint, steps=3, cloud_steps=3,
                                  guidance=GUIDANCE, scheduler=device.pipe.scheduler)
     assert refused.value.code == "bad_scheduler"
@@ -167,6 +224,43 @@ def test_stochastic_scheduler_refused_for_cloud_latent_but_exact_client_latent(f
     got = imagine(device, PROMPT, server=servers["sd-ddpm"], protocol="client-latent", steps=STEPS, seed=SEED,
                   guidance=GUIDANCE)
     assert np.abs(got.image - reference(folders["sd-ddpm"])).max() == 0.0
+
+
+def test_unlisted_deterministic_scheduler_is_refused_for_its_real_reason(folders, servers):
+    """DPM-Solver single-step draws no noise; it is refused only because it is not on the checked list."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from lambdasplit.diffusion.split import check_scheduler
+
+    device = Device.load(folders["sd"], scheduler="DPMSolverSinglestepScheduler")
+    for refusal in (lambda: imagine(device, PROMPT, server=servers["sd"], steps=STEPS, seed=SEED),
+                    lambda: proto.CloudLatentSession(servers["sd"], fingerprint=device.info.fingerprint, steps=STEPS,
+                                                     cloud_steps=STEPS, guidance=GUIDANCE, scheduler=device.pipe.scheduler)):
+        with pytest.raises((LambdaSplitError, RemoteError)) as refused:
+            refusal()
+        assert "DPMSolverSinglestepScheduler has not been checked" in str(refused.value)
+        assert "fresh noise" not in str(refused.value) and "client-latent" in str(refused.value)
+    config = device.pipe.scheduler.config
+    assert "fresh noise" in check_scheduler(DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++"))
+    assert "with eta=0.5 draws fresh noise" in check_scheduler(DDIMScheduler.from_config(config), eta=0.5)
+
+
+def test_half_precision_unet_server_serves_float32_clients(folders, devices):
+    """`serve --dtype float16|bfloat16`: the wire stays float32 and the server casts; not bit-exact
+    with the float32 pipeline, but the cloud-latent copies still agree (both step in float32)."""
+    device = devices["sd"]
+    fp32 = reference(folders["sd"])
+    for dtype in ("float16", "bfloat16"):
+        with BodyServer([UNetService(str(folders["sd"]), dtype=dtype)]) as server:
+            for protocol in proto.PROTOCOLS:
+                got = imagine(device, PROMPT, server=server.address, protocol=protocol, steps=STEPS, seed=SEED,
+                              guidance=GUIDANCE, verify=protocol == "cloud-latent")
+                assert got.image.shape == fp32.shape and np.isfinite(got.image).all(), (dtype, protocol)
+            hello = {"model": device.info.fingerprint, "diffusion": "client-latent", "guidance": GUIDANCE,
+                     "timesteps": [999], "timestep_dtype": "int64"}
+            with pytest.raises(RemoteError, match="cross the wire in float32") as refused:
+                Session(server.address, {"role": "unet", **hello, "dtype": dtype})
+            assert refused.value.code == "bad_hello"
 
 
 def test_local_steps_keep_the_last_steps_on_the_device(folders, servers):

@@ -7,6 +7,11 @@ PSNR and SSIM (diffusion/quality.py, scikit-image, on the 8-bit pixels), and, fo
 bundled digits model, the fraction of images an independent digit classifier still
 labels as the prompt asks. Then it names the cheapest codec that keeps PSNR >= 35 dB.
 
+With --modes it instead times one prompt in each mode (local, split over both protocols,
+int8 noise, --local-steps, cloud-only), median of --repeat runs, against a real
+`serve --component unet` and `serve --component pipeline` process: the mode table of
+docs/diffusion.md.
+
 PSNR over a set is pooled: 10 log10(255^2 / mean MSE over the images), so bit-identical
 images (MSE 0, PSNR infinite) count without making the average infinite; the worst
 single image is reported next to it. Images go through a real `lambdasplit serve`
@@ -50,6 +55,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads on each side (default %(default)s: device and server share a small machine)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    parser.add_argument("--modes", action="store_true",
+                        help="instead of the codec study: time and traffic of the first prompt in every mode")
+    parser.add_argument("--repeat", type=int, default=3, help="--modes: runs per mode, the median is kept (default %(default)s)")
     add_session_options(parser)
 
 
@@ -206,7 +214,7 @@ def run(args) -> int:
     steps = args.steps or default_steps
     guidance = default_guidance if args.guidance is None else args.guidance
     codecs = [diffusion_codec(c.strip()).name for c in args.codecs.split(",") if c.strip()]
-    device = Device.load(args.model)
+    device = Device.load(args.model, with_unet=args.modes)  # --modes runs local steps too
     is_digits = args.model == "zoo:digits" or device.info.folder.name == "digits"
     judge = args.judge == "digits" or (args.judge == "auto" and is_digits)
     if args.prompts:
@@ -218,6 +226,9 @@ def run(args) -> int:
     else:
         prompts = GENERIC_PROMPTS
     options = dict(token=args.token, tls_ca=args.tls_ca, link=args.link)
+    if args.modes:
+        prompt = args.prompts[0] if args.prompts else (prompts[7] if is_digits else prompts[0])  # digits: "... seven"
+        return run_modes(args, device, prompt, steps=steps, guidance=guidance, session_options=options, console=console)
     began = time.perf_counter()
     server = None
     if not args.server:
@@ -269,6 +280,71 @@ def run(args) -> int:
         console.print(verdict, markup=False)
         if args.out:
             console.print(f"wrote {args.out}/table.md, table.csv, table.json, run.json, grid.png", markup=False)
+    return 0
+
+
+def mode_rows(steps: int) -> list[tuple[str, dict]]:
+    """(label, imagine options) of each row of the mode table."""
+    rows = [
+        ("local (--mode local)", {"mode": "local"}),
+        ("split cloud-latent", {}),
+        ("split cloud-latent, int8 (--codec int8)", {"codec": "int8"}),
+        ("split client-latent (--protocol client-latent)", {"protocol": "client-latent"}),
+    ]
+    local = min(5, steps - 1)
+    if local > 0:
+        rows.append((f"split, last {local} steps local (--local-steps {local})", {"local_steps": local}))
+    return rows + [("cloud (--mode cloud)", {"mode": "cloud"})]
+
+
+def run_modes(args, device, prompt: str, *, steps: int, guidance: float, session_options: dict, console) -> int:
+    """`bench diffusion --modes`: one prompt in every mode, median time of --repeat runs, bytes, same-image check."""
+    import statistics
+
+    from lambdasplit.bench.report import Column, print_table, write_outputs
+    from lambdasplit.diffusion.client import imagine
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.server.process import ServerProcess
+
+    if args.server:
+        raise LambdaSplitError("--modes starts its own `serve --component unet` and `--component pipeline`: drop --server")
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+    folder = str(device.info.folder)
+    rows = []
+    began = time.perf_counter()
+    console.print("starting loopback `lambdasplit serve --component unet` and `--component pipeline` ...")
+    with ServerProcess(["--component", "unet", "--model", folder], env=env) as unet, \
+            ServerProcess(["--component", "pipeline", "--model", folder], env=env) as pipeline:
+        reference = None  # the image of the first row, local mode
+        for label, options in mode_rows(steps):
+            server = pipeline.address if options.get("mode") == "cloud" else unet.address
+            runs = [imagine(device, prompt, server=server, steps=steps, seed=args.seed, guidance=guidance,
+                            **options, **session_options) for _ in range(max(1, args.repeat))]
+            reference = runs[0].image if reference is None else reference
+            median = lambda key: statistics.median(r.record[key] for r in runs)  # noqa: E731
+            last = runs[-1].record
+            rows.append({"mode": label, "seconds": median("seconds"), "local_seconds": median("local_seconds"),
+                         "cloud_seconds": median("cloud_seconds"), "comm_seconds": median("comm_seconds"),
+                         "bytes_up": last["bytes_up"], "bytes_down": last["bytes_down"],
+                         "round_trips": last["round_trips"],
+                         "same_image_as_local": all(np.array_equal(r.image, reference) for r in runs)})
+    cols = [Column("mode", "mode (options)", numeric=False), Column("seconds", "s/image", ".2f"),
+            Column("local_seconds", "device s", ".2f"), Column("cloud_seconds", "cloud s", ".2f"),
+            Column("comm_seconds", "comm s", ".2f"), Column("bytes_up", "up B", "d"), Column("bytes_down", "down B", "d"),
+            Column("round_trips", "round trips", "d"),
+            Column("same_image_as_local", "same image as local", lambda v: "yes" if v else "no", numeric=False)]
+    command = "lambdasplit bench diffusion " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    caption = (f"model {args.model}, prompt {prompt!r}, {steps} steps, guidance {guidance:g}, seed {args.seed}, "
+               f"median of {args.repeat} runs, {args.threads} torch thread(s) per side, loopback; machine: {_machine_line()}")
+    meta = {"command": command, "model": args.model, "prompt": prompt, "steps": steps, "guidance": guidance,
+            "seed": args.seed, "repeat": args.repeat, "threads": args.threads, "seconds": time.perf_counter() - began}
+    title = "Λ-Split diffusion: time and traffic per image, by mode"
+    if args.out:
+        write_outputs(args.out, rows, cols, title=title, meta=meta, notes=[caption, f"command: {command}"])
+    if args.json:
+        print(json.dumps({"rows": rows, **meta}))
+    else:
+        print_table(rows, cols, title=title, caption=caption)
     return 0
 
 

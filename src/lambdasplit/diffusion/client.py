@@ -11,6 +11,11 @@ One loop (`denoise`) serves every mode: only where the noise of step i comes fro
 differs, so the same seed gives the same image everywhere (bit-exact with fp32 codecs).
 Time is split as in generate: local (device compute), cloud (U-Net compute, timed by the
 server), communication (the rest of the wall time).
+
+The record has the same keys in every mode, and every key of `generate --json` that
+means something for an image, under the same name (RECORD_KEYS); the LLM-only ones
+(LLM_ONLY_KEYS: text, token counts, KV cache, layer split) are left out rather than
+filled with values that would mean something else.
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ import torch
 from lambdasplit.diffusion import protocols as proto
 from lambdasplit.diffusion.split import Device, PipelineInfo, check_scheduler, predict_noise, to_pil
 from lambdasplit.errors import LambdaSplitError
+
+
+RECORD_KEYS = (
+    # shared with generate --json (client/run.py), same names and meaning
+    "mode", "codec", "bytes_up", "bytes_down", "round_trips", "seconds", "local_seconds", "cloud_seconds",
+    "comm_seconds", "payload_bytes", "scale_bytes",
+    # diffusion's own
+    "protocol", "prompt", "steps", "seed", "guidance", "up_codec", "local_steps", "loaded", "load_seconds",
+    "payload_bytes_up", "payload_bytes_down", "scale_bytes_up", "scale_bytes_down", "blob_header_bytes",
+    "sync_bytes_down", "framing_bytes", "noise_payload_bytes_per_step", "cloud_steps",
+)
+LLM_ONLY_KEYS = ("split", "cache", "text", "token_ids", "prompt_tokens", "new_tokens", "tokens_per_second")
 
 
 def default_settings() -> tuple[int, float]:
@@ -72,22 +89,26 @@ def denoise(device: Device, prompt: str, *, steps: int, seed: int, guidance: flo
     latents = clock.run(device.initial_latents, generator, size)
     step_kwargs = device.step_kwargs(generator)
     scheduler = device.pipe.scheduler
+    # Steps are counted as U-Net calls (schedule entries), as the server counts cloud_steps:
+    # more than `steps` for PNDM, 2 steps - 1 for Heun.
     cloud_steps = len(timesteps) - local_steps if remote is not None else 0
     if cloud_steps < 0 or local_steps < 0:
-        raise LambdaSplitError(f"--local-steps must be between 0 and the number of steps ({len(timesteps)})")
+        raise LambdaSplitError(f"--local-steps must be between 0 and the {len(timesteps)} U-Net calls of the "
+                               f"{type(scheduler).__name__} schedule of {steps} steps")
     if local_steps and device.unet is None:
         raise LambdaSplitError("local steps need the U-Net on the device (load the Device with with_unet=True)")
     session = remote(timesteps, cloud_steps) if cloud_steps else None
     if isinstance(session, proto.CloudLatentSession):
         latents = session.start(cond.tensors(), latents)
     for i, t in enumerate(timesteps):
+        # Scaled in every mode, as the pipeline does: cloud-latent does not send it, but some
+        # schedulers keep state in scale_model_input (Euler warns when step() runs without it).
+        model_input = clock.run(scheduler.scale_model_input, latents, t)
         if i < cloud_steps and isinstance(session, proto.CloudLatentSession):
             noise, digest = session.noise(i)
         elif i < cloud_steps:
-            model_input = clock.run(scheduler.scale_model_input, latents, t)
             noise, digest = session.noise(i, model_input, cond.tensors() if i == 0 else None), None
         else:
-            model_input = clock.run(scheduler.scale_model_input, latents, t)
             noise, digest = clock.run(predict_noise, device.unet, model_input, t, cond, guidance), None
         latents = clock.run(scheduler.step, noise, t, latents, **step_kwargs, return_dict=False)[0]
         if digest is not None and not torch.equal(digest, proto.latent_digest(latents)):
@@ -115,17 +136,20 @@ def imagine(model: str | Device, prompt: str, *, mode: str = "split", server: st
     record = {"mode": mode, "protocol": protocol if mode == "split" else None, "prompt": prompt, "steps": steps,
               "seed": seed, "guidance": guidance, "codec": codec if mode == "split" else None,
               "up_codec": up_codec if mode == "split" else None, "local_steps": local_steps if mode == "split" else 0}
-    began = time.perf_counter()  # split/local reset it once the weights are loaded
+    began = time.perf_counter()  # reset once the weights (cloud mode: the configs) are loaded
     if mode == "cloud":
         if not server:
             raise LambdaSplitError("cloud mode needs --server HOST:PORT (a `serve --component pipeline` server)")
-        info = model.info if isinstance(model, Device) else PipelineInfo.read(model)
+        info = model.info if isinstance(model, Device) else PipelineInfo.read(model)  # configs only
+        record.update(loaded=[], load_seconds=time.perf_counter() - began)
         request = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "seed": seed,
                    "guidance": guidance, "size": list(size) if size else None}
+        began = time.perf_counter()
         with proto.CloudImageClient(server, fingerprint=info.fingerprint, **options) as client:
-            image, _ = client.generate(request)
+            image, done = client.generate(request)
             client.close()
-        record.update(_measures(client, time.perf_counter() - began, 0.0), loaded=[])
+        record.update(_measures(client, time.perf_counter() - began, 0.0), **_payloads(client))
+        record["cloud_steps"] = int(done.get("cloud_steps", steps))  # every U-Net call ran in the cloud
         return ImageResult(image, record)
     if mode not in ("local", "split"):
         raise LambdaSplitError(f"mode must be split, local or cloud, not {mode!r}")
@@ -170,9 +194,7 @@ def imagine(model: str | Device, prompt: str, *, mode: str = "split", server: st
         for session in sessions:
             session.close()
     session = sessions[0] if sessions else None
-    record.update(_measures(session, time.perf_counter() - began, clock.local))
-    if session is not None:
-        record.update(_payloads(session))
+    record.update(_measures(session, time.perf_counter() - began, clock.local), **_payloads(session))
     return ImageResult(image, record, dict(session.received) if session else {})
 
 
@@ -187,16 +209,20 @@ def _measures(session, seconds: float, local_s: float) -> dict:
     }
 
 
-def _payloads(session: proto.DiffusionSession) -> dict:
-    up, down = session.up, session.down
-    tensor_bytes = sum(a.payload_bytes + a.scale_bytes + a.header_bytes for a in (up, down))
+def _payloads(session) -> dict:
+    """Where the socket bytes went; they add up: payload + scales + blob headers + sync + framing.
+    `session` is a DiffusionSession, a CloudImageClient (the image is the payload) or None (local)."""
+    up, down = (session.up, session.down) if session is not None else (proto.Accounting(), proto.Accounting())
+    blob_bytes = sum(a.payload_bytes + a.scale_bytes + a.header_bytes + a.sync_bytes for a in (up, down))
     return {
         "payload_bytes": up.payload_bytes + down.payload_bytes,
         "payload_bytes_up": up.payload_bytes, "payload_bytes_down": down.payload_bytes,
+        "scale_bytes": up.scale_bytes + down.scale_bytes,
         "scale_bytes_up": up.scale_bytes, "scale_bytes_down": down.scale_bytes,
         "blob_header_bytes": up.header_bytes + down.header_bytes,
-        # everything else on the socket: frame headers, HELLO / WELCOME / CLOSE JSON, TLS records
-        "framing_bytes": session.bytes_up + session.bytes_down - tensor_bytes,
+        "sync_bytes_down": down.sync_bytes,  # --verify-sync digests (whole blobs), not payload
+        # everything else on the socket: frame headers, HELLO / WELCOME / GENERATE / CLOSE JSON, TLS records
+        "framing_bytes": session.bytes_up + session.bytes_down - blob_bytes if session is not None else 0,
         "noise_payload_bytes_per_step": down.per_step_payload[0] if down.per_step_payload else 0,
         "cloud_steps": len(down.per_step_payload),
     }

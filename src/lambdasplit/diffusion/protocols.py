@@ -8,6 +8,8 @@ cloud-latent (the paper's protocol; one request, N streamed answers)
     up    STEP 0: conditioning (prompt embeds [+ pooled, time ids]) and the initial latent, once
     down  RESULT i for each cloud step i: the guided predicted noise, through the codec
           (+ with `verify`, a 32-value sha256 digest of the cloud's latent after step i)
+    `cloud_steps` counts U-Net calls, i.e. entries of the scheduler's schedule: that is
+    `steps` for DDIM or Euler, more for PNDM, 2 steps - 1 for Heun.
     The cloud keeps its own latent and scheduler and steps them with the *dequantized* noise
     it sent, exactly as the device does, so the two copies stay bit-identical.
     Deterministic schedulers only (split.DETERMINISTIC_SCHEDULERS).
@@ -53,11 +55,13 @@ def diffusion_codec(name: str) -> Codec:
 
 @dataclass
 class Accounting:
-    """Bytes of tensor blobs, split as the issue asks: values, affine scales, blob headers."""
+    """Bytes of tensor blobs, split as the issue asks: values, affine scales, blob headers;
+    and whole blobs of the --verify-sync digest, which are checks, not payload."""
 
     payload_bytes: int = 0
     scale_bytes: int = 0
     header_bytes: int = 0
+    sync_bytes: int = 0
     per_step_payload: list[int] = field(default_factory=list)
 
     def add(self, codec: Codec, shape: tuple[int, ...], blob_bytes: int) -> int:
@@ -136,8 +140,7 @@ class DiffusionSession(Session):
         self.cloud_seconds += compute_us / 1e6
         noise, codec, size = blobs[0]
         self.down.per_step_payload.append(self.down.add(codec, tuple(noise.shape), size))
-        for tensor, codec, size in blobs[1:]:
-            self.down.add(codec, tuple(tensor.shape), size)
+        self.down.sync_bytes += sum(size for _, _, size in blobs[1:])  # the only second blob: the latent digest
         if position in self.keep:
             self.received[position] = noise
         return [t for t, _, _ in blobs]
@@ -191,6 +194,7 @@ class CloudImageClient(Session):
     """Cloud-only baseline: the prompt text goes up, the finished image comes down."""
 
     def __init__(self, address: str, *, fingerprint: str, **options):
+        self.up, self.down = Accounting(), Accounting()  # up stays 0: the prompt goes as JSON (framing)
         super().__init__(address, {"role": CLOUD_ROLE, "model": fingerprint, "dtype": "float32"}, **options)
 
     def generate(self, request: dict) -> tuple[np.ndarray, dict]:
@@ -199,7 +203,8 @@ class CloudImageClient(Session):
         self.transport.send(json_frame(FrameType.GENERATE, request))
         body = self.expect(FrameType.RESULT)
         _, compute_us = struct.unpack_from("<II", body, 0)
-        image = parse_blobs(body, 8)[0][0]
+        image, codec, size = parse_blobs(body, 8)[0]
+        self.down.add(codec, tuple(image.shape), size)
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
         return image.numpy(), parse_json(self.expect(FrameType.DONE))

@@ -7,6 +7,12 @@
 
 Every client mistake (shapes, step order, scheduler, codec) is a ProtocolError: that
 session gets an ERROR frame and closes, every other session keeps being served.
+
+Tensors always cross the wire in float32 (before the codec), whatever the server's
+`--dtype`: the device computes in float32, and a float16 / bfloat16 U-Net casts its input
+down and its predicted noise back up to float32. The HELLO's "dtype" is that wire and
+device dtype, so it must be float32; the server's own dtype is its business (and is not
+bit-exact with the float32 pipeline).
 """
 
 from __future__ import annotations
@@ -41,11 +47,10 @@ class UNetService(Service):
         self.description = f"{model} U-Net ({self.info.class_name}, {dtype}; cloud-latent and client-latent)"
 
     def check_hello(self, hello: dict) -> str | None:
-        if hello.get("dtype", "float32") != self.dtype_name:
-            return f"this server runs the U-Net in {self.dtype_name}"
-        return None
+        return None  # any client of this model; open() checks the rest with diffusion-worded errors
 
     def open(self, hello: dict, limits) -> SessionHandler:
+        check_wire_dtype(hello)
         protocol = hello.get("diffusion")
         codec = proto.diffusion_codec(str(hello.get("codec", "fp32")))
         try:
@@ -89,6 +94,12 @@ class UNetService(Service):
         return predict_noise(self.unet, model_input.to(self.unet.dtype), t, cond, guidance).float()
 
 
+def check_wire_dtype(hello: dict) -> None:
+    if hello.get("dtype", "float32") != "float32":
+        raise ProtocolError("bad_hello", f"diffusion tensors cross the wire in float32, the device asked for "
+                                         f"{hello.get('dtype')!r} (the server casts them to its own --dtype)")
+
+
 def _result(position: int, began: float, blobs: list[bytes]) -> bytes:
     compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
     return proto.tensors_frame(FrameType.RESULT, struct.pack("<II", position, compute_us), blobs)
@@ -109,18 +120,30 @@ class CloudLatentHandler(SessionHandler):
         self.verify = bool(hello.get("verify", False))
         spec = hello.get("scheduler") or {}
         try:
-            self.scheduler = make_scheduler(str(spec.get("class")), dict(spec.get("config") or {}))
             steps, self.cloud_steps = int(hello["steps"]), int(hello["cloud_steps"])
-        except (LambdaSplitError, KeyError, TypeError, ValueError) as error:
-            raise ProtocolError("bad_scheduler", f"cloud-latent needs steps, cloud_steps and a deterministic scheduler: {error}") from None
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError("bad_hello", "cloud-latent needs integer steps and cloud_steps") from None
+        if not 1 <= steps <= MAX_STEPS:
+            raise ProtocolError("bad_hello", f"need 1 <= steps <= {MAX_STEPS}, got {steps}")
+        try:
+            self.scheduler = make_scheduler(str(spec.get("class")), dict(spec.get("config") or {}))
+        except (LambdaSplitError, TypeError, ValueError) as error:
+            raise ProtocolError("bad_scheduler", f"cloud-latent: {error}") from None
         reason = check_scheduler(self.scheduler)
         if reason:
-            raise ProtocolError("stochastic_scheduler", reason)
-        if not 1 <= steps <= MAX_STEPS or not 0 <= self.cloud_steps <= steps:
-            raise ProtocolError("bad_hello", f"need 1 <= steps <= {MAX_STEPS} and 0 <= cloud_steps <= steps")
+            raise ProtocolError("bad_scheduler", f"cloud-latent: {reason}")
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
-        self.timesteps, _ = retrieve_timesteps(self.scheduler, steps, "cpu")
+        try:
+            self.timesteps, _ = retrieve_timesteps(self.scheduler, steps, "cpu")
+        except (TypeError, ValueError) as error:  # e.g. PNDM with PRK steps and too few steps
+            raise ProtocolError("bad_scheduler", f"cloud-latent: {type(self.scheduler).__name__} cannot make "
+                                                 f"{steps} steps: {error}") from None
+        # cloud_steps counts U-Net calls, i.e. schedule entries: PNDM's schedule is longer than
+        # `steps`, Heun's is 2 steps - 1. The device counts them the same way (client.denoise).
+        if not 0 <= self.cloud_steps <= len(self.timesteps):
+            raise ProtocolError("bad_hello", f"need 0 <= cloud_steps <= {len(self.timesteps)} (the schedule of "
+                                             f"{steps} steps), got {self.cloud_steps}")
         if service.info.kind == "sdxl" and hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
         # What the device's pipeline passes to step(): eta 0 (DDIM), and no generator (the
@@ -204,9 +227,10 @@ class PipelineService(Service):
         self.description = f"{model} whole pipeline ({self.device.info.class_name}), cloud-only mode"
 
     def check_hello(self, hello: dict) -> str | None:
-        return None if hello.get("dtype", "float32") == "float32" else "this server runs the pipeline in float32"
+        return None  # open() checks the dtype with a diffusion-worded error
 
     def open(self, hello: dict, limits) -> SessionHandler:
+        check_wire_dtype(hello)
         return PipelineHandler(self)
 
 
@@ -235,4 +259,6 @@ class PipelineHandler(SessionHandler):
         # a fresh copy: a grey image is a (H, W, 1) view whose last stride is not 1 (numpy still calls it contiguous)
         blob = encode(torch.from_numpy(image.copy(order="C")), get_codec("fp32")).blob
         emit(_result(0, began, [blob]))
-        emit(json_frame(FrameType.DONE, {"compute_seconds": time.perf_counter() - began}))
+        # cloud_steps: the U-Net calls of the schedule (more than `steps` for PNDM or Heun), as in split mode
+        emit(json_frame(FrameType.DONE, {"compute_seconds": time.perf_counter() - began,
+                                         "cloud_steps": len(self.service.device.pipe.scheduler.timesteps)}))

@@ -39,6 +39,11 @@ DETERMINISTIC_SCHEDULERS = {
     "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
 }
 STOCHASTIC_ALGORITHMS = {"sde-dpmsolver", "sde-dpmsolver++"}
+# Schedulers known to draw fresh noise in every step (for a precise refusal message).
+STOCHASTIC_SCHEDULERS = {
+    "DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler",
+    "LCMScheduler", "TCDScheduler",
+}
 
 
 def resolve_folder(model: str) -> Path:
@@ -140,12 +145,19 @@ def load_vae_decoder(folder: Path):
 
 def check_scheduler(scheduler, eta: float = 0.0) -> str | None:
     """None if both sides can run this scheduler in lock-step; else why not."""
-    name = type(scheduler).__name__
-    algorithm = getattr(scheduler.config, "algorithm_type", None)
-    if name not in DETERMINISTIC_SCHEDULERS or algorithm in STOCHASTIC_ALGORITHMS or eta:
-        return (f"{name}{' ' + algorithm if algorithm else ''}{f' with eta={eta}' if eta else ''} draws fresh noise "
-                "in its step, so the cloud's copy of the latent would drift from the device's; use a deterministic "
-                f"scheduler ({', '.join(sorted(DETERMINISTIC_SCHEDULERS))}) or --protocol client-latent")
+    return scheduler_refusal(type(scheduler).__name__, getattr(scheduler.config, "algorithm_type", None), eta)
+
+
+def scheduler_refusal(name: str, algorithm: str | None = None, eta: float = 0.0) -> str | None:
+    """Why cloud-latent cannot run scheduler `name` (None if it can), worded for the real reason."""
+    advice = (f"cloud-latent runs one scheduler on each side, so it takes only {', '.join(sorted(DETERMINISTIC_SCHEDULERS))}; "
+              "any scheduler works with --protocol client-latent")
+    if name in STOCHASTIC_SCHEDULERS or algorithm in STOCHASTIC_ALGORITHMS or eta:
+        what = f"{name}{' ' + algorithm if algorithm in STOCHASTIC_ALGORITHMS else ''}{f' with eta={eta}' if eta else ''}"
+        return f"{what} draws fresh noise in its step, so the cloud's copy of the latent would drift from the device's; {advice}"
+    if name not in DETERMINISTIC_SCHEDULERS:
+        return (f"{name} has not been checked to step bit-identically on the device and in the cloud "
+                f"(it may well be deterministic); {advice}")
     return None
 
 
@@ -153,8 +165,9 @@ def make_scheduler(class_name: str, config: dict):
     """A scheduler from its class name and config (sent in the cloud-latent HELLO)."""
     import diffusers
 
-    if class_name not in DETERMINISTIC_SCHEDULERS:
-        raise LambdaSplitError(f"scheduler {class_name!r} is not one of {sorted(DETERMINISTIC_SCHEDULERS)}")
+    reason = scheduler_refusal(class_name)
+    if reason:
+        raise LambdaSplitError(reason)
     return getattr(diffusers, class_name).from_config(config)
 
 

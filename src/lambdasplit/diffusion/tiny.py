@@ -18,6 +18,7 @@ import torch
 SCHEDULERS = {
     "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler", "ddpm": "DDPMScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "pndm": "PNDMScheduler", "dpm": "DPMSolverMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
 }
 MAX_TOKENS = 16
 
@@ -55,9 +56,11 @@ def _scheduler(name: str):
     import diffusers
 
     cls = getattr(diffusers, SCHEDULERS[name])
+    # The settings Stable Diffusion 1.x ships (PNDM: PLMS only, no Runge-Kutta warm-up steps).
     return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                steps_offset=1, **({"clip_sample": False} if name in ("ddim", "ddpm") else {}),
-               **({"set_alpha_to_one": False} if name == "ddim" else {}))
+               **({"set_alpha_to_one": False} if name in ("ddim", "pndm") else {}),
+               **({"skip_prk_steps": True} if name == "pndm" else {}))
 
 
 def _vae(seed: int):
