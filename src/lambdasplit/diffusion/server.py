@@ -18,6 +18,7 @@ bit-exact with the float32 pipeline).
 from __future__ import annotations
 
 import struct
+import threading
 import time
 
 import torch
@@ -225,6 +226,8 @@ class PipelineService(Service):
         self.device = Device.load(model, with_unet=True)
         self.fingerprint = self.device.info.fingerprint
         self.description = f"{model} whole pipeline ({self.device.info.class_name}), cloud-only mode"
+        # One pipeline, one scheduler with per-run state (its timesteps): one generation at a time.
+        self.lock = threading.Lock()
 
     def check_hello(self, hello: dict) -> str | None:
         return None  # open() checks the dtype with a diffusion-worded error
@@ -253,12 +256,14 @@ class PipelineHandler(SessionHandler):
                 raise ValueError(f"steps must be 1..{MAX_STEPS}; size is [height, width]")
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError("bad_request", f"GENERATE request: {error}") from None
-        began = time.perf_counter()
-        image = generate_local(self.service.device, prompt, steps=steps, seed=seed, guidance=guidance,
-                               negative_prompt=negative, size=size)
+        with self.service.lock:
+            began = time.perf_counter()
+            image = generate_local(self.service.device, prompt, steps=steps, seed=seed, guidance=guidance,
+                                   negative_prompt=negative, size=size)
+            cloud_steps = len(self.service.device.pipe.scheduler.timesteps)
         # a fresh copy: a grey image is a (H, W, 1) view whose last stride is not 1 (numpy still calls it contiguous)
         blob = encode(torch.from_numpy(image.copy(order="C")), get_codec("fp32")).blob
         emit(_result(0, began, [blob]))
         # cloud_steps: the U-Net calls of the schedule (more than `steps` for PNDM or Heun), as in split mode
         emit(json_frame(FrameType.DONE, {"compute_seconds": time.perf_counter() - began,
-                                         "cloud_steps": len(self.service.device.pipe.scheduler.timesteps)}))
+                                         "cloud_steps": cloud_steps}))
