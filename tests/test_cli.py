@@ -84,3 +84,11 @@ def test_serve_refuses_public_address_without_tls(model):
     out = subprocess.run([sys.executable, "-m", "lambdasplit", "serve", "--model", model, "--layers", "2:4",
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "TLS" in out.stderr
+
+
+def test_demo_runs_a_split_over_a_server_process(model):
+    out = subprocess.run([sys.executable, "-m", "lambdasplit", "demo", "--model", model, "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "stayed on this device" in out.stdout and "crossed the wire" in out.stdout
+    assert "round trips" in out.stdout
