@@ -6,6 +6,7 @@ BIN     = $(VENV)/bin
 .PHONY: demo test install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "lambdasplit needs Python 3.11 or newer: run make PYTHON=python3.11 ...")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: the CPU wheel lies on this machine's disk; an unpinned torch pulls CUDA.
