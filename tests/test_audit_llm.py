@@ -25,12 +25,28 @@ def tiny(tiny_model_dir):
     return tiny_model_dir("llama", num_layers=6, hidden_size=64)
 
 
+PROPOSALS = 20  # per ranker, not the default: the test sees whether the config is used
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tiny):
+    # 16 epochs on 4000 tokens: the GRU takes one step per 32 sequences, and with 2 epochs on 2000
+    # tokens (4 steps) it learned nothing (0% top-1); here both inverters clear the unigram baseline.
     config = LLMAuditConfig(model=str(tiny), splits=[1, 2], prompts=default_prompts()[:3], max_new_tokens=6,
-                            train_tokens=2000, epochs=2, sweep_budget_s=10, defenses=["gaussian:nsr=1,clip=auto"],
-                            defense_prompts=1)
-    return audit_llm(config, progress=False)
+                            train_tokens=4000, epochs=16, sweep_budget_s=10, defenses=["gaussian:nsr=1,clip=auto"],
+                            defense_prompts=1, proposals=PROPOSALS)
+    widths = []  # candidates per position handed to the exact inversion
+    invert = attacks.HeadInversion.invert
+
+    def recording(self, observed, proposals):
+        widths.append(proposals.shape[1])
+        return invert(self, observed, proposals)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attacks.HeadInversion, "invert", recording)
+        report = audit_llm(config, progress=False)
+    report["test_proposal_widths"] = widths
+    return report
 
 
 def _row(report, **want):
@@ -74,6 +90,33 @@ def test_eavesdropper_sees_the_prompt_in_cloud_mode_only(tiny_report):
                 runs = _row(tiny_report, split=split, direction=direction, positions=positions,
                             attack="token-id-runs", defense="none")
                 assert runs["top1"] == 0.0
+
+
+def test_exact_inversion_gets_the_configured_number_of_proposals(tiny_report):
+    widths = tiny_report["test_proposal_widths"]
+    assert widths and set(widths) == {2 * PROPOSALS}  # linear probe + MLP, PROPOSALS each
+    assert tiny_report["meta"]["proposals_per_ranker"] == PROPOSALS
+
+
+def test_learned_inverters_beat_the_unigram_baseline(tiny_report):
+    for split in ("1:5", "2:4"):
+        base = _row(tiny_report, split=split, direction="uplink", positions="prompt", attack="unigram-baseline",
+                    defense="none")
+        for attack in ("mlp-inverter", "gru-inverter"):
+            row = _row(tiny_report, split=split, direction="uplink", positions="prompt", attack=attack, defense="none")
+            assert row["threat_model"] == "auxiliary-data"
+            assert row["top1"] > base["top1"] and row["top5"] > base["top5"], (split, attack, row, base)
+
+
+def test_linear_probe_is_labelled_public_weights(tiny_report):
+    """The probe ranks the public embedding table, so it is a public-weights attack."""
+    rows = [r for r in tiny_report["results"] if r["attack"] == "linear-probe"]
+    assert rows and {r["threat_model"] for r in rows} == {"public-weights"}
+
+
+def test_defended_runs_state_the_fixed_seed_and_no_sweep(tiny_report):
+    notes = tiny_report["meta"]["defenses"]
+    assert notes["exact_inversion_sweep_budget_s"] == 0 and "reproducible" in notes["noise_seed"]
 
 
 def test_report_rows_have_the_contract_fields(tiny_report):
@@ -120,10 +163,13 @@ def test_cli_rejects_a_split_without_matching_tail(tiny, capsys):
 
 
 def test_bundled_model_white_box_and_logit_lens(smollm2_path):
-    """SmolLM2-135M at 1:29: exact inversion of the prompt; the (tuned) logit lens reads a one-layer tail.
+    """SmolLM2-135M at 1:29: exact inversion of the prompt; the logit lens reads a one-layer tail.
 
-    The plain logit lens reads about half of the generated tokens here (52% top-1 in the
-    audit of docs/privacy.md); an affine translator fitted on public text lifts that.
+    "The logit lens recovers most generated tokens when the tail has one layer" is met by
+    the tuned lens (an affine translator fitted on public text, then the public norm + LM
+    head): 54% top-1 on these 24 tokens. The plain logit lens does not meet it in top-1
+    (46% here, 52% in the audit of docs/privacy.md) but has the true token in its top 5
+    for 75% of them: asserted as top-5 > 0.5.
     """
     model = str(smollm2_path)
     device = DeviceModel.load(model, "1:29")
@@ -136,7 +182,7 @@ def test_bundled_model_white_box_and_logit_lens(smollm2_path):
     # the tuned lens: an affine map from layer 29 to layer 30, fitted on public text
     deep = inverters.head_features(load_head(model, 30), sequences[:12], [29, 30])
     translator = attacks.fit_affine(torch.cat(deep[29]), torch.cat(deep[30]))
-    inverted, lensed = [], []
+    inverted, lensed, plain_top5 = [], [], []
     with BodyServer([BodyService(model, "1:29")]) as server:
         for prompt in default_prompts()[:2]:
             t = run_session(device, server.address, prompt, mode="split", max_new_tokens=12)
@@ -149,5 +195,8 @@ def test_bundled_model_white_box_and_logit_lens(smollm2_path):
             p = len(t.prompt_ids)
             lensed.append(attacks.tuned_lens(tail, down, translator).argmax(-1)[p - 1:p - 1 + 12]
                           == torch.tensor(t.token_ids))
+            top5 = attacks.logit_lens(tail, down).topk(5, dim=-1).indices[p - 1:p - 1 + 12]
+            plain_top5.append((top5 == torch.tensor(t.token_ids)[:, None]).any(dim=1))
     assert torch.cat(inverted).float().mean() >= 0.95
     assert torch.cat(lensed).float().mean() > 0.5, "the tuned lens reads most generated tokens off a 1-layer tail"
+    assert torch.cat(plain_top5).float().mean() > 0.5, "the plain logit lens has most generated tokens in its top 5"

@@ -7,8 +7,11 @@
                               layers (decoder LMs are injective: only the true token
                               reproduces the observed state); `logit_lens` and `public_tail`
                               on the downlink (the public final norm + LM head, or the
-                              public tail layers too, applied to what the cloud sends back)
-    auxiliary data            learned inverters, in audit/inverters.py
+                              public tail layers too, applied to what the cloud sends back);
+                              the linear probe (`fit_probe` + `nearest_embeddings`): learned
+                              on public text, but it ranks the public embedding table
+    auxiliary data            learned inverters (MLP, GRU) in audit/inverters.py: trained on
+                              hidden states of public text, no weights needed at attack time
 """
 
 from __future__ import annotations

@@ -42,6 +42,9 @@ def add_commands(subparsers) -> None:
     d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25 for zoo:digits)")
     d.add_argument("--prompts", type=int, default=10, help="sessions (one prompt per digit)")
     d.add_argument("--codec", default="fp16")
+    d.add_argument("--candidates", type=Path, metavar="FILE",
+                   help="prompt-matching candidates, one prompt per line (default: zoo:digits' whole public prompt "
+                        "set; for other models the audited prompts themselves, a closed-world best case)")
     d.add_argument("--threads", type=int, default=0)
     d.add_argument("--out", type=Path)
     d.add_argument("--json", action="store_true")
@@ -95,6 +98,19 @@ def llm_command(args) -> int:
     return 0
 
 
+def _lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file."""
+    from lambdasplit.errors import LambdaSplitError
+
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise LambdaSplitError(f"cannot read --candidates {path}: {error}") from None
+    if not lines:
+        raise LambdaSplitError(f"--candidates {path} has no prompts")
+    return lines
+
+
 def diffusion_command(args) -> int:
     from lambdasplit.audit.diffusion import DiffusionAuditConfig, audit_diffusion, print_diffusion, write_diffusion
 
@@ -107,7 +123,8 @@ def diffusion_command(args) -> int:
 
         model = str(build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="lambdasplit-tiny-sd-"))))
     config = DiffusionAuditConfig(model=model, protocol=args.protocol, steps=args.steps, sessions=args.prompts,
-                                  local_steps=[int(v) for v in args.local_steps.split(",") if v], codec=args.codec)
+                                  local_steps=[int(v) for v in args.local_steps.split(",") if v], codec=args.codec,
+                                  candidates=_lines(args.candidates) if args.candidates else None)
     report = audit_diffusion(config, progress=not args.json)
     command = "lambdasplit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if args.out:

@@ -8,8 +8,15 @@ differential-privacy statement that applies, in plain words and numbers).
     gaussian:sigma=S,clip=C     clip each position's vector to L2 norm C, add N(0, S^2 I)
     dpquant:bits=B,epsilon=E,clip=C
                                 clip each coordinate to [-C, C], quantize it stochastically
-                                to 2^B levels, then B-ary randomized response with budget E
-                                per coordinate; the device sends the debiased estimate
+                                to k = 2^B levels, then k-ary (2^B-ary) randomized response
+                                with budget E per coordinate; the device sends the debiased
+                                estimate
+
+Noise seeds: by default each defense seeds its generator from `secrets.randbits(63)`, so
+nobody can regenerate the noise from public values and subtract it. `seed=` (CLI
+`--defense-seed`) is for experiments only: it makes the noise reproducible and so
+removable. torch's CPU generator (Mersenne Twister) is not a cryptographic generator; we
+claim only that the seed is not public or guessable, nothing stronger.
 
 What the numbers mean (and do not mean) is in `accounting()` and docs/privacy.md: the
 guarantee is about one transmitted vector (gaussian) or one coordinate (dpquant); a prompt
@@ -20,6 +27,7 @@ compose and grow quickly. The audit measures what attacks actually recover.
 from __future__ import annotations
 
 import math
+import secrets
 
 import torch
 
@@ -58,6 +66,15 @@ def gaussian_epsilon(sensitivity: float, sigma: float, delta: float = DELTA) -> 
     return high
 
 
+def _generator(seed: int | None) -> torch.Generator:
+    """A generator seeded from `secrets` unless an explicit (reproducible, hence removable) seed is given."""
+    return torch.Generator().manual_seed(secrets.randbits(63) if seed is None else int(seed))
+
+
+def _seed_note(seeded: bool) -> str:
+    return "fixed seed: reproducible, so removable (experiments only)" if seeded else "secrets.randbits(63)"
+
+
 def zcdp_epsilon(rho: float, delta: float = DELTA) -> float:
     """(epsilon, delta) implied by rho-zCDP (Bun & Steinke 2016): rho + 2 sqrt(rho ln(1/delta))."""
     return rho + 2 * math.sqrt(rho * math.log(1 / delta))
@@ -79,11 +96,12 @@ class NoDefense:
 class GaussianDefense:
     """L2 clipping per position, then isotropic Gaussian noise: the Gaussian mechanism per vector."""
 
-    def __init__(self, sigma: float, clip: float, seed: int = 0):
+    def __init__(self, sigma: float, clip: float, seed: int | None = None):
         if sigma < 0 or clip <= 0:
             raise LambdaSplitError("gaussian defense needs sigma >= 0 and clip > 0")
         self.sigma, self.clip = float(sigma), float(clip)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = _generator(seed)  # seed=None: unpredictable; an int: reproducible (experiments only)
+        self.seeded = seed is not None
         self.name = f"gaussian:sigma={self.sigma:g},clip={self.clip:g}"
 
     def public(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -106,6 +124,7 @@ class GaussianDefense:
             "rho_zcdp_per_vector": rho,
             "positions": positions,
             "epsilon_all_positions": zcdp_epsilon(rho * positions) if math.isfinite(rho) else math.inf,
+            "noise_seed": _seed_note(self.seeded),
         }
 
 
@@ -119,11 +138,12 @@ class DPQuantDefense:
     DEL also learns an embedding projection and a server-side soft prompt; we do neither.
     """
 
-    def __init__(self, bits: int, epsilon: float, clip: float, seed: int = 0):
+    def __init__(self, bits: int, epsilon: float, clip: float, seed: int | None = None):
         if not 1 <= bits <= 8 or epsilon <= 0 or clip <= 0:
             raise LambdaSplitError("dpquant defense needs 1 <= bits <= 8, epsilon > 0 and clip > 0")
         self.bits, self.epsilon, self.clip = int(bits), float(epsilon), float(clip)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = _generator(seed)  # seed=None: unpredictable; an int: reproducible (experiments only)
+        self.seeded = seed is not None
         self.name = f"dpquant:bits={self.bits},epsilon={self.epsilon:g},clip={self.clip:g}"
         k = 2**self.bits
         self.keep = math.exp(self.epsilon) / (math.exp(self.epsilon) + k - 1)
@@ -151,15 +171,21 @@ class DPQuantDefense:
 
     def accounting(self, positions: int = 1) -> dict:
         return {
-            "mechanism": "stochastic quantization + k-ary randomized response per coordinate (pure local DP)",
+            "mechanism": f"stochastic quantization + {2 ** self.bits}-ary (2^B-ary) randomized response per "
+                         "coordinate (pure local DP)",
             "epsilon_per_coordinate": self.epsilon,
             "epsilon_per_vector": "D x epsilon by basic composition over the D coordinates",
             "positions": positions,
+            "noise_seed": _seed_note(self.seeded),
         }
 
 
-def parse_defense(spec: str | None, seed: int = 0):
-    """`none`, `gaussian:sigma=S,clip=C` or `dpquant:bits=B,epsilon=E,clip=C` -> a defense object."""
+def parse_defense(spec: str | None, seed: int | None = None):
+    """`none`, `gaussian:sigma=S,clip=C` or `dpquant:bits=B,epsilon=E,clip=C` -> a defense object.
+
+    `seed=None` (the default) draws the noise seed from `secrets`; an explicit seed is for
+    experiments only: it makes the noise reproducible and so removable.
+    """
     if spec is None or spec in ("", "none"):
         return NoDefense()
     kind, _, rest = spec.partition(":")

@@ -15,6 +15,10 @@ capture on. From the bytes alone (frames parsed as the receiver parses them):
     prompt        the text embeddings cross the wire: candidate matching through the public
                   text encoder, exact position-by-position search for a causal encoder
                   (CLIP), and a learned per-position inverter trained on public text.
+                  Candidates (`candidate_set` in the report): for zoo:digits its whole public
+                  prompt set (digits_data.all_prompts(), 60 prompts); else a user-given list
+                  (`--candidates FILE`), or by default the audited prompts themselves, a
+                  closed-world best case for the attacker.
 
 Assumptions (stated in the report): a deterministic scheduler whose `step` uses no fresh
 noise (DDIM, eta 0, as both protocols require), and, for client-latent, the public
@@ -48,6 +52,7 @@ class DiffusionAuditConfig:
     codec: str = "fp16"
     seed: int = 42
     prompts: list[str] | None = None  # default: zoo:digits prompts, or generic ones
+    candidates: list[str] | None = None  # prompt-matching candidates; default: see candidate_set()
     train_tokens: int = 6000
     epochs: int = 8
 
@@ -229,6 +234,19 @@ def _default_prompts(model: str, n: int) -> tuple[list[str], list[int | None]]:
     return [digits_data.prompt(i % 10, i // 10 + i % 3) for i in range(n)], [i % 10 for i in range(n)]
 
 
+def candidate_set(config: DiffusionAuditConfig, prompts: list[str]) -> tuple[list[str], str]:
+    """The candidates the matching attack compares against, and a plain description of them."""
+    if config.candidates:
+        return list(config.candidates), f"user-given list of {len(config.candidates)} prompts"
+    if config.model == "zoo:digits":
+        from lambdasplit.zoo import digits_data
+
+        every = digits_data.all_prompts()[0]
+        return every, f"the whole public prompt set of zoo:digits (digits_data.all_prompts(), {len(every)} prompts)"
+    return list(prompts), ("the audited prompts themselves (no public prompt set for this model; pass --candidates "
+                           "FILE): a closed-world best case for the attacker")
+
+
 def audit_diffusion(config: DiffusionAuditConfig, *, progress: bool = True) -> dict:
     from lambdasplit.audit import inverters
     from lambdasplit.audit.llm import Progress
@@ -248,6 +266,7 @@ def audit_diffusion(config: DiffusionAuditConfig, *, progress: bool = True) -> d
     attacker = Replayer(Device.load(config.model, with_unet=True))  # public weights, the attacker's own copy
     recovery = PromptRecovery(attacker.device)
     judge = _judge(config.model)
+    candidates, candidate_note = candidate_set(config, prompts)
     size = (device.info.default_size(),) * 2
     rows, curves, utility = [], {}, []
     with Progress(progress) as bars:
@@ -275,7 +294,7 @@ def audit_diffusion(config: DiffusionAuditConfig, *, progress: bool = True) -> d
                         reference.setdefault(i, user)
                         cap = parse_capture(chunks)
                         _score_session(acc, cap, user, prompt, digits[i], attacker, recovery, mlp, vocab, judge, size,
-                                       guidance, prompts, k, curves, protocol)
+                                       guidance, candidates, k, curves, protocol)
                         acc.add("utility", psnr=_finite(psnr(reference[i], user)), seconds=seconds,
                                 local_seconds=result.record.get("local_seconds", 0.0),
                                 prompt_match=_digit_ok(judge, user, digits[i]))
@@ -291,6 +310,8 @@ def audit_diffusion(config: DiffusionAuditConfig, *, progress: bool = True) -> d
     meta = {"model": config.model, "steps": steps, "guidance": guidance, "codec": config.codec,
             "sessions": len(prompts), "text_encoder": type(recovery.encoder).__name__,
             "causal_text_encoder": recovery.causal, "inverter_vocab": len(vocab),
+            "candidate_set": candidate_note, "candidates": len(candidates),
+            "audited_prompts_in_candidates": sum(p in candidates for p in prompts),
             "assumptions": "deterministic scheduler step (DDIM, eta 0); client-latent: the public pipeline's scheduler "
                            "config with the timesteps from the captured HELLO",
             "seconds": round(time.perf_counter() - began, 1)}
@@ -337,8 +358,8 @@ def _digit_ok(judge, image, digit) -> float | None:
     return float(judge.predict(image[None])[0] == digit)
 
 
-def _score_session(acc, cap, user, prompt, digit, attacker, recovery, mlp, vocab, judge, size, guidance, prompts, k,
-                   curves, protocol) -> None:
+def _score_session(acc, cap, user, prompt, digit, attacker, recovery, mlp, vocab, judge, size, guidance, candidates,
+                   k, curves, protocol) -> None:
     from lambdasplit.audit import inverters
     from lambdasplit.diffusion.quality import psnr, ssim, to_uint8
 
@@ -370,7 +391,7 @@ def _score_session(acc, cap, user, prompt, digit, attacker, recovery, mlp, vocab
     embeds = cond.prompt_embeds[-1].float()
     truth = torch.tensor(recovery.ids(prompt))
     scored = torch.tensor([t not in recovery.special for t in truth.tolist()])
-    best, distance = recovery.match(embeds, prompts, guidance, size)
+    best, distance = recovery.match(embeds, candidates, guidance, size)
     acc.add("candidate matching", "public-weights", exact=float(best == prompt), distance=distance)
     top5 = inverters.predict(mlp, embeds, vocab)
     _tokens(acc, "learned inverter (MLP)", "auxiliary-data", top5, truth, scored)
@@ -400,7 +421,9 @@ def write_diffusion(report: dict, out: Path, command: str) -> list[Path]:
     text = [f"# Diffusion privacy audit: {meta['model']}", "", f"Command: `{command}`", "",
             f"Machine: {meta['machine']}; wall time {meta['seconds']} s. {meta['sessions']} sessions per setting, "
             f"{meta['steps']} steps, guidance {meta['guidance']}, codec {meta['codec']}, TLS off.", "",
-            f"Assumptions: {meta['assumptions']}.", "", "## Attacks", "", _markdown_table(header, lines), "",
+            f"Assumptions: {meta['assumptions']}.", "",
+            f"Prompt matching candidates: {meta.get('candidate_set')}; {meta.get('audited_prompts_in_candidates')} of "
+            f"the {meta['sessions']} audited prompts are among them.", "", "## Attacks", "", _markdown_table(header, lines), "",
             "## Defense: the last K steps on the device (utility)", "", _markdown_table(uh, ul), ""]
     text += [f"![{p.stem}]({p.name})" for p in charts if p]
     (out / "report.md").write_text("\n".join(text) + "\n")

@@ -11,6 +11,11 @@ against a BodyServer on loopback, with the transport's capture on (TLS off). The
 Attacks (attacks.py, inverters.py) under three threat models, a unigram guessing
 baseline, and, for each defense, the same attacks plus its utility cost (greedy
 agreement with the undefended output, perplexity on held-out public text).
+
+Reproducibility: the defended sessions here use a fixed noise seed (`seed`) so that a
+report can be rerun; a real `generate --defense` draws a secret seed (defenses.py). The
+attacker does not use the seed. Under a defense the exact inversion gets no
+full-vocabulary sweep budget (only the rankers' candidates are tried): see `meta`.
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ class LLMAuditConfig:
     defense_prompts: int = 6  # sessions per defense (utility and privacy)
     train_tokens: int = 12000  # public text tokens for the learned inverters
     epochs: int = 6
-    sweep_budget_s: float = 60.0  # per split, for full-vocabulary sweeps of the exact inversion
-    proposals: int = 32  # candidates from each cheap ranker
+    sweep_budget_s: float = 60.0  # per split, for full-vocabulary sweeps of the exact inversion (0 under defenses)
+    proposals: int = 64  # candidates from each cheap ranker (linear probe, MLP) for the exact inversion
     perplexity_tokens: int = 256
     cloud_check: bool = True
     lens_sequences: int = 40  # public sequences run through every layer to fit the tuned lens
@@ -172,8 +177,11 @@ class Progress:
         return tick
 
 
-def resolve_defense(spec: str, calibration: torch.Tensor, seed: int = 0):
-    """A defense spec, with `clip=auto` and `nsr=R` (gaussian: noise norm / clip) calibrated on public text."""
+def resolve_defense(spec: str, calibration: torch.Tensor, seed: int | None = None):
+    """A defense spec, with `clip=auto` and `nsr=R` (gaussian: noise norm / clip) calibrated on public text.
+
+    `seed=None` draws a secret noise seed; the audit passes fixed seeds so its report is reproducible.
+    """
     if spec in ("", "none"):
         return NoDefense()
     kind, _, rest = spec.partition(":")
@@ -275,13 +283,21 @@ def audit_llm(config: LLMAuditConfig, *, progress: bool = True, log=print) -> di
                                     max_new_tokens=config.max_new_tokens, codec=config.codec)
                     if x == defense_x:
                         undefended[prompt] = t.token_ids
-                    _attack_session(scores, split, t, "none", inversion, attacker_tail, models[x], vocab, unigram)
+                    _attack_session(scores, split, t, "none", inversion, attacker_tail, models[x], vocab, unigram,
+                                    proposals=config.proposals)
                     tick()
                 meta.setdefault("exact_inversion", {})[split] = {
                     "full_vocabulary_sweeps": inversion.sweeps, "sweep_seconds": round(inversion.sweep_seconds, 1)}
 
             # -------- defenses: privacy and utility at one split
+            meta["proposals_per_ranker"] = config.proposals
             if config.defenses:
+                meta["defenses"] = {
+                    "noise_seed": f"fixed ({config.seed}) so this report is reproducible; generate --defense draws "
+                                  "a secret seed",
+                    "exact_inversion_sweep_budget_s": 0,
+                    "note": "under a defense the exact inversion tries only the rankers' candidates, never the "
+                            "whole vocabulary: its defended figures are lower bounds for that attacker"}
                 utility = _audit_defenses(config, checkpoint, server, defense_x, features, sequences, tokens, vocab,
                                           unigram, vocab_size, scores, undefended, bars, lenses[defense_x])
         finally:
@@ -292,21 +308,24 @@ def audit_llm(config: LLMAuditConfig, *, progress: bool = True, log=print) -> di
 
 
 def _attack_session(scores: Scores, split: str, t: Transcript, defense_name: str, inversion, tail, models: dict,
-                    vocab: torch.Tensor, unigram: torch.Tensor, *, defense_row: dict | None = None) -> None:
+                    vocab: torch.Tensor, unigram: torch.Tensor, *, proposals: int,
+                    defense_row: dict | None = None) -> None:
     _eavesdrop(scores, split, t, defense_name)
     up, down = t.hidden("up"), t.hidden("down")
     targets = _targets(t)
     extra = defense_row or {}
-    # public weights: exact inversion, proposals from the nearest embeddings and the MLP's top-k
-    k = 64
-    proposals = torch.cat([attacks.nearest_embeddings(inversion.head.embed.weight, up, k, models["probe"]),
-                           inverters.predict(models["mlp"], up, vocab, k)], dim=1)
-    found = inversion.invert(up, proposals)
+    # public weights: exact inversion, candidates from the linear probe (nearest public embeddings)
+    # and the MLP's top-k
+    k = min(proposals, inversion.vocab_size)
+    ranked = torch.cat([attacks.nearest_embeddings(inversion.head.embed.weight, up, k, models["probe"]),
+                        inverters.predict(models["mlp"], up, vocab, k)], dim=1)
+    found = inversion.invert(up, ranked)
     predictions = {
         ("uplink", "exact-inversion", "public-weights"): found["top5"],
         ("uplink", "mlp-inverter", "auxiliary-data"): inverters.predict(models["mlp"], up, vocab),
         ("uplink", "gru-inverter", "auxiliary-data"): inverters.predict(models["gru"], up, vocab),
-        ("uplink", "linear-probe", "auxiliary-data"): proposals[:, :5],
+        # the probe ranks the public embedding table: it needs the public weights
+        ("uplink", "linear-probe", "public-weights"): ranked[:, :5],
         ("uplink", "unigram-baseline", "baseline"): unigram[:5].expand(len(up), -1),
         ("downlink", "logit-lens", "public-weights"): attacks.logit_lens(tail, down).topk(5, dim=-1).indices,
         ("downlink", "tuned-lens", "public-weights"): attacks.tuned_lens(tail, down, models["lens"]).topk(5, dim=-1).indices,
@@ -347,16 +366,19 @@ def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, 
              "perplexity_change": 0.0, "accounting": NoDefense().accounting()}]
     tick = bars.task(f"defenses at {split}", len(config.defenses) * (len(prompts) + 1))
     for spec in config.defenses:
-        defense = resolve_defense(spec, calibration, seed=config.seed)
+        defense = resolve_defense(spec, calibration, seed=config.seed)  # fixed: a reproducible report
         if isinstance(defense, NoDefense):
             tick()
             continue
-        # The attacker knows the mechanism: trains on defended states, searches with clipped candidates.
-        mlp = inverters.train_mlp(flat, tokens, vocab, vocab_size, epochs=max(2, config.epochs // 2),
-                                  seed=config.seed, transform=resolve_defense(spec, calibration, seed=1).apply)
-        gru = inverters.train_gru([resolve_defense(spec, calibration, seed=2).apply(f) for f in features[x]],
+        # The attacker knows the mechanism, not the noise: trains on its own defended states (seeds other than
+        # the session's), searches with clipped candidates.
+        mlp = inverters.train_mlp(flat, tokens, vocab, vocab_size, epochs=max(2, config.epochs // 2), seed=config.seed,
+                                  transform=resolve_defense(spec, calibration, seed=config.seed + 1).apply)
+        gru = inverters.train_gru([resolve_defense(spec, calibration, seed=config.seed + 2).apply(f) for f in features[x]],
                                   sequences, vocab, vocab_size, epochs=max(2, config.epochs // 2), seed=config.seed)
-        probe = attacks.fit_probe(resolve_defense(spec, calibration, seed=3).apply(flat), tokens, device.head.embed.weight)
+        probe = attacks.fit_probe(resolve_defense(spec, calibration, seed=config.seed + 3).apply(flat), tokens,
+                                  device.head.embed.weight)
+        # No full-vocabulary sweeps under a defense (budget 0): only the rankers' candidates are tried.
         inversion = attacks.HeadInversion(load_head(checkpoint, x), vocab_size, public=defense.public, sweep_budget_s=0)
         agree, total = 0, 0
         positions = 0
@@ -372,7 +394,7 @@ def _audit_defenses(config, checkpoint, server, x, features, sequences, tokens, 
             positions += len(t.prompt_ids) + len(t.token_ids) - 1
             _attack_session(scores, split, t, defense.name, inversion, tail,
                             {"mlp": mlp, "gru": gru, "probe": probe, "lens": lens},
-                            vocab, unigram)
+                            vocab, unigram, proposals=config.proposals)
             tick()
         ppl = split_perplexity(device, body, heldout, defense)
         rows.append({"defense": defense.name, "spec": spec, "split": split, "greedy_agreement": agree / max(total, 1),

@@ -39,7 +39,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object and nothing else on stdout")
     p.add_argument("--defense", default="none", help="split mode: none | gaussian:sigma=S,clip=C | "
-                   "dpquant:bits=B,epsilon=E,clip=C on the uplink (see docs/privacy.md)")
+                   "dpquant:bits=B,epsilon=E,clip=C on the uplink (see docs/privacy.md); needs --cache kv")
+    p.add_argument("--defense-seed", type=int, default=None,
+                   help="for experiments only: makes the defense noise reproducible and so removable "
+                        "(default: a fresh seed from secrets.randbits(63))")
     add_session_options(p)
     p.set_defaults(func=generate_command)
 
@@ -63,7 +66,7 @@ def generate_command(args) -> int:
         server=args.server, cache=args.cache, codec=args.codec, sampling=sampling, dtype=args.dtype,
         token=args.token, tls_ca=args.tls_ca, link=args.link, ignore_eos=args.ignore_eos,
         chat=False if args.no_chat else None, on_text=None if args.json else stream,
-        defense=_defense(args.defense, args.seed, args.mode),
+        defense=_defense(args.defense, args.defense_seed, args.mode),
     )
     if args.json:
         print(json.dumps(record))
@@ -75,7 +78,8 @@ def generate_command(args) -> int:
     return 0
 
 
-def _defense(spec: str, seed: int, mode: str):
+def _defense(spec: str, seed: int | None, mode: str):
+    """The uplink defense; its noise seed comes from `secrets` unless --defense-seed is given (never --seed)."""
     if spec in (None, "", "none"):
         return None
     from lambdasplit.audit.defenses import parse_defense

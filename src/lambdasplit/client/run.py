@@ -48,6 +48,11 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
         raise LambdaSplitError(f"mode must be split, local or cloud, not {mode!r}")
     if not server or not split:
         raise LambdaSplitError("split mode needs --split X:Y and --server HOST:PORT")
+    if defense is not None and getattr(defense, "name", None) != "none" and cache != "kv":
+        # Without the KV cache every step re-sends every position with fresh noise: averaging the
+        # copies removes the noise, while the defense's accounting counts each position once.
+        raise LambdaSplitError("--defense needs --cache kv: with --cache none every position is re-sent with fresh "
+                               "noise at every step, and averaging those copies removes the noise")
     device = device or DeviceModel.load(model, split, dtype)
     with RemoteBody.for_device(device, server, codec=codec, defense=defense, **options) as body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
