@@ -26,9 +26,19 @@ under load: communication agreed within 4%, total time did not.) Namespaces, lin
 exit, also on errors.
 
 Note on bytes: tbf counts whole Ethernet frames (payload + 66 bytes of Ethernet, IP and
-TCP headers per 1448-byte segment, about 4.6% more) and the ACKs share the reverse
-link; the emulator counts the TCP payload only. Expect the kernel to be a few percent
-slower on rate-dominated rows.
+TCP headers per 1448-byte segment, about 4.6% more), and so does the emulator
+(Link.wire_bytes). What the emulator does not count: the ACKs, which share the reverse
+link under tbf (66 bytes per ACK, one ACK per two segments: about 23 KB per MB delivered).
+
+Limits of the comparison (docs/benchmarks.md says the same):
+- The relay adds its delay outside TCP: each hop (device <-> relay, relay <-> server) has
+  loopback-like round trips, so TCP's ACK clock, window growth and retransmissions never
+  see the delay. It is a fair check of delay added per request/response, not of TCP
+  over a long fat pipe.
+- The emulator has no congestion window and no slow start: a frame goes out at the link
+  rate from its first byte. On a real path with a large RTT, the first frames of a
+  connection (and frames after idle periods) are slower than it predicts.
+- tbf refills its bucket while the link idles (see setup()); the emulator has no bucket.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +139,7 @@ def teardown() -> None:
 
 
 def start(ns: str, args: list[str], ready: str, timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """Start `args` in namespace `ns`, wait for a line starting with `ready`; returns (process, that line)."""
     process = subprocess.Popen(["ip", "netns", "exec", ns, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, cwd=REPO)
     deadline = time.monotonic() + timeout
@@ -138,9 +150,17 @@ def start(ns: str, args: list[str], ready: str, timeout: float = 600) -> tuple[s
             break
         lines.append(line)
         if line.startswith(ready):
+            # Keep reading its output (as lambdasplit.server.process.ServerProcess does): a
+            # process writing to a full, unread pipe blocks, and a blocked server stalls the runs.
+            threading.Thread(target=_drain, args=(process,), daemon=True).start()
             return process, line
     process.kill()
     raise RuntimeError(f"{args[:4]} did not start:\n" + "".join(lines))
+
+
+def _drain(process: subprocess.Popen) -> None:
+    for _ in process.stdout:
+        pass
 
 
 def bench(ns: str | None, model: str, args: argparse.Namespace, extra: list[str]) -> list[dict]:
@@ -164,10 +184,17 @@ def crosscheck(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(REPO / "src"))
     from lambdasplit.bench.llm import resolve_splits
     from lambdasplit.bench.overhead import build_wide_model
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.wire.link import parse_delay, parse_rate
 
-    model = str(build_wide_model(args.hidden, args.layers))
     up, down = args.up or args.rate, args.down or args.rate
-    delay_s = float(args.delay.rstrip("ms")) / 1000 if args.delay.endswith("ms") else float(args.delay.rstrip("s"))
+    try:  # the --link parser's own rules (a bare number is refused: which unit?), before any setup
+        parse_rate(up), parse_rate(down)
+        delay_s = parse_delay(args.delay)
+    except LambdaSplitError as error:
+        print(f"netns_crosscheck: {error}", file=sys.stderr)
+        return 2
+    model = str(build_wide_model(args.hidden, args.layers))
     processes = []
     try:
         setup(up, down)
@@ -242,7 +269,8 @@ def main() -> int:
     parser.add_argument("--rate", default="10mbit", help="both ways, tc syntax (default %(default)s)")
     parser.add_argument("--up", help="uplink rate (overrides --rate)")
     parser.add_argument("--down", help="downlink rate (overrides --rate)")
-    parser.add_argument("--delay", default="0ms", help="one-way delay, e.g. 20ms (default %(default)s)")
+    parser.add_argument("--delay", default="0ms", help="one-way delay with its unit: 500us, 20ms, 0.1s "
+                                                          "(default %(default)s)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--splits", default="1:N-1")

@@ -1,7 +1,9 @@
 """Link emulation (wire/link.py): the `--link` syntax, presets, and the timing model itself.
 
-End-to-end checks through a real server (delay adds 2 x delay per round trip, a 10 Mbit/s
-link makes the no-cache rows take bytes / rate) are in tests/test_bench_llm.py.
+End-to-end checks through a real server (delay adds 2 x delay per round trip and a cloud
+row's streamed tokens pay it once, a 10 Mbit/s link makes the no-cache rows take
+bytes / rate) are in tests/test_bench_llm.py; streamed frames against a fake server, with
+and without TLS, in tests/test_transport.py.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import pytest
 
 from lambdasplit.errors import LambdaSplitError
-from lambdasplit.wire.link import PRESETS, SEGMENT_BYTES, Link
+from lambdasplit.wire.link import PRESETS, SEGMENT_BYTES, Link, parse_delay, parse_rate
 
 
 def test_presets_match_the_papers():
@@ -49,6 +51,16 @@ def test_syntax(text, up, down, delay, loss):
 def test_bad_syntax_is_explained(text, message):
     with pytest.raises(LambdaSplitError, match=message):
         Link.parse(text)
+
+
+def test_the_parsers_scripts_reuse():
+    """scripts/netns_crosscheck.py parses --delay and the rates with these, as --link does."""
+    assert parse_delay("500us") == pytest.approx(500e-6)
+    assert parse_delay("20ms") == pytest.approx(0.020) and parse_delay("0.5s") == 0.5
+    assert parse_rate("10mbit") == 10e6 and parse_rate("1.5gbit") == 1.5e9
+    for bare in ("40", "0.04"):  # seconds or milliseconds? refused rather than guessed
+        with pytest.raises(LambdaSplitError, match="bad delay"):
+            parse_delay(bare)
 
 
 def test_no_link():

@@ -43,7 +43,9 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=llm_command)
 
     o = which.add_parser("overhead", help="tokens/s of split over loopback vs in-process split vs local; bytes/token",
-                         description="The framework's own cost, for a model and a wider random model.")
+                         description="The framework's own cost, for a model (default the bundled SmolLM2, D = 576) and a "
+                                     "wider random Llama built from a config (default D = 2048); the output names "
+                                     "the machine.")
     o.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
     o.add_argument("--split", default="1:N-1", help="default %(default)s")
     o.add_argument("--wide-hidden", type=int, default=2048,
@@ -71,7 +73,7 @@ def _command_line() -> str:
 
 def llm_command(args) -> int:
     from lambdasplit.bench.llm import COLUMNS, run_table, write_chart
-    from lambdasplit.bench.report import print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
 
     result = run_table(
         model=args.model, splits=args.splits, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -88,6 +90,7 @@ def llm_command(args) -> int:
         "sampling, cloud = body compute reported by the server, comm = wall - local - cloud",
         *[f"traffic reduction from caching at {r['split']}: {r['measured_pct']:.2f}% measured, "
           f"{r['from_positions_pct']:.2f}% from positions sent" for r in result["reduction"]],
+        describe_machine(meta["machine"]),
         f"command: `{meta['command']}`",
     ]
     if args.json:
@@ -104,20 +107,20 @@ def llm_command(args) -> int:
 
 def overhead_command(args) -> int:
     from lambdasplit.bench.overhead import COLUMNS, run_overhead
-    from lambdasplit.bench.report import print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
 
     result = run_overhead(model=args.model, split=args.split, wide_hidden=args.wide_hidden,
                           wide_layers=args.wide_layers, new_tokens=args.new_tokens, repeats=args.repeats,
                           codec=args.codec, threads=args.threads, progress=not args.json)
     meta = {**result["meta"], "command": _command_line()}
     title = f"Framework overhead: {args.new_tokens} tokens, codec {args.codec}, median of {args.repeats}"
+    notes = ["tokens/s: median over interleaved repeats; bytes/token: steady state, both directions",
+             describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
     if args.json:
         print(json.dumps({"rows": result["rows"], "meta": meta}))
     else:
-        print_table(result["rows"], COLUMNS, title=title)
+        print_table(result["rows"], COLUMNS, title=title, caption=notes[1])
     if args.out:
-        notes = ["tokens/s: median over interleaved repeats; bytes/token: steady state, both directions",
-                 f"command: `{meta['command']}`"]
         write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
     return 0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lambdasplit.bench.report import Column, megabytes
+from lambdasplit.bench.report import Column, machine, megabytes
 from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.generation import Sampling
 from lambdasplit.client.run import run_generation
@@ -77,14 +77,22 @@ def table_rows(splits: list[str], configs=("cloud", "split", "local"), caches=("
 
 
 def exact_prompt(device: DeviceModel, tokens: int, text: str | None = None) -> list[int]:
-    """Token ids of `text` (no chat template), repeated or cut to exactly `tokens` (0: as is)."""
+    """Token ids of `text` (no chat template), repeated or cut to exactly `tokens` (0: as is).
+
+    The first piece is tokenized as `generate` would (with the tokenizer's BOS, if it adds
+    one); the repeats after it carry no special tokens.
+    """
     text = text or PAPER_PROMPT
     ids = device.encode(text, chat=False)
     if not ids:
         raise LambdaSplitError("the prompt tokenizes to nothing")
     if tokens <= 0:
         return ids
-    more = device.encode(" " + text, chat=False)  # continuations: without a second BOS, with a space
+    # Continuations: with a space, and without special tokens, so a BOS-adding tokenizer
+    # (Llama 2's, for one) does not put a BOS in mid-prompt at every repeat.
+    more = device.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+    if not more:
+        raise LambdaSplitError("the prompt tokenizes to nothing")
     while len(ids) < tokens:
         ids += more
     return ids[:tokens]
@@ -230,7 +238,7 @@ def run_table(*, model: str, splits: str = DEFAULT_SPLITS, prompt_tokens: int = 
         "prompt_text": devices[next(iter(devices))].decode(prompt_ids), "link": link or "none (loopback)",
         "codec": codec, "dtype": dtype, "eos_rule": "EOS logits masked to -inf in every row (min_new_tokens)",
         "sampling": "greedy", "server": "external " + server if process is None and server else "lambdasplit serve subprocess on loopback",
-        "seconds": time.perf_counter() - began,
+        "seconds": time.perf_counter() - began, "machine": machine(),
     }
     return {"rows": rows, "reduction": caching_reduction(rows), "meta": meta}
 

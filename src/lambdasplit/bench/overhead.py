@@ -15,8 +15,10 @@ difference of two loopback runs of different lengths, so the handshake and the p
 step cancel out, and compared with the theory: 2 x D x bytes per element (one hidden
 vector up, one down).
 
-Models: the one given (default the bundled SmolLM2, D = 576) and a wider Llama built
-from a config with random weights (default D = 2048), which is enough for speed and bytes.
+Models, both by default: the one given (default the bundled SmolLM2, D = 576) and a
+wider Llama built from a config with random weights (default D = 2048, 6 layers), which
+is enough for speed and bytes. The result's meta names the machine (CPU model, cores,
+torch version and threads, load average), so every figure can say where it was taken.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 from lambdasplit.bench.llm import exact_prompt, resolve_splits
-from lambdasplit.bench.report import Column
+from lambdasplit.bench.report import Column, machine
 from lambdasplit.client.device import DeviceModel, InProcessBody
 from lambdasplit.client.run import run_generation
 from lambdasplit.llm.checkpoint import Checkpoint
@@ -151,6 +153,7 @@ def run_overhead(*, model: str = DEFAULT_LLM, split: str = "1:N-1", wide_hidden:
 
     if threads:
         torch.set_num_threads(threads)
+    load_at_start = machine()["load_average"]
     models = [(model, model, split)]
     if wide_hidden:
         wide = build_wide_model(wide_hidden, wide_layers)
@@ -165,5 +168,7 @@ def run_overhead(*, model: str = DEFAULT_LLM, split: str = "1:N-1", wide_hidden:
             rows.append(measure_model(label, folder, model_split, new_tokens=new_tokens, repeats=repeats, codec=codec,
                                       threads=threads, on_step=lambda: bar.advance(task)))
     meta = {"new_tokens": new_tokens, "repeats": repeats, "codec": codec, "prompt_tokens": 14,
-            "statistic": "median tokens/s over interleaved repeats", "seconds": time.perf_counter() - began}
+            "threads_per_process": threads or torch.get_num_threads(),
+            "statistic": "median tokens/s over interleaved repeats", "seconds": time.perf_counter() - began,
+            "load_average_at_start": load_at_start, "machine": machine()}
     return {"rows": rows, "meta": meta}

@@ -67,14 +67,34 @@ def markdown_table(rows: list[dict], columns: list[Column]) -> str:
 
 
 def machine() -> dict:
-    """What the numbers were measured on (figures in docs must name the machine)."""
+    """What the numbers were measured on (figures in docs must name the machine).
+
+    torch_threads is this process's intra-op thread count at the time of the call (the
+    benchmarks set it from --threads before measuring); load_average is os.getloadavg()
+    then (other jobs on the machine slow every timing).
+    """
     import torch
 
     return {
         "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_model(),
         "python": sys.version.split()[0], "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.is_available(),
+        "gpu": torch.cuda.is_available(), "load_average": _load_average(),
     }
+
+
+def describe_machine(info: dict) -> str:
+    """One line naming the machine, for terminal and Markdown output."""
+    load = info.get("load_average")
+    return (f"machine: {info['processor']}, {info['cpu_count']} cores, torch {info['torch']}, "
+            f"{info['torch_threads']} torch thread(s) per process, GPU {'yes' if info['gpu'] else 'no'}"
+            + (f", load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)" if load else ""))
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:  # not available on every platform
+        return None
 
 
 def _cpu_model() -> str:
@@ -103,5 +123,7 @@ def write_outputs(out_dir: str | Path, rows: list[dict], columns: list[Column], 
         for row in rows:
             writer.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()})
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (out / "run.json").write_text(json.dumps({"title": title, **meta, "machine": machine()}, indent=1) + "\n")
+    run = {"title": title, **meta}
+    run.setdefault("machine", machine())  # a benchmark may have taken it during its run
+    (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return out

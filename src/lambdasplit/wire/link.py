@@ -28,13 +28,16 @@ The model, for each frame of B bytes (B*8/rate below means wire_bytes(B)*8/rate)
         serialize, then `delay` to propagate. The client writes it to the socket at once
         (so the real loopback transfer overlaps the emulated one instead of adding to
         it) and remembers how much later than now it would have arrived: the lag.
-    server -> client: a reply cannot start arriving before its first byte really did,
-        plus that lag (the server would have started late by that much), plus `delay`;
-        it is handed to the caller after B*8/down more, and no earlier than the previous
-        frame finished (frames queue on the downlink). The client sleeps until then.
+    server -> client: a reply cannot start arriving before its first byte really did
+        (the kernel's receive stamp, see wire/transport.py, not the time the client read
+        it), plus that lag (the server would have started late by that much), plus
+        `delay`; it is handed to the caller after B*8/down more, and no earlier than the
+        previous frame finished (frames queue on the downlink). The client sleeps until then.
     So a request/response costs, on top of the real exchange, up + down serialization
     and 2 x delay, with a single sleep per frame received. This is exact for a protocol
-    in which the client waits for each reply, as lambdasplit's does.
+    in which the client waits for each reply, as lambdasplit's does, and for a stream of
+    replies to one request (cloud mode's TOKEN frames): each is timed from its own real
+    arrival, so the stream pays 2 x delay once.
     loss: the frame is cut into 1448-byte TCP segments; each is lost with probability
         `loss` (seeded, reproducible) and costs a fast retransmit: one round trip
         (2 x delay) plus its own serialization again. This is the optimistic case (no
@@ -68,14 +71,16 @@ _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _SPIN_SECONDS = 0.001  # below this, spin instead of sleep: time.sleep overshoots by ~0.1 ms
 
 
-def _rate(text: str) -> float:
+def parse_rate(text: str) -> float:
+    """'100mbit' -> 1e8 (bit/s, tc's units; 'mbps' is refused: tc means megabytes by it)."""
     match = re.fullmatch(r"([0-9.]+)\s*(bit|kbit|mbit|gbit)", text.strip().lower())
     if not match or float(match.group(1)) <= 0:
         raise LambdaSplitError(f"bad rate {text!r}: write e.g. 100mbit, 500kbit, 1gbit (bit/s, as tc does)")
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def _seconds(text: str) -> float:
+def parse_delay(text: str) -> float:
+    """'40ms' -> 0.04 seconds; 'us', 'ms' and 's' are accepted, a bare number is refused (which unit?)."""
     match = re.fullmatch(r"([0-9.]+)\s*(ms|s|us)", text.strip().lower())
     if not match:
         raise LambdaSplitError(f"bad delay {text!r}: write e.g. 40ms, 0.5s, 200us")
@@ -144,13 +149,13 @@ class Link:
             if not value:  # a bare "100mbit" or "40ms"
                 key, value = ("rate", key) if key.endswith("bit") else ("delay", key)
             if key == "rate":
-                link.up_bps = link.down_bps = _rate(value)
+                link.up_bps = link.down_bps = parse_rate(value)
             elif key == "up":
-                link.up_bps = _rate(value)
+                link.up_bps = parse_rate(value)
             elif key == "down":
-                link.down_bps = _rate(value)
+                link.down_bps = parse_rate(value)
             elif key == "delay":
-                link.delay_s = _seconds(value)
+                link.delay_s = parse_delay(value)
             elif key == "loss":
                 link.loss = _loss(value)
             elif key == "seed":

@@ -4,40 +4,76 @@ Counts are of the bytes written to and read from the TCP socket, so with TLS the
 include TLS records and handshakes, exactly what a packet capture of the payload would
 show. TLS is driven through `ssl.MemoryBIO` for that reason: the TLS layer never touches
 the socket itself, we move its records and count them.
+
+Frames are read exactly: the header first, then the body, never past the current frame,
+so no frame waits in a buffer of ours. With a Link (wire/link.py), the socket asks the
+kernel for receive timestamps (SO_TIMESTAMPNS), because the link model needs the time a
+frame's first byte really arrived, not the time we got round to reading it: a streamed
+TOKEN frame that arrived while the client was holding back the previous one must not be
+charged the delay again. Where stamps are unavailable, the read time stands in.
+
+A frame header announcing more than `max_frame_bytes` (default 256 MiB) is refused with
+a ProtocolError before anything is allocated, so a hostile server cannot make the
+client allocate without bound.
 """
 
 from __future__ import annotations
 
+import platform
 import socket
 import ssl
+import struct
+import sys
 import time
 
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
 
+DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
+
+# Python does not export SO_TIMESTAMPNS. 35 is its value (SO_TIMESTAMPNS_OLD, = SCM_TIMESTAMPNS)
+# in asm-generic/socket.h, which x86 and arm use; other architectures differ, so no stamps there.
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", None)
+if _SO_TIMESTAMPNS is None and sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64", "arm64"):
+    _SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")  # struct timespec on 64-bit Linux: seconds, nanoseconds (CLOCK_REALTIME)
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+_READ_CHUNK = 1 << 20
+
 
 class Transport:
     """Frames over a byte-counting socket, with optional TLS and link emulation."""
 
     def __init__(self, host: str, port: int, *, tls_ca: str | None = None, tls: bool = False,
-                 link: Link | None = None, timeout: float = 300.0, capture: list | None = None):
+                 link: Link | None = None, timeout: float = 300.0, capture: list | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.link = link
+        self.max_frame_bytes = max_frame_bytes
         self.capture = capture  # when a list, every (direction, raw bytes) is appended: what a sniffer sees
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as error:
             raise LambdaSplitError(f"cannot connect to {host}:{port}: {error}") from None
+        self._opened_at = time.perf_counter()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.kernel_stamps = False  # whether arrival times come from the kernel (else: read time)
+        if link is not None and _SO_TIMESTAMPNS is not None and _ANCILLARY:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                self.kernel_stamps = True
+            except OSError:
+                pass
         self._tls = None
+        self._tls_arrived = 0.0  # arrival time of the last socket chunk fed to TLS
         if tls or tls_ca:
             context = ssl.create_default_context(cafile=tls_ca)
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self._tls = context.wrap_bio(self._in, self._out, server_hostname=host)
+            self._scratch = memoryview(bytearray(_READ_CHUNK))
             self._handshake()
-        self._buffer = bytearray()
 
     # ---- raw socket, counted ----
     def _sock_send(self, data: bytes) -> None:
@@ -46,18 +82,43 @@ class Transport:
         if self.capture is not None:
             self.capture.append(("up", bytes(data)))
 
-    def _sock_recv(self) -> bytes:
-        data = self.sock.recv(1 << 20)
-        self.bytes_received += len(data)
-        if self.capture is not None and data:
-            self.capture.append(("down", bytes(data)))
-        return data
+    def _sock_read(self, view: memoryview) -> tuple[int, float]:
+        """Read into `view`: (bytes read, perf_counter time they arrived; 0 bytes = closed)."""
+        if not self.kernel_stamps:
+            count = self.sock.recv_into(view)
+            arrived = time.perf_counter()
+        else:
+            count, ancillary, _, _ = self.sock.recvmsg_into([view], _ANCILLARY)
+            arrived = self._arrival(ancillary)
+        self.bytes_received += count
+        if self.capture is not None and count:
+            self.capture.append(("down", bytes(view[:count])))
+        return count, arrived
+
+    def _arrival(self, ancillary) -> float:
+        """The kernel's CLOCK_REALTIME receive stamp, moved to the perf_counter clock; else now."""
+        now, wall = time.perf_counter(), time.time()
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                age = wall - (seconds + nanoseconds * 1e-9)
+                # Bytes cannot predate the connection; a stamp outside that range is not trusted.
+                if -0.001 <= age <= now - self._opened_at:
+                    return now - max(0.0, age)
+        return now
 
     # ---- TLS through memory BIOs ----
     def _flush_tls(self) -> None:
         pending = self._out.read()
         if pending:
             self._sock_send(pending)
+
+    def _feed_tls(self) -> bool:
+        """Move one socket chunk into the TLS layer; False if the server closed the connection."""
+        count, self._tls_arrived = self._sock_read(self._scratch)
+        if count:
+            self._in.write(self._scratch[:count])
+        return count > 0
 
     def _handshake(self) -> None:
         while True:
@@ -67,10 +128,8 @@ class Transport:
                 return
             except ssl.SSLWantReadError:
                 self._flush_tls()
-                data = self._sock_recv()
-                if not data:
+                if not self._feed_tls():
                     raise LambdaSplitError("TLS handshake failed: the server closed the connection")
-                self._in.write(data)
             except ssl.SSLError as error:
                 raise LambdaSplitError(f"TLS handshake failed: {error}") from None
 
@@ -81,19 +140,37 @@ class Transport:
             self._tls.write(data)
             self._flush_tls()
 
-    def _recv_some(self) -> bytes:
+    def _read_some(self, view: memoryview) -> tuple[int, float]:
+        """Decrypted (or plain) bytes into `view`: (count, arrival time; 0 = closed).
+
+        With TLS, bytes are stamped with the socket chunk that delivered them: TLS is fed
+        only when it has nothing left to decrypt, so that is the last chunk fed (approximately:
+        a record can straddle two chunks).
+        """
         if self._tls is None:
-            return self._sock_recv()
+            return self._sock_read(view)
         while True:
             try:
-                return self._tls.read(1 << 20)
+                return self._tls.read(len(view), view), self._tls_arrived
             except ssl.SSLWantReadError:
-                data = self._sock_recv()
-                if not data:
-                    return b""
-                self._in.write(data)
+                if not self._feed_tls():
+                    return 0, 0.0
             except ssl.SSLZeroReturnError:
-                return b""
+                return 0, 0.0
+
+    def _read_exactly(self, nbytes: int) -> tuple[bytearray, float]:
+        """Exactly `nbytes` of the stream, and the arrival time of the first of them."""
+        data = bytearray(nbytes)
+        view = memoryview(data)
+        done, first_arrived = 0, None
+        while done < nbytes:
+            count, arrived = self._read_some(view[done:done + _READ_CHUNK])
+            if not count:
+                raise LambdaSplitError("the server closed the connection")
+            if first_arrived is None:
+                first_arrived = arrived
+            done += count
+        return data, first_arrived if first_arrived is not None else time.perf_counter()
 
     # ---- frames ----
     def send(self, frame: bytes) -> None:
@@ -103,29 +180,22 @@ class Transport:
 
     def receive(self) -> tuple[FrameType, memoryview]:
         """The next whole frame: (type, body)."""
-        first_byte_at = None
-        while len(self._buffer) < FRAME_HEADER.size or len(self._buffer) < FRAME_HEADER.size - 1 + self._frame_length():
-            data = self._recv_some()
-            if first_byte_at is None:
-                first_byte_at = time.perf_counter()
-            if not data:
-                raise LambdaSplitError("the server closed the connection")
-            self._buffer += data
-        length = self._frame_length()
-        total = FRAME_HEADER.size - 1 + length
-        raw = bytes(self._buffer[:total])
-        del self._buffer[:total]
+        header, first_byte_at = self._read_exactly(FRAME_HEADER.size)
+        length, type_byte = FRAME_HEADER.unpack(header)
+        if length < 1 or length > self.max_frame_bytes:
+            self.close()  # the stream cannot be resynchronised
+            if length < 1:
+                raise ProtocolError("bad_frame", "frame header announces length 0 (it must count the type byte)")
+            raise ProtocolError("frame_too_large", f"the server announced a frame of {length} bytes, above this "
+                                                   f"client's limit of {self.max_frame_bytes} bytes (max_frame_bytes)")
+        body, _ = self._read_exactly(length - 1) if length > 1 else (bytearray(), 0.0)
         if self.link is not None:
-            self.link.receive(total, first_byte_at if first_byte_at is not None else time.perf_counter())
+            self.link.receive(FRAME_HEADER.size - 1 + length, first_byte_at)
         try:
-            frame_type = FrameType(raw[FRAME_HEADER.size - 1])
+            frame_type = FrameType(type_byte)
         except ValueError:
-            raise ProtocolError("bad_frame", f"unknown frame type {raw[FRAME_HEADER.size - 1]}") from None
-        return frame_type, memoryview(raw)[FRAME_HEADER.size:]
-
-    def _frame_length(self) -> int:
-        length, _ = FRAME_HEADER.unpack_from(self._buffer, 0)
-        return length
+            raise ProtocolError("bad_frame", f"unknown frame type {type_byte}") from None
+        return frame_type, memoryview(body)
 
     def close(self) -> None:
         try:
