@@ -148,7 +148,7 @@ def train_mlp(features: torch.Tensor, tokens: torch.Tensor, vocab: torch.Tensor,
 
 
 def train_gru(features: list[torch.Tensor], sequences: list[list[int]], vocab: torch.Tensor, vocab_size: int, *,
-              epochs: int = 6, batch: int = 32, width: int = 256, seed: int = 0) -> GRUInverter:
+              epochs: int = 6, batch: int = 8, width: int = 256, seed: int = 0) -> GRUInverter:
     torch.manual_seed(seed)
     model = GRUInverter(features[0].shape[1], len(vocab), width)
     table = _classes(vocab, vocab_size)
