@@ -20,7 +20,7 @@ from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result, parse_token, step_frame,
 )
 from lambdasplit.wire.link import Link
-from lambdasplit.wire.transport import Transport
+from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, Transport
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -34,12 +34,14 @@ class Session:
     """One connection: handshake, then request/response frames. Closes on errors."""
 
     def __init__(self, address: str, hello: dict, *, token: str | None = None, tls_ca: str | None = None,
-                 link: Link | str | None = None, capture: list | None = None):
+                 link: Link | str | None = None, capture: list | None = None,
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
         host, port = parse_address(address)
         token = token if token is not None else os.environ.get("LAMBDASPLIT_TOKEN")
         tls_ca = tls_ca if tls_ca is not None else os.environ.get("LAMBDASPLIT_TLS_CA")
         link = Link.parse(link) if isinstance(link, str) else link
-        self.transport = Transport(host, port, tls_ca=tls_ca, link=link, capture=capture)
+        self.transport = Transport(host, port, tls_ca=tls_ca, link=link, capture=capture,
+                                   max_frame_bytes=max_frame_bytes)
         self.round_trips = 0
         self.cloud_seconds = 0.0
         self.stats = TensorStats()
