@@ -145,6 +145,13 @@ def test_session_limit(model, device):
                 RemoteBody.for_device(device, server.address)
 
 
+def wait_until_no_sessions(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while server.clients and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.clients, server.clients
+
+
 def test_kv_and_position_limits_are_per_client(model, device):
     """Two sessions of one client share its KV budget; positions are capped per session."""
     d = 64
@@ -156,10 +163,12 @@ def test_kv_and_position_limits_are_per_client(model, device):
             first.forward(torch.randn(1, 20, d), 0)  # 20 of the client's 30 positions' worth
             with pytest.raises(RemoteError, match="kv_cache_limit"):
                 second.forward(torch.randn(1, 12, d), 0)  # alone it would fit; with the first it does not
+        wait_until_no_sessions(server)  # closed sessions free their caches once the server reads CLOSE
         with RemoteBody.for_device(device, server.address) as body:
             body.forward(torch.randn(1, 20, d), 0)
             with pytest.raises(RemoteError, match="too_many_positions"):
                 body.forward(torch.randn(1, 5, d), 20)  # 25 positions in one session > 24
+        wait_until_no_sessions(server)
         with RemoteBody.for_device(device, server.address) as body:  # the server still serves
             assert body.forward(torch.randn(1, 3, d), 0).shape == (1, 3, d)
 
