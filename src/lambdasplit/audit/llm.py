@@ -64,9 +64,10 @@ class LLMAuditConfig:
     defenses: list[str] = field(default_factory=list)  # audited at defense_split
     defense_split: int | None = None  # default: the smallest X
     defense_prompts: int = 6  # sessions per defense (utility and privacy)
-    train_tokens: int = 12000  # public text tokens for the learned inverters
-    epochs: int = 6
-    sweep_budget_s: float = 60.0  # per split, for full-vocabulary sweeps of the exact inversion (0 under defenses)
+    # The next three are also the CLI's defaults (audit/commands.py), the settings docs/privacy.md measured.
+    train_tokens: int = 8000  # public text tokens for the learned inverters
+    epochs: int = 4
+    sweep_budget_s: float = 40.0  # per split, for full-vocabulary sweeps of the exact inversion (0 under defenses)
     proposals: int = 64  # candidates from each cheap ranker (linear probe, MLP) for the exact inversion
     perplexity_tokens: int = 256
     cloud_check: bool = True
