@@ -88,9 +88,11 @@ def test_cache_none_gives_the_same_tokens(family_servers):
     assert none["bytes_up"] > 5 * kv["bytes_up"]
 
 
-def test_steps_of_several_positions_and_cut_back(tiny_model_dir):
-    """A step can carry k positions, and a cache can be cut back: what speculative decoding needs."""
-    folder = tiny_model_dir("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_of_several_positions_and_cut_back(tiny_model_dir, family):
+    """A step can carry k positions, and a cache can be cut back, past a sliding window too
+    (30 positions, window 16, back to 12): what speculative decoding and replay need."""
+    folder = tiny_model_dir(family)
     head, body, tail = load_head(str(folder), 2), load_body(str(folder), 2, 4), load_tail(str(folder), 4)
     ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
 

@@ -17,6 +17,7 @@ import torch
 
 from lambdasplit.client import DeviceModel, RemoteBody
 from lambdasplit.errors import LambdaSplitError, RemoteError
+from lambdasplit.llm import load_body
 from lambdasplit.server import BodyServer, BodyService, Limits
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType, frame, json_frame, parse_json, step_frame
@@ -173,14 +174,18 @@ def test_kv_and_position_limits_are_per_client(model, device):
             assert body.forward(torch.randn(1, 3, d), 0).shape == (1, 3, d)
 
 
-def test_cut_back_past_a_sliding_window_is_a_clear_error(tiny_model_dir):
+def test_cut_back_past_a_sliding_window_over_the_protocol(tiny_model_dir):
+    """Sliding-window caches keep every position, so a step may cut back past the window."""
     folder = str(tiny_model_dir("mistral"))  # window 16
     device = DeviceModel.load(folder, "2:4")
+    local = load_body(folder, 2, 4)
+    hidden = torch.randn(1, 40, 64, generator=torch.Generator().manual_seed(3))
     with BodyServer([BodyService(folder, "2:4")]) as server:
         with RemoteBody.for_device(device, server.address) as body:
-            body.forward(torch.randn(1, 40, 64), 0)
-            with pytest.raises(RemoteError, match="bad_step"):
-                body.forward(torch.randn(1, 1, 64), 5)
+            body.forward(hidden, 0)
+            cut = body.forward(hidden[:, 5:9], 5)  # back to 5 positions, then 4 new ones
+    local.forward(hidden[:, :5], 0)
+    torch.testing.assert_close(cut, local.forward(hidden[:, 5:9], 5), atol=1e-5, rtol=0)
 
 
 def test_non_loopback_needs_tls_and_token(model):

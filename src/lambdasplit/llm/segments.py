@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DummyLayer
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from lambdasplit.errors import LambdaSplitError, SplitError
 from lambdasplit.llm.checkpoint import Checkpoint, parse_dtype
@@ -33,6 +33,24 @@ def parse_split(text: str, num_layers: int) -> tuple[int, int]:
     return x, y
 
 
+class RewindableSlidingLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window cache layer, keeping every position.
+
+    Attention sees exactly what the stock layer shows it (the last `window - 1` cached
+    positions and the new ones, `record_past` mode), so results are bit-equal to the
+    unsplit model's; but the cache can be cut back anywhere (speculative rejections,
+    replays), which the stock layer cannot do once the window is full.
+    """
+
+    def __init__(self, sliding_window: int):
+        super().__init__(sliding_window)
+        self.record_past = True  # keep the past; `update` returns only the visible window
+
+    def crop(self, max_length: int) -> None:
+        DynamicLayer.crop(self, max_length)
+        self.cumulative_length = self.keys.shape[-2] if self.is_initialized else 0
+
+
 class LayerStack:
     """Decoder layers [start, end) of one model, their KV cache, and the length cached so far."""
 
@@ -47,10 +65,13 @@ class LayerStack:
     def _new_cache(self) -> DynamicCache:
         # One cache slot per global layer index (attention modules index it by their own
         # layer_idx); slots outside this stack are DummyLayers so masks size against ours.
+        # Sliding-window layers are RewindableSlidingLayers: they can be cut back anywhere.
         cache = DynamicCache(config=self.config)
-        for i in range(len(cache.layers)):
+        for i, layer in enumerate(cache.layers):
             if not self.start <= i < self.end:
                 cache.layers[i] = DummyLayer()
+            elif isinstance(layer, DynamicSlidingWindowLayer):
+                cache.layers[i] = RewindableSlidingLayer(layer.sliding_window)
         return cache
 
     def fork(self) -> "LayerStack":
