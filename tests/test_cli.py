@@ -67,7 +67,7 @@ def test_cli_errors_are_one_clear_line(model, server):
          "--server", server.address, "--prompt", "hi", "--json"],
         capture_output=True, text=True, timeout=300,
     )
-    assert out.returncode == 2
+    assert out.returncode == 4  # the server refused (lambdasplit/errors.py exit codes)
     assert "wrong_split" in out.stderr and "Traceback" not in out.stderr
     assert out.stdout == ""
     for bad, message in ((["--codec", "int99"], "unknown codec"), (["--max-new-tokens", "-3"], "max_new_tokens"),

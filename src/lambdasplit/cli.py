@@ -39,11 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a clear one-line error, not a traceback, for expected failures
         from lambdasplit.errors import LambdaSplitError
 
-        if isinstance(error, LambdaSplitError):
+        if isinstance(error, LambdaSplitError):  # exit codes: see lambdasplit/errors.py and the README
             print(f"lambdasplit: error: {error}", file=sys.stderr)
-            return 2
+            return error.exit_code
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

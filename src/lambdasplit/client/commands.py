@@ -18,6 +18,10 @@ def add_session_options(p) -> None:
     p.add_argument("--tls-ca", default=os.environ.get("LAMBDASPLIT_TLS_CA"),
                    help="CA file to verify the server's TLS certificate (env LAMBDASPLIT_TLS_CA); enables TLS")
     p.add_argument("--link", help="emulate a link, e.g. up=81mbit,down=340mbit,delay=40ms or paper|5g|wan")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the server to connect or answer (default %(default)s)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow sending the token without TLS to a non-loopback server")
 
 
 def add_commands(subparsers) -> None:
@@ -67,6 +71,7 @@ def generate_command(args) -> int:
         token=args.token, tls_ca=args.tls_ca, link=args.link, ignore_eos=args.ignore_eos,
         chat=False if args.no_chat else None, on_text=None if args.json else stream,
         defense=_defense(args.defense, args.defense_seed, args.mode),
+        timeout=args.timeout, insecure=args.insecure,
     )
     if args.json:
         print(json.dumps(record))

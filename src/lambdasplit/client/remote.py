@@ -4,23 +4,26 @@
     CloudClient  the honest cloud-only baseline: prompt text up, generated text down
 
 Both count every byte through their Transport and every request/response exchange
-after the handshake (`round_trips`).
+after the handshake (`round_trips`). Network failures are NetworkError (one line naming
+the server); `timeout` bounds every wait (connecting, each answer). A token is never sent
+in clear text to a non-loopback host: that needs TLS (`tls_ca`) or `insecure=True`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 
 import torch
 
-from lambdasplit.errors import LambdaSplitError, ProtocolError, RemoteError
+from lambdasplit.errors import LambdaSplitError, ProtocolError, RemoteError, UsageError
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result, parse_token, step_frame,
 )
 from lambdasplit.wire.link import Link
-from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, Transport
+from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -30,18 +33,34 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Session:
     """One connection: handshake, then request/response frames. Closes on errors."""
 
     def __init__(self, address: str, hello: dict, *, token: str | None = None, tls_ca: str | None = None,
                  link: Link | str | None = None, capture: list | None = None,
-                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+                 max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, timeout: float | None = None,
+                 insecure: bool = False):
         host, port = parse_address(address)
         token = token if token is not None else os.environ.get("LAMBDASPLIT_TOKEN")
         tls_ca = tls_ca if tls_ca is not None else os.environ.get("LAMBDASPLIT_TLS_CA")
+        timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+        if not timeout > 0:
+            raise UsageError(f"the timeout must be a positive number of seconds, got {timeout!r}")
+        if token and not tls_ca and not insecure and not is_loopback(host):
+            raise LambdaSplitError(f"refusing to send the token to {host} in clear text: pass --tls-ca CAFILE "
+                                   "(TLS), or --insecure if this network is trusted")
         link = Link.parse(link) if isinstance(link, str) else link
         self.transport = Transport(host, port, tls_ca=tls_ca, link=link, capture=capture,
-                                   max_frame_bytes=max_frame_bytes)
+                                   max_frame_bytes=max_frame_bytes, timeout=timeout)
         self.round_trips = 0
         self.cloud_seconds = 0.0
         self.stats = TensorStats()

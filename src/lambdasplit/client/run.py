@@ -23,10 +23,10 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    sampling: Sampling | None = None, dtype: str = "float32", token: str | None = None,
                    tls_ca: str | None = None, link=None, ignore_eos: bool = False, chat: bool | None = None,
                    device: DeviceModel | None = None, on_text=None, capture: list | None = None,
-                   defense=None) -> dict:
+                   defense=None, timeout: float | None = None, insecure: bool = False) -> dict:
     """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights."""
     sampling = sampling or Sampling()
-    options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture)
+    options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture, timeout=timeout, insecure=insecure)
     if mode == "cloud":
         if not server:
             raise LambdaSplitError("cloud mode needs --server HOST:PORT")

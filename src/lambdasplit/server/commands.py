@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import os
 import sys
 
 from lambdasplit.errors import LambdaSplitError
-from lambdasplit.server.server import BodyServer, Limits
+from lambdasplit.server.server import BodyServer, Limits, bind_listener, check_exposure
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="run a body server (the cloud side)")
+    p = subparsers.add_parser("serve", help="run a body server (the cloud side)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Host model layers for split clients. Limits and defences: docs/security.md.")
     p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
     p.add_argument("--layers", action="append", default=[], metavar="X:Y",
                    help="host body layers [X, Y) (repeat to host several splits)")
@@ -22,16 +26,36 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"), help="bearer token clients must present")
+    p.add_argument("--token-file", help="file whose first line is the bearer token clients must present "
+                   "(or set LAMBDASPLIT_TOKEN)")
+    p.add_argument("--token", help="the bearer token itself; visible to every local user in the process list, "
+                   "prefer --token-file")
     p.add_argument("--tls-cert", help="TLS certificate file (PEM)")
     p.add_argument("--tls-key", help="TLS private key file (PEM)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
     defaults = Limits()
-    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
-    p.add_argument("--max-kv-mb", type=float, default=defaults.max_kv_mb, help="KV cache per session (MiB)")
-    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout, help="seconds before an idle session expires")
-    p.add_argument("--max-frame-mb", type=float, default=defaults.max_frame_mb)
-    p.add_argument("--max-positions", type=int, default=defaults.max_positions)
+    p.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
+                   help="concurrent sessions per client (an IPv4 address, an IPv6 /64, or all of loopback)")
+    p.add_argument("--max-kv-mb", type=float, default=defaults.max_kv_mb,
+                   help="KV cache per client, all its sessions together (MiB)")
+    p.add_argument("--max-pending-per-client", type=int, default=defaults.max_pending_per_client,
+                   help="connections per client that have not finished HELLO")
+    p.add_argument("--max-total-sessions", type=int, default=defaults.max_total_sessions,
+                   help="concurrent sessions, all clients together")
+    p.add_argument("--max-total-kv-mb", type=float, default=defaults.max_total_kv_mb,
+                   help="KV cache of all sessions together (MiB)")
+    p.add_argument("--max-pending", type=int, default=defaults.max_pending,
+                   help="connections that have not finished HELLO, all clients together")
+    p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
+                   help="seconds without a frame before a session expires")
+    p.add_argument("--hello-timeout", type=float, default=defaults.hello_timeout,
+                   help="seconds a new connection has to send its HELLO")
+    p.add_argument("--write-timeout", type=float, default=defaults.write_timeout,
+                   help="seconds a reply may wait for the client to read it before the session is dropped")
+    p.add_argument("--max-unsent-mb", type=float, default=defaults.max_unsent_mb,
+                   help="unread replies (MiB) beyond the one being sent before the session is dropped")
+    p.add_argument("--max-frame-mb", type=float, default=defaults.max_frame_mb, help="largest frame accepted (MiB)")
+    p.add_argument("--max-positions", type=int, default=defaults.max_positions, help="positions per session")
     p.set_defaults(func=serve_command)
 
 
@@ -56,13 +80,45 @@ def build_services(args) -> list:
     return services
 
 
+def read_token(args) -> str | None:
+    """--token-file, else --token (with a warning), else LAMBDASPLIT_TOKEN."""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as file:
+                token = file.readline().strip()
+        except OSError as error:
+            raise LambdaSplitError(f"cannot read --token-file {args.token_file}: {error.strerror}") from None
+        if not token:
+            raise LambdaSplitError(f"--token-file {args.token_file} is empty")
+        return token
+    if args.token:
+        print("lambdasplit: warning: --token is visible to every local user in the process list; "
+              "use --token-file or LAMBDASPLIT_TOKEN", file=sys.stderr, flush=True)
+        return args.token
+    return os.environ.get("LAMBDASPLIT_TOKEN") or None
+
+
 def serve_command(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LambdaSplitError("--tls-cert and --tls-key go together")
-    limits = Limits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb, idle_timeout=args.idle_timeout,
+    token = read_token(args)
+    limits = Limits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
+                    max_pending_per_client=args.max_pending_per_client, max_total_sessions=args.max_total_sessions,
+                    max_total_kv_mb=args.max_total_kv_mb, max_pending=args.max_pending,
+                    idle_timeout=args.idle_timeout, hello_timeout=args.hello_timeout,
+                    write_timeout=args.write_timeout, max_unsent_mb=args.max_unsent_mb,
                     max_frame_mb=args.max_frame_mb, max_positions=args.max_positions)
-    server = BodyServer(build_services(args), host=args.host, port=args.port, token=args.token,
-                        tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits)
+    # Everything that can be refused without the model is checked first (loading takes a while).
+    check_exposure(args.host, token, args.tls_cert, args.insecure)
+    listener = bind_listener(args.host, args.port)
+    logging.basicConfig(level=logging.WARNING, format="lambdasplit serve: %(levelname)s %(message)s")
+    try:
+        server = BodyServer(build_services(args), host=args.host, port=args.port, token=token,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
+                            sock=listener)
+    except BaseException:
+        listener.close()
+        raise
     for service in server.services:
         print(f"hosting {service.description}", file=sys.stderr, flush=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,13 +140,105 @@ def encode(tensor: torch.Tensor, codec: Codec) -> Encoded:
     return Encoded(header + scales + payload, len(payload), len(scales))
 
 
-def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Codec, int]:
-    """Decode the blob starting at `offset`: (float32 tensor, codec, offset after the blob).
+@dataclass(frozen=True)
+class BlobHeader:
+    """What a tensor blob declares, read from its header alone (nothing decoded or allocated).
 
-    Every length is checked against the bytes present: a malformed blob raises
-    ProtocolError('bad_tensor'), never reads out of bounds.
+    A receiver checks this against what it expects (shape, codec) before `decode_blob`
+    allocates anything: a hostile blob can only cost what its header says, and the header
+    is checked against the bytes present. Each codec kind has its own header reader in
+    `HEADER_READERS`; a new kind adds one there and a decoder in `DECODERS`.
+    """
+
+    codec: Codec
+    shape: tuple[int, ...]
+    start: int  # offset of the blob's first byte
+    data: int  # offset of what follows the shape (affine scales, payload)
+    end: int  # offset after the blob
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded float32 tensor takes (decoding allocates this, plus bounded scratch)."""
+        return 4 * self.numel
+
+
+def _float_header(data, start, offset, kind, bits, granularity, shape) -> BlobHeader:
+    name = ["fp32", "fp16", "bf16"][kind]
+    size = math.prod(shape) * FLOAT_KINDS[name][1] // 8
+    _need(data, offset, size)
+    return BlobHeader(Codec(name, kind, FLOAT_KINDS[name][1]), shape, start, offset, offset + size)
+
+
+def _affine_header(data, start, offset, kind, bits, granularity, shape) -> BlobHeader:
+    if not 2 <= bits <= 8:
+        raise ProtocolError("bad_tensor", f"an affine tensor has 2..8 bits, this one declares {bits}")
+    numel, ndim = math.prod(shape), len(shape)
+    if numel == 0 or (granularity == "channel" and ndim < 2):
+        raise ProtocolError("bad_tensor", f"an int{bits}/{granularity} tensor of shape {list(shape)} has no groups to scale")
+    size = 8 * _affine_groups(shape, granularity) + math.ceil(numel * bits / 8)
+    _need(data, offset, size)
+    return BlobHeader(Codec(f"int{bits}/{granularity}", AFFINE, bits, granularity), shape, start, offset, offset + size)
+
+
+def _affine_groups(shape: tuple[int, ...], granularity: str) -> int:
+    if granularity == "tensor" or not shape:
+        return 1
+    return math.prod(shape) // shape[-1] if granularity == "token" else shape[1]
+
+
+def _decode_float(data: memoryview, header: BlobHeader) -> torch.Tensor:
+    dtype = FLOAT_KINDS[header.codec.name][2]
+    out = torch.empty(header.shape, dtype=torch.float32)
+    if header.numel:
+        # One copy from the frame into the float32 result, through a view of the frame's bytes.
+        raw = np.frombuffer(data, dtype="<u2" if header.codec.bits == 16 else "<f4", count=header.numel,
+                            offset=header.data)
+        with warnings.catch_warnings():  # a read-only frame is fine: the view is only read
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.from_numpy(raw)
+        if header.codec.bits == 16:
+            view = view.view(dtype)
+        out.copy_(view.reshape(header.shape))
+    return out
+
+
+def _decode_affine(data: memoryview, header: BlobHeader) -> torch.Tensor:
+    codec, shape = header.codec, header.shape
+    groups = _affine_groups(shape, codec.granularity)
+    scale = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=groups, offset=header.data).copy())
+    low = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=groups, offset=header.data + 4 * groups).copy())
+    per_group = header.numel // groups
+    flat = torch.empty(header.numel, dtype=torch.float32)
+    payload = header.data + 8 * groups
+    # Unpack in chunks of whole bytes (8 values = `bits` bytes), so scratch memory is bounded.
+    step = _UNPACK_CHUNK
+    for first in range(0, header.numel, step):
+        count = min(step, header.numel - first)
+        begin = payload + first * codec.bits // 8
+        chunk = data[begin:begin + math.ceil(count * codec.bits / 8)]
+        flat[first:first + count] = torch.from_numpy(unpack_bits(chunk, codec.bits, count).astype(np.float32))
+    grouped = flat.view(groups, per_group)
+    grouped.mul_(scale[:, None]).add_(low[:, None])
+    return _ungroup(grouped, tuple(shape), codec.granularity)
+
+
+_UNPACK_CHUNK = 1 << 20  # values per unpacking chunk (a multiple of 8)
+HEADER_READERS = {0: _float_header, 1: _float_header, 2: _float_header, AFFINE: _affine_header}
+DECODERS = {0: _decode_float, 1: _decode_float, 2: _decode_float, AFFINE: _decode_affine}
+
+
+def read_header(blob: memoryview | bytes, offset: int = 0) -> BlobHeader:
+    """Parse one blob's header at `offset` and check its declared sizes against the bytes present.
+
+    Raises ProtocolError('bad_tensor') for anything that does not add up; allocates nothing
+    in proportion to what the blob declares.
     """
     data = memoryview(blob)
+    start = offset
     try:
         kind, bits, granularity_id, ndim = struct.unpack_from("<BBBB", data, offset)
         offset += 4
@@ -153,36 +246,28 @@ def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Cod
             raise ProtocolError("bad_tensor", f"tensor header has ndim={ndim}, granularity={granularity_id}")
         shape = struct.unpack_from(f"<{ndim}I", data, offset)
         offset += 4 * ndim
-        numel = math.prod(shape)
-        granularity = GRANULARITIES[granularity_id]
-        if kind in (0, 1, 2):
-            name = ["fp32", "fp16", "bf16"][kind]
-            dtype = FLOAT_KINDS[name][2]
-            size = numel * FLOAT_KINDS[name][1] // 8
-            _need(data, offset, size)
-            raw = torch.frombuffer(bytearray(data[offset:offset + size]), dtype=torch.uint8) if size else torch.empty(0, dtype=torch.uint8)
-            tensor = raw.view(dtype).reshape(shape).float()
-            return tensor, Codec(name, kind, FLOAT_KINDS[name][1]), offset + size
-        if kind != AFFINE or not 2 <= bits <= 8:
-            raise ProtocolError("bad_tensor", f"unknown codec kind {kind} with {bits} bits")
-        codec = Codec(f"int{bits}/{granularity}", AFFINE, bits, granularity)
-        if numel == 0 or (granularity == "channel" and ndim < 2):
-            raise ProtocolError("bad_tensor", f"an int{bits}/{granularity} tensor of shape {list(shape)} has no groups to scale")
-        groups = 1 if granularity == "tensor" or ndim == 0 else (numel // shape[-1] if granularity == "token" else shape[1])
-        _need(data, offset, 8 * groups)
-        scale = np.frombuffer(data, dtype="<f4", count=groups, offset=offset)
-        low = np.frombuffer(data, dtype="<f4", count=groups, offset=offset + 4 * groups)
-        offset += 8 * groups
-        size = math.ceil(numel * bits / 8)
-        _need(data, offset, size)
-        q = unpack_bits(bytes(data[offset:offset + size]), bits, numel)
-        grouped = torch.from_numpy(q.astype(np.float32)).reshape(groups, -1)
-        values = grouped * torch.from_numpy(scale.copy())[:, None] + torch.from_numpy(low.copy())[:, None]
-        return _ungroup(values, tuple(shape), granularity), codec, offset + size
     except struct.error as error:
         raise ProtocolError("bad_tensor", f"truncated tensor blob: {error}") from None
-    except (ValueError, RuntimeError, IndexError, OverflowError) as error:  # inconsistent header fields
-        raise ProtocolError("bad_tensor", f"malformed tensor blob: {error}") from None
+    reader = HEADER_READERS.get(kind)
+    if reader is None:
+        raise ProtocolError("bad_tensor", f"unknown codec kind {kind} with {bits} bits")
+    return reader(data, start, offset, kind, bits, GRANULARITIES[granularity_id], tuple(shape))
+
+
+def decode_blob(blob: memoryview | bytes, header: BlobHeader) -> torch.Tensor:
+    """Decode a blob whose header `read_header` returned (and the caller has accepted)."""
+    return DECODERS[header.codec.kind](memoryview(blob), header)
+
+
+def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Codec, int]:
+    """Decode the blob starting at `offset`: (float32 tensor, codec, offset after the blob).
+
+    Every length is checked against the bytes present: a malformed blob raises
+    ProtocolError('bad_tensor'), never reads out of bounds. A receiver that must bound
+    what a blob may cost calls `read_header` first and checks it (see server/services.py).
+    """
+    header = read_header(blob, offset)
+    return decode_blob(blob, header), header.codec, header.end
 
 
 def _need(data: memoryview, offset: int, size: int) -> None:

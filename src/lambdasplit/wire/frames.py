@@ -19,6 +19,7 @@ never JSON lists, base64 or pickle.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -26,7 +27,7 @@ from enum import IntEnum
 import torch
 
 from lambdasplit.errors import ProtocolError
-from lambdasplit.wire.codecs import Codec, decode, encode
+from lambdasplit.wire.codecs import BlobHeader, Codec, decode_blob, encode, read_header
 
 PROTOCOL_VERSION = 1
 FRAME_HEADER = struct.Struct("<IB")  # length of (type + body), type
@@ -67,10 +68,54 @@ def error_frame(code: str, message: str) -> bytes:
     return json_frame(FrameType.ERROR, {"code": code, "message": message})
 
 
+# Control frames are small, flat objects: anything deeper or with longer numbers is hostile.
+MAX_JSON_DEPTH = 16
+MAX_JSON_INT_DIGITS = 20
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_JSON_INT_DIGITS})")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _json_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_json_values(obj) -> None:
+    """Depth at most MAX_JSON_DEPTH, and every string (key or value) valid UTF-8 (no lone surrogates)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    stack.append((key, depth))
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            value.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate such as "\ud800"
+
+
 def parse_json(body: bytes | memoryview) -> dict:
+    """A control frame's JSON object; anything else (bad UTF-8 or JSON, too deep, huge numbers) is bad_frame."""
     try:
-        obj = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        obj = json.loads(bytes(body).decode("utf-8"), parse_int=_json_int, parse_float=_json_float,
+                         parse_constant=_json_constant)
+        _check_json_values(obj)
+    except RecursionError:
+        raise ProtocolError("bad_frame", f"control frame JSON is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeError, ValueError) as error:  # JSONDecodeError is a ValueError
         raise ProtocolError("bad_frame", f"control frame is not valid JSON: {error}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_frame", "control frame must be a JSON object")
@@ -98,25 +143,36 @@ def result_frame(position: int, compute_us: int, tensors: list[torch.Tensor], co
     return frame(FrameType.RESULT, tensors_body(prefix, tensors, codec, stats))
 
 
-def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
+def parse_headers(body: memoryview, offset: int) -> list[BlobHeader]:
+    """The tensor count and every blob's header, checked against the bytes present; nothing decoded."""
     if offset + 1 > len(body):
         raise ProtocolError("bad_frame", "frame too short for its tensor count")
     (count,) = struct.unpack_from("<B", body, offset)
     offset += 1
-    tensors = []
+    headers = []
     for _ in range(count):
-        tensor, _, offset = decode(body, offset)
-        tensors.append(tensor)
+        headers.append(read_header(body, offset))
+        offset = headers[-1].end
     if offset != len(body):
         raise ProtocolError("bad_frame", f"{len(body) - offset} unexpected bytes after the tensors")
-    return tensors
+    return headers
 
 
-def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
+def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
+    return [decode_blob(body, header) for header in parse_headers(body, offset)]
+
+
+def parse_step_headers(body: memoryview) -> tuple[int, list[BlobHeader]]:
+    """A STEP's position and blob headers: a server checks these before decoding (`decode_blob`)."""
     if len(body) < 4:
         raise ProtocolError("bad_frame", "STEP frame too short")
     (position,) = struct.unpack_from("<I", body, 0)
-    return position, parse_tensors(body, 4)
+    return position, parse_headers(body, 4)
+
+
+def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
+    position, headers = parse_step_headers(body)
+    return position, [decode_blob(body, header) for header in headers]
 
 
 def parse_result(body: memoryview) -> tuple[int, int, list[torch.Tensor]]:

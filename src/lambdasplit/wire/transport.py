@@ -15,6 +15,10 @@ charged the delay again. Where stamps are unavailable, the read time stands in.
 A frame header announcing more than `max_frame_bytes` (default 256 MiB) is refused with
 a ProtocolError before anything is allocated, so a hostile server cannot make the
 client allocate without bound.
+
+Every socket failure is a NetworkError naming the server and what happened (refused,
+reset, closed, timed out after `timeout` seconds without a byte, TLS failure and why);
+the CLI prints it as one line and exits with code 3.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import struct
 import sys
 import time
 
-from lambdasplit.errors import LambdaSplitError, ProtocolError
+from lambdasplit.errors import NetworkError, ProtocolError
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
 
 DEFAULT_MAX_FRAME_BYTES = 256 * 2**20
+DEFAULT_TIMEOUT = 60.0  # seconds to connect, and to wait for the server's next bytes
 
 # Python does not export SO_TIMESTAMPNS. 35 is its value (SO_TIMESTAMPNS_OLD, = SCM_TIMESTAMPNS)
 # in asm-generic/socket.h, which x86 and arm use; other architectures differ, so no stamps there.
@@ -46,8 +51,10 @@ class Transport:
     """Frames over a byte-counting socket, with optional TLS and link emulation."""
 
     def __init__(self, host: str, port: int, *, tls_ca: str | None = None, tls: bool = False,
-                 link: Link | None = None, timeout: float = 300.0, capture: list | None = None,
+                 link: Link | None = None, timeout: float = DEFAULT_TIMEOUT, capture: list | None = None,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self.server = f"{host}:{port}"
+        self.timeout = timeout
         self.bytes_sent = 0
         self.bytes_received = 0
         self.link = link
@@ -55,8 +62,14 @@ class Transport:
         self.capture = capture  # when a list, every (direction, raw bytes) is appended: what a sniffer sees
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
+        except socket.gaierror as error:
+            raise NetworkError(f"cannot connect to {self.server}: unknown host ({error.strerror})") from None
+        except ConnectionRefusedError:
+            raise NetworkError(f"cannot connect to {self.server}: connection refused (is a server running there?)") from None
+        except TimeoutError:
+            raise NetworkError(f"cannot connect to {self.server}: timed out after {timeout:g} s") from None
         except OSError as error:
-            raise LambdaSplitError(f"cannot connect to {host}:{port}: {error}") from None
+            raise NetworkError(f"cannot connect to {self.server}: {error.strerror or error}") from None
         self._opened_at = time.perf_counter()
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.kernel_stamps = False  # whether arrival times come from the kernel (else: read time)
@@ -76,20 +89,38 @@ class Transport:
             self._handshake()
 
     # ---- raw socket, counted ----
+    def _failure(self, error: OSError, doing: str) -> NetworkError:
+        """One line naming the server and what happened."""
+        if isinstance(error, TimeoutError):
+            what = f"timed out: no answer for {self.timeout:g} s while {doing} (the timeout is an option: --timeout)"
+        elif isinstance(error, ConnectionResetError):
+            what = f"connection reset while {doing} (the server went away)"
+        elif isinstance(error, (BrokenPipeError, ConnectionAbortedError)):
+            what = f"connection closed by the server while {doing}"
+        else:
+            what = f"{error.strerror or error} while {doing}"
+        return NetworkError(f"server {self.server}: {what}")
+
     def _sock_send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        try:
+            self.sock.sendall(data)
+        except OSError as error:
+            raise self._failure(error, "sending") from None
         self.bytes_sent += len(data)
         if self.capture is not None:
             self.capture.append(("up", bytes(data)))
 
     def _sock_read(self, view: memoryview) -> tuple[int, float]:
         """Read into `view`: (bytes read, perf_counter time they arrived; 0 bytes = closed)."""
-        if not self.kernel_stamps:
-            count = self.sock.recv_into(view)
-            arrived = time.perf_counter()
-        else:
-            count, ancillary, _, _ = self.sock.recvmsg_into([view], _ANCILLARY)
-            arrived = self._arrival(ancillary)
+        try:
+            if not self.kernel_stamps:
+                count = self.sock.recv_into(view)
+                arrived = time.perf_counter()
+            else:
+                count, ancillary, _, _ = self.sock.recvmsg_into([view], _ANCILLARY)
+                arrived = self._arrival(ancillary)
+        except OSError as error:
+            raise self._failure(error, "waiting for its answer") from None
         self.bytes_received += count
         if self.capture is not None and count:
             self.capture.append(("down", bytes(view[:count])))
@@ -129,9 +160,11 @@ class Transport:
             except ssl.SSLWantReadError:
                 self._flush_tls()
                 if not self._feed_tls():
-                    raise LambdaSplitError("TLS handshake failed: the server closed the connection")
+                    raise NetworkError(f"server {self.server}: TLS handshake failed: the server closed the connection "
+                                       "(is it serving TLS on this port?)")
             except ssl.SSLError as error:
-                raise LambdaSplitError(f"TLS handshake failed: {error}") from None
+                reason = getattr(error, "verify_message", None) or getattr(error, "reason", None) or str(error)
+                raise NetworkError(f"server {self.server}: TLS handshake failed: {reason}") from None
 
     def _send_bytes(self, data: bytes) -> None:
         if self._tls is None:
@@ -157,6 +190,8 @@ class Transport:
                     return 0, 0.0
             except ssl.SSLZeroReturnError:
                 return 0, 0.0
+            except ssl.SSLError as error:
+                raise NetworkError(f"server {self.server}: TLS failure: {error.reason or error}") from None
 
     def _read_exactly(self, nbytes: int) -> tuple[bytearray, float]:
         """Exactly `nbytes` of the stream, and the arrival time of the first of them."""
@@ -166,11 +201,17 @@ class Transport:
         while done < nbytes:
             count, arrived = self._read_some(view[done:done + _READ_CHUNK])
             if not count:
-                raise LambdaSplitError("the server closed the connection")
+                raise NetworkError(f"server {self.server}: {self._closed_reason()}")
             if first_arrived is None:
                 first_arrived = arrived
             done += count
         return data, first_arrived if first_arrived is not None else time.perf_counter()
+
+    def _closed_reason(self) -> str:
+        if self._tls is None and self.bytes_received == 0:
+            return ("the server closed the connection without answering (if it serves TLS, pass --tls-ca "
+                    "or LAMBDASPLIT_TLS_CA)")
+        return "the server closed the connection"
 
     # ---- frames ----
     def send(self, frame: bytes) -> None:
@@ -180,7 +221,11 @@ class Transport:
 
     def receive(self) -> tuple[FrameType, memoryview]:
         """The next whole frame: (type, body)."""
+        first_frame = self.bytes_received == 0
         header, first_byte_at = self._read_exactly(FRAME_HEADER.size)
+        if first_frame and self._tls is None and header[0] in (0x15, 0x16) and header[1] == 0x03:
+            self.close()  # a TLS record (alert or handshake), not a frame
+            raise NetworkError(f"server {self.server} answered with TLS: pass --tls-ca CAFILE (or LAMBDASPLIT_TLS_CA)")
         length, type_byte = FRAME_HEADER.unpack(header)
         if length < 1 or length > self.max_frame_bytes:
             self.close()  # the stream cannot be resynchronised
