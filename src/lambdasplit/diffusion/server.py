@@ -28,7 +28,7 @@ from lambdasplit.diffusion.split import (
     Conditioning, Device, PipelineInfo, check_scheduler, load_unet, make_scheduler, predict_noise,
 )
 from lambdasplit.errors import LambdaSplitError, ProtocolError
-from lambdasplit.server.services import Service, SessionHandler
+from lambdasplit.server.services import Service, SessionHandler, public_model_name
 from lambdasplit.wire.codecs import decode, encode, get_codec
 from lambdasplit.wire.frames import FrameType, json_frame, parse_json
 
@@ -45,7 +45,7 @@ class UNetService(Service):
         self.dtype_name = dtype
         self.unet = load_unet(self.info.folder, DTYPES[dtype])
         self.fingerprint = self.info.fingerprint
-        self.description = f"{model} U-Net ({self.info.class_name}, {dtype}; cloud-latent and client-latent)"
+        self.description = f"{public_model_name(model, self.fingerprint)} U-Net ({self.info.class_name}, {dtype}; cloud-latent and client-latent)"
 
     def check_hello(self, hello: dict) -> str | None:
         return None  # any client of this model; open() checks the rest with diffusion-worded errors
@@ -225,7 +225,7 @@ class PipelineService(Service):
             raise LambdaSplitError("the cloud-only diffusion baseline runs in float32")
         self.device = Device.load(model, with_unet=True)
         self.fingerprint = self.device.info.fingerprint
-        self.description = f"{model} whole pipeline ({self.device.info.class_name}), cloud-only mode"
+        self.description = f"{public_model_name(model, self.fingerprint)} whole pipeline ({self.device.info.class_name}), cloud-only mode"
         # One pipeline, one scheduler with per-run state (its timesteps): one generation at a time.
         self.lock = threading.Lock()
 
