@@ -153,7 +153,9 @@ class Checkpoint:
         dtype transformers would give it (rotary frequencies stay float32 in a bf16 model).
         """
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        _keep_in_fp32(model, dtype)
+        return model
 
     def load_modules(self, model, module_names: list[str], aliases: dict[str, str] | None = None):
         """Allocate the named sub-modules of a meta skeleton and fill them from the checkpoint.
@@ -238,6 +240,23 @@ class Checkpoint:
         if rest in self._weight_map:
             return rest
         raise LambdaSplitError(f"checkpoint {self.name} has no tensor {name!r}")
+
+
+def _keep_in_fp32(model, dtype: torch.dtype) -> None:
+    """Keep float32 what `from_pretrained(dtype=...)` keeps float32 (a family's `_keep_in_fp32_modules`,
+    e.g. GPT-OSS's norms in float16), with transformers' own plan and pattern matching."""
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation, by_group, _ = build_glob_alternation(list(plan))
+    for name, param in list(model.named_parameters()):
+        match = alternation.search(name)
+        if match:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            setattr(owner, attr, torch.nn.Parameter(param.to(plan[by_group[match.lastgroup]]), requires_grad=False))
 
 
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
