@@ -31,6 +31,7 @@ class SplitModelForCausalLM(PreTrainedModel, GenerationMixin):
     # Attention runs inside the segments, with their own config; this class only has to pass
     # PreTrainedModel's checks, on a copy of the config so that they change nothing there.
     _supports_sdpa = True
+    _can_set_experts_implementation_cached_value = True  # (mixture-of-experts configs carry a setting)
 
     def __init__(self, device: DeviceModel, body=None):
         super().__init__(copy.deepcopy(device.checkpoint.config))

@@ -51,12 +51,11 @@ def prompts(checkpoint: Checkpoint, length: int, seed: int) -> dict[str, list[in
     vocab = checkpoint.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(seed)
     found = {"random": torch.randint(0, vocab, (length,), generator=generator).tolist()}
-    try:
-        from transformers import AutoTokenizer
+    if not any((checkpoint.folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return found  # a config-only checkpoint has no tokenizer: random ids only
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder)
-    except Exception:  # a config-only checkpoint has no tokenizer: random ids only
-        return found
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder)
     ids = tokenizer(REAL_TEXT.read_text(encoding="utf-8")[:4000])["input_ids"][:length]
     if ids and max(ids) < vocab:
         found["real"] = ids
