@@ -157,7 +157,7 @@ def _family_config(
 # tests/test_llm_split.py. Each config turns on what the family does differently.
 MORE_FAMILIES = [
     "olmo", "olmo2", "olmo3", "glm", "glm4", "helium", "arcee", "apertus", "seed_oss", "ernie4_5", "nemotron",
-    "phi", "persimmon", "stablelm", "gemma", "gemma3_text", "vaultgemma", "granite", "cohere", "cohere2",
+    "internlm3", "hunyuan_v1_dense", "phi", "persimmon", "stablelm", "gemma", "gemma3_text", "vaultgemma", "granite", "cohere", "cohere2",
     "smollm3", "exaone4", "ministral", "starcoder2", "gpt_neox",
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss",
 ]
@@ -187,6 +187,8 @@ def _more_family_config(family: str, kw: dict, n_layers: int, head_dim: int):
         "seed_oss": (transformers.SeedOssConfig, dict(head_dim=head_dim)),
         "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=head_dim)),
         "nemotron": (transformers.NemotronConfig, dict(head_dim=head_dim)),  # partial rotary 0.5
+        "internlm3": (transformers.InternLM3Config, dict(head_dim=head_dim)),
+        "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=head_dim)),
         "phi": (transformers.PhiConfig, dict(qk_layernorm=True, resid_pdrop=0.0, embd_pdrop=0.0)),
         "persimmon": (transformers.PersimmonConfig, {}),
         "stablelm": (transformers.StableLmConfig, dict(use_parallel_residual=True, qk_layernorm=True)),

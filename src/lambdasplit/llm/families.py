@@ -130,6 +130,8 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in [
     _family("seed_oss"),
     _family("ernie4_5"),
     _family("nemotron"),  # LayerNorm1P, partial rotary
+    _family("internlm3"),  # transformers runs it as LlamaForCausalLM
+    _family("hunyuan_v1_dense"),  # q/k norms inside its attention
     _family("olmoe"),  # mixture of experts
     _family("phi", **_FINAL_LAYERNORM),  # partial rotary, parallel attention and MLP; LM head with bias
     _family("persimmon", **_FINAL_LAYERNORM),
