@@ -76,6 +76,8 @@ def test_unknown_family_is_refused_and_can_try_an_adapter(tmp_path, capsys):
     assert "lambdasplit check" in capsys.readouterr().err
     code, report = check(capsys, "--model", str(tmp_path), "--as-family", "llama")
     assert code == 0 and report["exact"] and report["adapter"] == "llama"
+    assert main(["check", "--model", str(tmp_path), "--as-family", "gpt2"]) == 2  # GPT-2's modules are not there
+    assert "the gpt2 adapter does not fit this model" in capsys.readouterr().err
 
 
 def test_hybrid_family_is_refused_even_with_an_adapter(tmp_path, capsys):

@@ -148,9 +148,12 @@ def run_check(model: str, splits: list[str] | None = None, dtype: str = "float32
         del reference_model
         results = []
         for x, y in chosen:
-            head = load_head(checkpoint, x, torch_dtype, family)
-            body = load_body(checkpoint, x, y, torch_dtype, family)
-            tail = load_tail(checkpoint, y, torch_dtype, head=head, family=family)
+            try:
+                head = load_head(checkpoint, x, torch_dtype, family)
+                body = load_body(checkpoint, x, y, torch_dtype, family)
+                tail = load_tail(checkpoint, y, torch_dtype, head=head, family=family)
+            except (AttributeError, KeyError) as error:  # an adapter asked for with --as-family that does not fit
+                raise LambdaSplitError(f"the {family.model_type} adapter does not fit this model: {error}") from None
             for name, ids in inputs.items():
                 fresh = (head.fork(), body.fork(), tail.fork())  # empty caches for every run
                 results.append(compare(f"{x}:{y}", name, references[name], split_decode(*fresh, ids, new_tokens),
