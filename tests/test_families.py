@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from lambdasplit.client import DeviceModel, RemoteBody
 from lambdasplit.errors import UnsupportedModelError
-from lambdasplit.llm import SUPPORTED_FAMILIES, Checkpoint, family_for
+from lambdasplit.llm import SUPPORTED_FAMILIES, Checkpoint, family_for, load_body, load_head, load_tail
 from lambdasplit.server import BodyServer, BodyService
 from tiny_models import ALL_FAMILIES, MORE_FAMILIES
 
@@ -94,6 +94,30 @@ def test_split_is_bit_equal_in_half_precision(family, tiny_model_dir, matrix_ser
         assert ids == ref_ids, f"{family} {dtype}"
         logits[:, eos] = ref_logits[:, eos]
         torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0, equal_nan=True, msg=f"{family} {dtype}")
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_steps_of_several_positions_and_cut_back(family, tiny_model_dir):
+    """Steps of k positions and a cut-back past the sliding window (30 positions, window 16,
+    back to 12) give the logits of one 30-position step: what speculative decoding and replay need."""
+    folder = str(tiny_model_dir(family))
+    head, body, tail = load_head(folder, 2), load_body(folder, 2, 4), load_tail(folder, 4)
+    ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def run(chunks):
+        outs, start = [], 0
+        for n in chunks:
+            piece = ids[:, start:start + n]
+            outs.append(tail.forward(body.forward(head.forward(piece, start), start), start, last_only=False))
+            start += n
+        return torch.cat(outs, dim=1)
+
+    whole = run([30])
+    torch.testing.assert_close(run([10, 1, 5, 14]), whole, atol=1e-4, rtol=0)
+    for stack in (head.stack, body.stack, tail.stack):
+        stack.truncate(12)
+    rest = tail.forward(body.forward(head.forward(ids[:, 12:], 12), 12), 12, last_only=False)
+    torch.testing.assert_close(rest, whole[:, 12:], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("config_class,name", [
