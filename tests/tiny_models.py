@@ -158,7 +158,7 @@ def _family_config(
 MORE_FAMILIES = [
     "olmo", "olmo2", "olmo3", "glm", "glm4", "helium", "arcee", "apertus", "seed_oss", "ernie4_5", "nemotron",
     "internlm3", "hunyuan_v1_dense", "phi", "persimmon", "stablelm", "gemma", "gemma3_text", "vaultgemma", "granite", "cohere", "cohere2",
-    "smollm3", "exaone4", "ministral", "starcoder2", "gpt_neox",
+    "smollm3", "exaone4", "ministral", "starcoder2", "gpt_neox", "gpt_bigcode",
     "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss",
 ]
 ALL_FAMILIES = FAMILIES + MORE_FAMILIES
@@ -213,6 +213,9 @@ def _more_family_config(family: str, kw: dict, n_layers: int, head_dim: int):
                                                            embedding_dropout=0.0, attention_dropout=0.0)),
         "gpt_neox": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, use_parallel_residual=True,
                                                       hidden_dropout=0.0, attention_dropout=0.0)),
+        "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(
+            n_embd=kw["hidden_size"], n_layer=n_layers, n_head=kw["num_attention_heads"], n_positions=1024,
+            multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
         # Mixture of experts: 4 experts, 2 per token; routing must run where the layer runs.
         "mixtral": (transformers.MixtralConfig, dict(sliding_window=SLIDING_WINDOW, **experts)),
         "phimoe": (transformers.PhimoeConfig, dict(sliding_window=SLIDING_WINDOW, **experts)),

@@ -45,7 +45,7 @@ class Family:
     logit_scale_attr: str | None = None  # logits * config.<attr> (Cohere)
     logit_divisor_attr: str | None = None  # logits / config.<attr> (Granite)
     logit_softcap_attr: str | None = None  # tanh soft-capping of the final logits (Gemma 2/3)
-    layer_call: str = "rotary"  # "rotary" (llama-like), "gpt_neox" (layer_past=) or "gpt2"
+    layer_call: str = "rotary"  # "rotary" (llama-like), "gpt_neox" / "gpt_bigcode" (layer_past=) or "gpt2"
 
     # --- which mask each layer gets, exactly as the family's forward decides ---
     def layer_type(self, config, layer_idx: int) -> str:
@@ -87,6 +87,8 @@ class Family:
     def call_layer(self, layer, hidden, *, mask, position_embeddings, position_ids, cache):
         if self.layer_call == "gpt2":
             return layer(hidden, cache, mask, use_cache=True, position_ids=position_ids)
+        if self.layer_call == "gpt_bigcode":
+            return layer(hidden, None, layer_past=cache, attention_mask=mask, use_cache=True)
         if self.layer_call == "gpt_neox":
             return layer(
                 hidden, attention_mask=mask, position_ids=position_ids, layer_past=cache, use_cache=True,
@@ -109,66 +111,65 @@ class Family:
         return logits
 
 
-def _family(model_type: str, **fields) -> Family:
-    return Family(model_type, **fields)
-
-
 _SLIDING_IF_SET = dict(mask_rule="config_sliding_window")  # one window on every layer when config.sliding_window
 _LAYER_TYPES = dict(mask_rule="layer_types")  # config.layer_types says, per layer, full or sliding
 _FINAL_LAYERNORM = dict(norm="model.final_layernorm")
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in [
     # --- Llama-shaped: llama's forward, the family's own layers ---
-    _family("llama"),
-    _family("olmo"),  # non-parametric LayerNorm, optional qkv clipping: inside the layer
-    _family("olmo2"),  # norms after attention and MLP, q/k norms: inside the layer
-    _family("glm"),  # partial rotary inside its attention
-    _family("glm4"),  # extra post-sublayer norms inside the layer
-    _family("helium"),
-    _family("arcee"),
-    _family("apertus"),
-    _family("seed_oss"),
-    _family("ernie4_5"),
-    _family("nemotron"),  # LayerNorm1P, partial rotary
-    _family("internlm3"),  # transformers runs it as LlamaForCausalLM
-    _family("hunyuan_v1_dense"),  # q/k norms inside its attention
-    _family("olmoe"),  # mixture of experts
-    _family("phi", **_FINAL_LAYERNORM),  # partial rotary, parallel attention and MLP; LM head with bias
-    _family("persimmon", **_FINAL_LAYERNORM),
-    _family("stablelm"),  # partial rotary, optional parallel residual and q/k LayerNorm
+    Family("llama"),
+    Family("olmo"),  # non-parametric LayerNorm, optional qkv clipping: inside the layer
+    Family("olmo2"),  # norms after attention and MLP, q/k norms: inside the layer
+    Family("glm"),  # partial rotary inside its attention
+    Family("glm4"),  # extra post-sublayer norms inside the layer
+    Family("helium"),
+    Family("arcee"),
+    Family("apertus"),
+    Family("seed_oss"),
+    Family("ernie4_5"),
+    Family("nemotron"),  # LayerNorm1P, partial rotary
+    Family("internlm3"),  # transformers runs it as LlamaForCausalLM
+    Family("hunyuan_v1_dense"),  # q/k norms inside its attention
+    Family("olmoe"),  # mixture of experts
+    Family("phi", **_FINAL_LAYERNORM),  # partial rotary, parallel attention and MLP; LM head with bias
+    Family("persimmon", **_FINAL_LAYERNORM),
+    Family("stablelm"),  # partial rotary, optional parallel residual and q/k LayerNorm
     # Gemma scales the embedding inside its embedding module (a buffer we re-create on load).
-    _family("gemma"),
+    Family("gemma"),
     # Granite: embedding multiplier here; residual and attention multipliers inside the layer.
-    _family("granite", embedding_multiplier_attr="embedding_multiplier", logit_divisor_attr="logits_scaling"),
-    _family("granitemoe", embedding_multiplier_attr="embedding_multiplier", logit_divisor_attr="logits_scaling"),
-    _family("cohere", logit_scale_attr="logit_scale"),  # parallel attention and MLP inside the layer
+    Family("granite", embedding_multiplier_attr="embedding_multiplier", logit_divisor_attr="logits_scaling"),
+    Family("granitemoe", embedding_multiplier_attr="embedding_multiplier", logit_divisor_attr="logits_scaling"),
+    Family("cohere", logit_scale_attr="logit_scale"),  # parallel attention and MLP inside the layer
     # --- one sliding window on every layer when the config sets one ---
-    _family("mistral", **_SLIDING_IF_SET),
-    _family("phi3", **_SLIDING_IF_SET),
-    _family("mixtral", **_SLIDING_IF_SET),  # mixture of experts: routing runs where the layer runs
-    _family("phimoe", **_SLIDING_IF_SET),
-    _family("qwen3_moe", **_SLIDING_IF_SET),
-    _family("starcoder2", **_SLIDING_IF_SET),
+    Family("mistral", **_SLIDING_IF_SET),
+    Family("phi3", **_SLIDING_IF_SET),
+    Family("mixtral", **_SLIDING_IF_SET),  # mixture of experts: routing runs where the layer runs
+    Family("phimoe", **_SLIDING_IF_SET),
+    Family("qwen3_moe", **_SLIDING_IF_SET),
+    Family("starcoder2", **_SLIDING_IF_SET),
     # --- per-layer full / sliding attention from config.layer_types ---
-    _family("qwen2", **_LAYER_TYPES),
-    _family("qwen3", **_LAYER_TYPES),
-    _family("qwen2_moe", **_LAYER_TYPES),
-    _family("ministral", **_LAYER_TYPES),
-    _family("smollm3", **_LAYER_TYPES),  # layers without rotary (no_rope_layers): inside the attention
-    _family("exaone4", **_LAYER_TYPES),
-    _family("gpt_oss", **_LAYER_TYPES),  # attention sinks, alternating windows, mixture of experts
-    _family("cohere2", logit_scale_attr="logit_scale", **_LAYER_TYPES),  # rotary only on sliding layers
+    Family("qwen2", **_LAYER_TYPES),
+    Family("qwen3", **_LAYER_TYPES),
+    Family("qwen2_moe", **_LAYER_TYPES),
+    Family("ministral", **_LAYER_TYPES),
+    Family("smollm3", **_LAYER_TYPES),  # layers without rotary (no_rope_layers): inside the attention
+    Family("exaone4", **_LAYER_TYPES),
+    Family("gpt_oss", **_LAYER_TYPES),  # attention sinks, alternating windows, mixture of experts
+    Family("cohere2", logit_scale_attr="logit_scale", **_LAYER_TYPES),  # rotary only on sliding layers
     # Gemma 2 soft-caps attention inside the layer, and the final logits here.
-    _family("gemma2", logit_softcap_attr="final_logit_softcapping", **_LAYER_TYPES),
-    _family("vaultgemma", logit_softcap_attr="final_logit_softcapping", **_LAYER_TYPES),
+    Family("gemma2", logit_softcap_attr="final_logit_softcapping", **_LAYER_TYPES),
+    Family("vaultgemma", logit_softcap_attr="final_logit_softcapping", **_LAYER_TYPES),
     # Gemma 3 (text): local and global layers with their own rotary bases; query_pre_attn_scalar inside.
-    _family("gemma3_text", logit_softcap_attr="final_logit_softcapping", rotary_per_layer_type=True, **_LAYER_TYPES),
-    _family("olmo3", rotary_per_layer_type=True, **_LAYER_TYPES),
+    Family("gemma3_text", logit_softcap_attr="final_logit_softcapping", rotary_per_layer_type=True, **_LAYER_TYPES),
+    Family("olmo3", rotary_per_layer_type=True, **_LAYER_TYPES),
     # --- other module layouts ---
-    _family("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
-            rotary="gpt_neox.rotary_emb", layer_call="gpt_neox"),
-    _family("gpt2", embed="transformer.wte", position_embed="transformer.wpe", layers="transformer.h",
-            norm="transformer.ln_f", rotary=None, layer_call="gpt2"),
+    Family("gpt_neox", embed="gpt_neox.embed_in", layers="gpt_neox.layers", norm="gpt_neox.final_layer_norm",
+           rotary="gpt_neox.rotary_emb", layer_call="gpt_neox"),  # the checkpoint's `embed_out` is lm_head
+    Family("gpt2", embed="transformer.wte", position_embed="transformer.wpe", layers="transformer.h",
+           norm="transformer.ln_f", rotary=None, layer_call="gpt2"),
+    # StarCoder 1 / SantaCoder: GPT-2's layout, multi-query attention.
+    Family("gpt_bigcode", embed="transformer.wte", position_embed="transformer.wpe", layers="transformer.h",
+           norm="transformer.ln_f", rotary=None, layer_call="gpt_bigcode"),
 ]}
 
 SUPPORTED_FAMILIES = tuple(FAMILIES)
@@ -222,8 +223,8 @@ def check_config(family: Family, config) -> None:
     name = family.model_type
     if getattr(config, "quantization_config", None):
         raise UnsupportedModelError(f"{name}: quantized checkpoints are not supported (the loader reads plain tensors)")
-    if name == "gpt2" and getattr(config, "add_cross_attention", False):
-        raise UnsupportedModelError("gpt2 with cross-attention is an encoder-decoder setup, not supported")
+    if name in ("gpt2", "gpt_bigcode") and getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError(f"{name} with cross-attention is an encoder-decoder setup, not supported")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError(f"{name} with use_bidirectional_attention is an encoder, not a causal LM")
     if family.mask_rule == "layer_types" and getattr(config, "layer_types", None) is None:
