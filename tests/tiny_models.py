@@ -145,10 +145,96 @@ def _family_config(
             tie_word_embeddings=True,
             **ids,
         )
+    elif family in MORE_FAMILIES:
+        cls, kw = _more_family_config(family, kw, n_layers, head_dim)
     else:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     kw.update(overrides)
     return cls(**kw)
+
+
+# Families added for issue 17 (tests/test_families.py); FAMILIES above stays the seven of
+# tests/test_llm_split.py. Each config turns on what the family does differently.
+MORE_FAMILIES = [
+    "olmo", "olmo2", "olmo3", "glm", "glm4", "helium", "arcee", "apertus", "seed_oss", "ernie4_5", "nemotron",
+    "internlm3", "hunyuan_v1_dense", "phi", "persimmon", "stablelm", "gemma", "gemma3_text", "vaultgemma", "granite", "cohere", "cohere2",
+    "smollm3", "exaone4", "ministral", "starcoder2", "gpt_neox", "gpt_bigcode",
+    "mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe", "gpt_oss",
+]
+ALL_FAMILIES = FAMILIES + MORE_FAMILIES
+# Gemma-style families multiply the embedding by sqrt(hidden_size) (see `_perturb`).
+SCALED_EMBEDDING_FAMILIES = {"gemma2", "gemma", "gemma3_text", "vaultgemma"}
+
+
+def _mixed_layer_types(n_layers: int) -> list[str]:
+    """Sliding layers with a full one every third layer, so every split cuts through both kinds."""
+    return ["full_attention" if i % 3 == 1 else "sliding_attention" for i in range(n_layers)]
+
+
+def _more_family_config(family: str, kw: dict, n_layers: int, head_dim: int):
+    """(config class, constructor kwargs) of the families in MORE_FAMILIES."""
+    experts = dict(num_local_experts=4, num_experts_per_tok=2)
+    mixed = dict(sliding_window=SLIDING_WINDOW, layer_types=_mixed_layer_types(n_layers))
+    simple = {
+        "olmo": (transformers.OlmoConfig, dict(clip_qkv=3.0)),  # clipping that bites at this init scale
+        "olmo2": (transformers.Olmo2Config, {}),
+        "olmo3": (transformers.Olmo3Config, mixed),
+        "glm": (transformers.GlmConfig, dict(head_dim=head_dim)),  # partial rotary 0.5
+        "glm4": (transformers.Glm4Config, dict(head_dim=head_dim)),
+        "helium": (transformers.HeliumConfig, dict(head_dim=head_dim)),
+        "arcee": (transformers.ArceeConfig, {}),
+        "apertus": (transformers.ApertusConfig, {}),
+        "seed_oss": (transformers.SeedOssConfig, dict(head_dim=head_dim)),
+        "ernie4_5": (transformers.Ernie4_5Config, dict(head_dim=head_dim)),
+        "nemotron": (transformers.NemotronConfig, dict(head_dim=head_dim)),  # partial rotary 0.5
+        "internlm3": (transformers.InternLM3Config, dict(head_dim=head_dim)),
+        "hunyuan_v1_dense": (transformers.HunYuanDenseV1Config, dict(head_dim=head_dim)),
+        "phi": (transformers.PhiConfig, dict(qk_layernorm=True, resid_pdrop=0.0, embd_pdrop=0.0)),
+        "persimmon": (transformers.PersimmonConfig, {}),
+        "stablelm": (transformers.StableLmConfig, dict(use_parallel_residual=True, qk_layernorm=True)),
+        "gemma": (transformers.GemmaConfig, dict(head_dim=head_dim, tie_word_embeddings=True)),
+        # Gemma 3: local/global rotary bases, query_pre_attn_scalar != head_dim, both soft-caps bite.
+        "gemma3_text": (transformers.Gemma3TextConfig, dict(
+            head_dim=head_dim, query_pre_attn_scalar=2 * head_dim, rope_local_base_freq=100.0,
+            attn_logit_softcapping=10.0, final_logit_softcapping=1.0, tie_word_embeddings=True, **mixed)),
+        "vaultgemma": (transformers.VaultGemmaConfig, dict(
+            head_dim=head_dim, query_pre_attn_scalar=head_dim, attn_logit_softcapping=10.0,
+            final_logit_softcapping=1.0, tie_word_embeddings=True, **mixed)),
+        # Granite's four multipliers, all away from 1.
+        "granite": (transformers.GraniteConfig, dict(
+            embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0)),
+        "cohere": (transformers.CohereConfig, dict(logit_scale=0.5, use_qk_norm=True, tie_word_embeddings=True)),
+        "cohere2": (transformers.Cohere2Config, dict(logit_scale=0.5, tie_word_embeddings=True, **mixed)),
+        # SmolLM3: every second layer without rotary.
+        "smollm3": (transformers.SmolLM3Config, dict(no_rope_layer_interval=2)),
+        "exaone4": (transformers.Exaone4Config, dict(head_dim=head_dim, **mixed)),
+        "ministral": (transformers.MinistralConfig, dict(head_dim=head_dim, **mixed)),
+        "starcoder2": (transformers.Starcoder2Config, dict(sliding_window=SLIDING_WINDOW, residual_dropout=0.0,
+                                                           embedding_dropout=0.0, attention_dropout=0.0)),
+        "gpt_neox": (transformers.GPTNeoXConfig, dict(rotary_pct=0.25, use_parallel_residual=True,
+                                                      hidden_dropout=0.0, attention_dropout=0.0)),
+        "gpt_bigcode": (transformers.GPTBigCodeConfig, dict(
+            n_embd=kw["hidden_size"], n_layer=n_layers, n_head=kw["num_attention_heads"], n_positions=1024,
+            multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        # Mixture of experts: 4 experts, 2 per token; routing must run where the layer runs.
+        "mixtral": (transformers.MixtralConfig, dict(sliding_window=SLIDING_WINDOW, **experts)),
+        "phimoe": (transformers.PhimoeConfig, dict(sliding_window=SLIDING_WINDOW, **experts)),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+            use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=n_layers // 2)),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+            head_dim=head_dim, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            use_sliding_window=True, sliding_window=SLIDING_WINDOW)),
+        "olmoe": (transformers.OlmoeConfig, dict(num_experts=4, num_experts_per_tok=2)),
+        "granitemoe": (transformers.GraniteMoeConfig, dict(
+            embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.0,
+            **experts)),
+        # GPT-OSS: attention sinks, alternating windows, experts.
+        "gpt_oss": (transformers.GptOssConfig, dict(
+            head_dim=head_dim, num_local_experts=4, num_experts_per_tok=2, **mixed)),
+    }
+    cls, extra = simple[family]
+    return cls, {**kw, **extra}
 
 
 NORM_NOISE = 0.1
@@ -164,7 +250,7 @@ def _perturb(model: torch.nn.Module, family: str, hidden_size: int, special_ids:
     for name, param in model.named_parameters():
         if "norm" in name or ".ln_" in name:
             param.add_(torch.randn_like(param) * NORM_NOISE)
-    if family == "gemma2":
+    if family in SCALED_EMBEDDING_FAMILIES:
         # Gemma multiplies embeddings by sqrt(hidden_size); with tied embeddings the
         # input token then dominates the last hidden state and greedy decoding
         # repeats it forever. Undo that factor in the weights.

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "lambdasplit.audit.commands",  # audit llm / diffusion
     "lambdasplit.diffusion.commands",  # imagine
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
+    "lambdasplit.llm.commands",  # check
 ]
 
 

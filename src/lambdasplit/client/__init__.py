@@ -4,6 +4,7 @@
     device.py      DeviceModel: tokenizer + head + tail; InProcessBody
     remote.py      RemoteBody (split mode) and CloudClient (cloud-only mode) sessions
     commands.py    `lambdasplit generate` and `lambdasplit demo`
+    hf_model.py    SplitModelForCausalLM: the same split behind transformers' generate()
 """
 
 from lambdasplit.client.device import BodyChain, DeviceModel, InProcessBody

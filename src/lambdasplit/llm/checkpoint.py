@@ -66,6 +66,7 @@ class Checkpoint:
             raise LambdaSplitError(f"{model!r} has no config.json: not a transformers checkpoint")
         self.config = AutoConfig.from_pretrained(self.folder)
         self._headers: dict[str, dict] = {}
+        self._renamed: dict[str, str] | None = None  # checkpoint tensor -> model tensor, where they differ
         self._weight_map = self._read_weight_map()
 
     def _read_weight_map(self) -> dict[str, str]:
@@ -135,8 +136,15 @@ class Checkpoint:
         digest.update(json.dumps(layout, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
-    def has_tensor(self, name: str) -> bool:
-        return name in self._weight_map
+    def has_tensor(self, name: str, model=None) -> bool:
+        """Whether the checkpoint stores this tensor; with `model` (a skeleton), also under a legacy name
+        (GPT-NeoX's `embed_out` for `lm_head`)."""
+        if name in self._weight_map:
+            return True
+        if model is not None:
+            self._converted_sources(model, "")
+            return name in self._renamed.values()
+        return False
 
     def skeleton(self, dtype: torch.dtype = torch.float32):
         """The whole model on the meta device: structure and config, no memory.
@@ -145,7 +153,9 @@ class Checkpoint:
         dtype transformers would give it (rotary frequencies stay float32 in a bf16 model).
         """
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        _keep_in_fp32(model, dtype)
+        return model
 
     def load_modules(self, model, module_names: list[str], aliases: dict[str, str] | None = None):
         """Allocate the named sub-modules of a meta skeleton and fill them from the checkpoint.
@@ -162,10 +172,22 @@ class Checkpoint:
                 if sub._non_persistent_buffers_set:
                     model._init_weights(sub)
             source = aliases.get(module_name, module_name)
+            converted = self._converted_sources(model, module_name) if source == module_name else {}
             by_file: dict[str, list[tuple[str, str]]] = {}
             for key in module.state_dict():
+                if key in converted:  # stored in another layout (MoE experts): transformers' converter below
+                    continue
                 tensor_name = self._tensor_name(f"{source}.{key}")
                 by_file.setdefault(self._weight_map[tensor_name], []).append((key, tensor_name))
+            for key, (converter, sources) in converted.items():
+                for tensor_name in sources:
+                    filename = self._weight_map[tensor_name]
+                    self._fetch(filename)
+                    with safe_open(str(self.folder / filename), framework="pt") as file:
+                        converter.add_tensor(f"{module_name}.{key}", tensor_name, self._patterns[tensor_name],
+                                             file.get_tensor(tensor_name))
+                for full_name, tensor in converter.convert(f"{module_name}.{key}", model=model, config=model.config).items():
+                    _assign(module, full_name.removeprefix(f"{module_name}."), tensor[0] if isinstance(tensor, list) else tensor)
             # One module at a time, file closed after each: the mapped pages of the
             # checkpoint never add up beyond one module, so peak memory stays near what is kept.
             for filename, entries in by_file.items():
@@ -173,6 +195,42 @@ class Checkpoint:
                 with safe_open(str(self.folder / filename), framework="pt") as file:
                     for key, tensor_name in entries:
                         _assign(module, key, file.get_tensor(tensor_name))
+
+    def _converted_sources(self, model, module_name: str) -> dict:
+        """{key in the module: (transformers' WeightConverter, checkpoint tensors)} for the module's
+        tensors that the checkpoint stores in another layout (e.g. one tensor per expert, where the
+        model holds them fused), or renamed (a legacy module name), by transformers' own conversion rules."""
+        if self._renamed is None:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            mapping = get_model_conversion_mapping(model)
+            renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+            self._converters = [m for m in mapping if isinstance(m, WeightConverter)]
+            meta = model.state_dict()
+            self._renamed, self._patterns = {}, {}
+            for name in self._weight_map:
+                target, pattern = rename_source_key(name, renamings, self._converters, model.base_model_prefix, meta)
+                if target != name and target in meta:
+                    self._renamed[name] = target
+                    self._patterns[name] = pattern if pattern is not None else name
+        from copy import deepcopy
+
+        from transformers.core_model_loading import WeightRenaming, dot_natural_key
+
+        by_pattern = {p: c for c in self._converters for p in c.source_patterns}
+        converted: dict[str, tuple] = {}
+        for name in sorted(self._renamed, key=dot_natural_key):  # the order transformers stacks experts in
+            target = self._renamed[name]
+            if not target.startswith(f"{module_name}."):
+                continue
+            key = target.removeprefix(f"{module_name}.")
+            pattern = self._patterns[name]
+            if key not in converted:
+                converter = deepcopy(by_pattern[pattern]) if pattern in by_pattern else WeightRenaming(name, target)
+                converted[key] = (converter, [])
+            converted[key][1].append(name)
+        return converted
 
     def _tensor_name(self, name: str) -> str:
         if name in self._weight_map:
@@ -182,6 +240,23 @@ class Checkpoint:
         if rest in self._weight_map:
             return rest
         raise LambdaSplitError(f"checkpoint {self.name} has no tensor {name!r}")
+
+
+def _keep_in_fp32(model, dtype: torch.dtype) -> None:
+    """Keep float32 what `from_pretrained(dtype=...)` keeps float32 (a family's `_keep_in_fp32_modules`,
+    e.g. GPT-OSS's norms in float16), with transformers' own plan and pattern matching."""
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+
+    alternation, by_group, _ = build_glob_alternation(list(plan))
+    for name, param in list(model.named_parameters()):
+        match = alternation.search(name)
+        if match:
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            setattr(owner, attr, torch.nn.Parameter(param.to(plan[by_group[match.lastgroup]]), requires_grad=False))
 
 
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:

@@ -112,12 +112,13 @@ class LayerStack:
             self.length = start + n
             return hidden
         position_ids = torch.arange(start, start + n).unsqueeze(0)
-        position_embeddings = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        rotations = self.family.position_embeddings(self.rotary, self.config, hidden, position_ids, self.layer_indices)
         masks = self.family.masks(self.config, hidden, self.cache, position_ids, self.layer_indices)
         for layer_idx, layer in zip(self.layer_indices, self.layers):
+            kind = self.family.layer_type(self.config, layer_idx)
             hidden = self.family.call_layer(
-                layer, hidden, mask=masks[self.family.layer_type(self.config, layer_idx)],
-                position_embeddings=position_embeddings, position_ids=position_ids, cache=self.cache,
+                layer, hidden, mask=masks[kind], position_embeddings=rotations[kind],
+                position_ids=position_ids, cache=self.cache,
             )
         self.length = start + n
         return hidden
@@ -134,7 +135,7 @@ class Head:
 
     @torch.inference_mode()
     def forward(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
-        hidden = self.embed(token_ids)
+        hidden = self.stack.family.scale_embeddings(self.stack.config, self.embed(token_ids))
         if self.position_embed is not None:
             positions = torch.arange(start, start + token_ids.shape[1]).unsqueeze(0)
             hidden = hidden + self.position_embed(positions)
@@ -186,35 +187,37 @@ def _stack(checkpoint: Checkpoint, model, family: Family, start: int, end: int) 
     return LayerStack(family, model.config, layers, rotary, start, end)
 
 
-def _prepare(model: str | Checkpoint, dtype):
+def _prepare(model: str | Checkpoint, dtype, family: Family | None = None):
     checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    family = family_for(checkpoint.config)
+    family = family or family_for(checkpoint.config)  # an explicit adapter: `lambdasplit check --as-family`
     return checkpoint, family, checkpoint.skeleton(parse_dtype(dtype))
 
 
-def load_head(model: str | Checkpoint, x: int, dtype="float32") -> Head:
+def load_head(model: str | Checkpoint, x: int, dtype="float32", family: Family | None = None) -> Head:
     """Embedding + layers [0, x), and nothing else, from the checkpoint."""
-    checkpoint, family, skeleton = _prepare(model, dtype)
+    checkpoint, family, skeleton = _prepare(model, dtype, family)
     modules = [family.embed] + ([family.position_embed] if family.position_embed else [])
     checkpoint.load_modules(skeleton, modules)
     position_embed = skeleton.get_submodule(family.position_embed) if family.position_embed else None
     return Head(skeleton.get_submodule(family.embed), position_embed, _stack(checkpoint, skeleton, family, 0, x))
 
 
-def load_body(model: str | Checkpoint, x: int, y: int, dtype="float32") -> Body:
+def load_body(model: str | Checkpoint, x: int, y: int, dtype="float32", family: Family | None = None) -> Body:
     """Layers [x, y) only: never the embedding table or the LM head."""
-    checkpoint, family, skeleton = _prepare(model, dtype)
+    checkpoint, family, skeleton = _prepare(model, dtype, family)
     return Body(_stack(checkpoint, skeleton, family, x, y))
 
 
-def load_tail(model: str | Checkpoint, y: int, dtype="float32", head: Head | None = None) -> Tail:
+def load_tail(model: str | Checkpoint, y: int, dtype="float32", head: Head | None = None,
+              family: Family | None = None) -> Tail:
     """Layers [y, N) + final norm + LM head. With tied embeddings, shares `head`'s table when given."""
-    checkpoint, family, skeleton = _prepare(model, dtype)
+    checkpoint, family, skeleton = _prepare(model, dtype, family)
     config = checkpoint.config
     n = config.num_hidden_layers
     checkpoint.load_modules(skeleton, [family.norm])
     lm_head = skeleton.get_submodule(family.lm_head)
-    tied = getattr(config, "tie_word_embeddings", False) or not checkpoint.has_tensor(f"{family.lm_head}.weight")
+    tied = getattr(config, "tie_word_embeddings", False) or not checkpoint.has_tensor(
+        f"{family.lm_head}.weight", skeleton)
     if tied and head is not None:
         lm_head.to_empty(device="cpu")
         lm_head.weight = head.embed.weight  # the same tensor: no second copy on the device

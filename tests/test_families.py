@@ -1,0 +1,142 @@
+"""The exactness matrix of issue 17: every family lambdasplit accepts, split over a real socket,
+reproduces the unsplit transformers model; hybrid and recurrent families are refused by name.
+
+fp32: for the families added in issue 17 (tests/tiny_models.py MORE_FAMILIES; the first seven
+are in tests/test_llm_split.py), greedy ids equal the unsplit model's own `generate()` and every
+step's logits agree to 1e-4, for splits with X=0, a middle body, X=Y (empty body) and Y=N.
+bf16 / fp16: for every accepted family, ids and logits are bit-equal to
+`from_pretrained(dtype=...)`'s `generate()`.
+
+One BodyServer (real sockets) hosts every body of every family, so the suite pays for one
+server and each model is built once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from lambdasplit.client import DeviceModel, RemoteBody
+from lambdasplit.errors import UnsupportedModelError
+from lambdasplit.llm import SUPPORTED_FAMILIES, Checkpoint, family_for, load_body, load_head, load_tail
+from lambdasplit.server import BodyServer, BodyService
+from tiny_models import ALL_FAMILIES, MORE_FAMILIES
+
+SPLITS = [(0, 2), (2, 4), (3, 3), (4, 6)]  # X=0, a middle body, an empty body (X=Y), Y=N
+HALF_SPLIT = (1, 4)
+HALF = [("bfloat16", "bf16"), ("float16", "fp16")]
+NEW_TOKENS = 20  # with the prompt, past the tiny models' 16-position sliding windows
+PROMPT = "The quick brown fox jumps over the lazy dog and keeps running"
+
+
+def reference(folder, prompt_ids, new_tokens, dtype=torch.float32):
+    """Greedy ids and per-step logits of the unsplit model's own generate()."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    out = model.generate(
+        torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt_ids):].tolist(), torch.stack(out.logits)[:, 0].float()
+
+
+@pytest.fixture(scope="module")
+def matrix_server(tiny_model_dir):
+    """One server on a real loopback socket hosting every body the matrix uses."""
+    services = []
+    for family in ALL_FAMILIES:
+        folder = str(tiny_model_dir(family))
+        if family in MORE_FAMILIES:
+            services += [BodyService(folder, f"{x}:{y}") for x, y in SPLITS]
+        services += [BodyService(folder, f"{HALF_SPLIT[0]}:{HALF_SPLIT[1]}", dtype=dtype) for dtype, _ in HALF]
+    server = BodyServer(services).start_in_thread()
+    yield server
+    server.stop()
+
+
+def split_generate(checkpoint, split, server, prompt_ids, new_tokens, dtype="float32", codec="fp32"):
+    device = DeviceModel.load(checkpoint, split, dtype)
+    with RemoteBody.for_device(device, server.address, codec=codec) as body:
+        result = device.generate(prompt_ids, body=body, max_new_tokens=new_tokens, ignore_eos=True, keep_logits=True)
+    logits = torch.stack(result.logits).float()
+    return result.token_ids, logits, list(device.eos_ids)
+
+
+def test_every_tested_family_is_accepted_and_every_accepted_family_is_tested():
+    assert set(ALL_FAMILIES) == set(SUPPORTED_FAMILIES)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_split_matches_unsplit_generate_fp32(family, tiny_model_dir, matrix_server):
+    folder = tiny_model_dir(family)
+    checkpoint = Checkpoint(str(folder))
+    prompt_ids = DeviceModel.load(checkpoint).encode(PROMPT, chat=False)
+    ref_ids, ref_logits = reference(folder, prompt_ids, NEW_TOKENS)
+    assert len(set(ref_ids)) > 3, "the tiny model collapsed; the comparison would prove little"
+    for split in SPLITS:
+        ids, logits, eos = split_generate(checkpoint, split, matrix_server, prompt_ids, NEW_TOKENS)
+        assert ids == ref_ids, f"{family} split {split}"
+        logits[:, eos] = ref_logits[:, eos]  # both sides mask EOS to -inf (min_new_tokens); compare the rest
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0, msg=f"{family} split {split}")
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_split_is_bit_equal_in_half_precision(family, tiny_model_dir, matrix_server):
+    folder = tiny_model_dir(family)
+    checkpoint = Checkpoint(str(folder))
+    prompt_ids = DeviceModel.load(checkpoint).encode(PROMPT, chat=False)
+    for dtype, codec in HALF:
+        ref_ids, ref_logits = reference(folder, prompt_ids, 12, dtype=getattr(torch, dtype))
+        assert torch.isfinite(ref_logits).any(dim=-1).all(), f"{family} {dtype}: the reference overflowed"
+        ids, logits, eos = split_generate(checkpoint, HALF_SPLIT, matrix_server, prompt_ids, 12, dtype, codec)
+        assert ids == ref_ids, f"{family} {dtype}"
+        logits[:, eos] = ref_logits[:, eos]
+        torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0, equal_nan=True, msg=f"{family} {dtype}")
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_steps_of_several_positions_and_cut_back(family, tiny_model_dir):
+    """Steps of k positions and a cut-back past the sliding window (30 positions, window 16,
+    back to 12) give the logits of one 30-position step: what speculative decoding and replay need."""
+    folder = str(tiny_model_dir(family))
+    head, body, tail = load_head(folder, 2), load_body(folder, 2, 4), load_tail(folder, 4)
+    ids = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(0))
+
+    def run(chunks):
+        outs, start = [], 0
+        for n in chunks:
+            piece = ids[:, start:start + n]
+            outs.append(tail.forward(body.forward(head.forward(piece, start), start), start, last_only=False))
+            start += n
+        return torch.cat(outs, dim=1)
+
+    whole = run([30])
+    torch.testing.assert_close(run([10, 1, 5, 14]), whole, atol=1e-4, rtol=0)
+    for stack in (head.stack, body.stack, tail.stack):
+        stack.truncate(12)
+    rest = tail.forward(body.forward(head.forward(ids[:, 12:], 12), 12), 12, last_only=False)
+    torch.testing.assert_close(rest, whole[:, 12:], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("config_class,name", [
+    (transformers.MambaConfig, "mamba"), (transformers.JambaConfig, "jamba"),
+    (transformers.FalconH1Config, "falcon_h1"), (transformers.Lfm2Config, "lfm2"),
+    (transformers.Qwen3NextConfig, "qwen3_next"),
+])
+def test_hybrid_and_recurrent_families_are_refused_by_name_with_the_reason(config_class, name):
+    with pytest.raises(UnsupportedModelError, match=rf"'{name}' is refused: .*cannot be cut back"):
+        family_for(config_class())
+
+
+def test_unknown_family_refusal_points_to_check():
+    with pytest.raises(UnsupportedModelError, match=r"'bloom' is not supported.*lambdasplit check"):
+        family_for(transformers.BloomConfig())
+
+
+def test_settings_an_adapter_does_not_reproduce_are_refused():
+    with pytest.raises(UnsupportedModelError, match="bidirectional"):
+        family_for(transformers.Gemma3TextConfig(use_bidirectional_attention=True))
+    with pytest.raises(UnsupportedModelError, match="vision tower"):
+        family_for(transformers.Gemma3Config())
