@@ -159,7 +159,7 @@ def serve_command(args) -> int:
              f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk}")
     notes = [
         "in-process engine, clients replay precomputed head outputs of real prompts (greedy traces); tokens/s = "
-        "sessions x tokens / wall time; latency = one decode step, submit to result; TTFT = the prefill step",
+        "sessions x tokens / wall time; decode tokens/s: the decode steps after every session's first token, over that time; latency = one decode step, submit to result; TTFT = the prefill step",
         f"prompt tokens per trace: {meta['prompt_tokens']}",
         describe_machine(meta["machine"]) + " (at start)",
         f"command: `{meta['command']}`",

@@ -8,7 +8,9 @@ on this machine's two cores while measuring) and the body does exactly the work 
 real generation. Each client submits its prefill, then each decode step the moment the
 previous one returns (from the engine's result callback, no client threads).
 
-Per N: aggregate tokens/s (N x new tokens / wall time), per-token latency p50/p99 (decode
+Per N: aggregate tokens/s (N x new tokens / wall time, prefills included), decode
+tokens/s (decode steps finished once every session has its first token, over that
+time: what batching buys in the steady state), per-token latency p50/p99 (decode
 step submit -> result), time to first token (prefill submit -> result), mean batch size
 (rows per forward, from the engine's metrics), admission wait, and, computed after the
 timed run by the tail: the largest logit difference from the same trace served alone
@@ -32,6 +34,8 @@ COLUMNS = [
     Column("clients", "clients", "d"),
     Column("tokens_per_s", "tokens/s", ".1f"),
     Column("speedup", "x one session", ".2f"),
+    Column("decode_tokens_per_s", "decode tokens/s", ".1f"),
+    Column("decode_speedup", "decode x one", ".2f"),
     Column("latency_p50_ms", "token p50 ms", ".1f"),
     Column("latency_p99_ms", "token p99 ms", ".1f"),
     Column("ttft_ms", "TTFT ms (mean)", ".0f"),
@@ -77,7 +81,7 @@ def run_clients(engine: Engine, traces: list[dict], clients: int, timeout: float
     before = {k: m.value(f"lambdasplit_engine_{k}") for k in ("rows_total", "batches_total")}
     wait_before = (m.value("lambdasplit_engine_admission_wait_seconds_sum"),
                    m.value("lambdasplit_engine_admission_wait_seconds_count"))
-    latencies, ttfts, outputs = [], [], {}
+    latencies, ttfts, outputs, finished_at = [], [], {}, []  # finished_at: (time, was the prefill)
     done = threading.Semaphore(0)
     errors = []
     lock = threading.Lock()
@@ -106,6 +110,7 @@ def run_clients(engine: Engine, traces: list[dict], clients: int, timeout: float
             step = state["step"]
             with lock:
                 (ttfts if step == 0 else latencies).append(now - state["submitted"])
+                finished_at.append((now, step == 0))
                 outputs[index][1].append(out)
             state["start"] += trace["inputs"][step].shape[1]
             state["step"] = step + 1
@@ -132,9 +137,14 @@ def run_clients(engine: Engine, traces: list[dict], clients: int, timeout: float
     wait_sum = m.value("lambdasplit_engine_admission_wait_seconds_sum") - wait_before[0]
     wait_count = m.value("lambdasplit_engine_admission_wait_seconds_count") - wait_before[1]
     ordered = sorted(latencies)
+    # The decode phase: from the moment every session has its first token to the end.
+    last_prefill = max(t for t, prefill in finished_at if prefill)
+    end = max(t for t, _ in finished_at)
+    decode_tokens = sum(1 for t, prefill in finished_at if not prefill and t > last_prefill)
     return {
         "clients": clients, "new_tokens": new_tokens, "seconds": wall,
         "tokens_per_s": clients * new_tokens / wall,
+        "decode_tokens_per_s": decode_tokens / (end - last_prefill) if decode_tokens else None,
         "latency_p50_ms": 1e3 * statistics.median(ordered) if ordered else None,
         "latency_p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else None,
         "ttft_ms": 1e3 * statistics.fmean(ttfts),
@@ -176,9 +186,11 @@ def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: i
             if progress:
                 print(f"  {n:3d} clients: {row['tokens_per_s']:7.1f} tokens/s, mean batch {row['mean_batch']:.2f}",
                       flush=True)
-    solo = next((r["tokens_per_s"] for r in rows if r["clients"] == 1), None)
+    solo = next((r for r in rows if r["clients"] == 1), None)
     for row in rows:
-        row["speedup"] = row["tokens_per_s"] / solo if solo else None
+        row["speedup"] = row["tokens_per_s"] / solo["tokens_per_s"] if solo else None
+        row["decode_speedup"] = (row["decode_tokens_per_s"] / solo["decode_tokens_per_s"]
+                                 if solo and solo["decode_tokens_per_s"] and row["decode_tokens_per_s"] else None)
     x, y = device.split
     config = device.checkpoint.config
     meta = {
