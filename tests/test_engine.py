@@ -249,3 +249,24 @@ def test_kv_budget_queue_and_limits(parts):
     with pytest.raises(EngineError, match="closed"):
         closed.result(timeout=0)
     assert engine.metrics.value("lambdasplit_engine_kv_reserved_bytes") == 0
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_whole_stack_for_cloud_mode(family, parts, tiny_model_dir):
+    """The engine is agnostic of body vs whole stack: layers [0, N) with the embedding and the
+    LM head outside (cloud mode) give the unsplit model's logits for concurrent sessions."""
+    folder = str(tiny_model_dir(family))
+    n = AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers
+    embed, whole = load_head(folder, 0), load_head(folder, n)  # embed: embedding (+ positions), no layers
+    tail = load_tail(folder, n, head=embed)  # final norm + LM head only
+    engine = Engine(whole.stack, max_batch=8, prefill_chunk=8)
+    model = parts(family)["model"]
+    g = torch.Generator().manual_seed(3)
+    sequences = [torch.randint(3, 400, (1, length), generator=g) for length in (5, 19, 33)]
+    sessions = [engine.open_session(max_positions=64) for _ in sequences]
+    futures = [s.submit(0, embed.forward(ids, 0)) for s, ids in zip(sessions, sequences)]
+    engine.run_pending()
+    for ids, future in zip(sequences, futures):
+        logits = tail.forward(future.result(), 0, last_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, model(ids).logits, atol=1e-4, rtol=0)
