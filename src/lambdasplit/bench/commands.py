@@ -70,6 +70,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("--prefill-chunk", type=int, default=64, help="prefill positions per forward (default %(default)s)")
     s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
     s.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    s.add_argument("--unbatched", action="store_true",
+                   help="also run every N with max batch 1 (one step per forward: what batching buys)")
     s.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     s.set_defaults(func=serve_command)
@@ -153,7 +155,7 @@ def serve_command(args) -> int:
         raise UsageError("--clients needs counts >= 1 and --new-tokens >= 1")
     result = run_serve_bench(model=args.model, split=args.split, clients=clients, new_tokens=args.new_tokens,
                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, dtype=args.dtype,
-                             threads=args.threads, progress=not args.json)
+                             threads=args.threads, unbatched=args.unbatched, progress=not args.json)
     meta = {**result["meta"], "command": _command_line()}
     title = (f"Serving: {args.model} body {meta['split']}, {args.new_tokens} tokens per session, "
              f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk}")

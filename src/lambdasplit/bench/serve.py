@@ -32,6 +32,7 @@ from lambdasplit.engine import Engine
 
 COLUMNS = [
     Column("clients", "clients", "d"),
+    Column("max_batch", "max batch", "d"),
     Column("tokens_per_s", "tokens/s", ".1f"),
     Column("speedup", "x one session", ".2f"),
     Column("decode_tokens_per_s", "decode tokens/s", ".1f"),
@@ -169,7 +170,10 @@ def compare_with_solo(tail, outputs: dict) -> tuple[float, bool]:
 
 
 def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: int, max_batch: int,
-                    prefill_chunk: int, dtype: str = "float32", threads: int = 1, progress: bool = True) -> dict:
+                    prefill_chunk: int, dtype: str = "float32", threads: int = 1, unbatched: bool = False,
+                    progress: bool = True) -> dict:
+    """One row per N; with `unbatched`, also one per N with max_batch=1 (one step per forward,
+    like a server without the engine, but in one thread)."""
     torch.set_num_threads(threads)
     prompts = audit_prompts()[:max(clients)]
     if progress:
@@ -177,16 +181,17 @@ def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: i
     device, body, traces = prepare_traces(model, split, prompts, new_tokens, dtype)
     info = machine()  # the load average at the start of the measurements
     rows = []
-    with Engine(body.stack, max_batch=max_batch, prefill_chunk=prefill_chunk) as engine:
-        run_clients(engine, traces, 1)  # warm-up (allocator, first-call costs)
-        for n in clients:
-            row = run_clients(engine, traces, n)
-            row["max_logit_diff"], row["ids_equal"] = compare_with_solo(device.tail, row.pop("outputs"))
-            rows.append(row)
-            if progress:
-                print(f"  {n:3d} clients: {row['tokens_per_s']:7.1f} tokens/s, mean batch {row['mean_batch']:.2f}",
-                      flush=True)
-    solo = next((r for r in rows if r["clients"] == 1), None)
+    for batch in [max_batch] + ([1] if unbatched and max_batch != 1 else []):
+        with Engine(body.stack, max_batch=batch, prefill_chunk=prefill_chunk) as engine:
+            run_clients(engine, traces, 1)  # warm-up (allocator, first-call costs)
+            for n in clients:
+                row = {"max_batch": batch, **run_clients(engine, traces, n)}
+                row["max_logit_diff"], row["ids_equal"] = compare_with_solo(device.tail, row.pop("outputs"))
+                rows.append(row)
+                if progress:
+                    print(f"  {n:3d} clients, max batch {batch}: {row['tokens_per_s']:7.1f} tokens/s, "
+                          f"mean batch {row['mean_batch']:.2f}", flush=True)
+    solo = next((r for r in rows if r["clients"] == 1 and r["max_batch"] == max_batch), None)
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / solo["tokens_per_s"] if solo else None
         row["decode_speedup"] = (row["decode_tokens_per_s"] / solo["decode_tokens_per_s"]
@@ -207,9 +212,14 @@ def write_chart(path, rows: list[dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unbatched = [r for r in rows if r["max_batch"] == 1 and rows[0]["max_batch"] != 1]
+    rows = [r for r in rows if r["max_batch"] == rows[0]["max_batch"]]
     clients = [r["clients"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     left.plot(clients, [r["tokens_per_s"] for r in rows], "o-", label="engine (batched)")
+    if unbatched:
+        left.plot([r["clients"] for r in unbatched], [r["tokens_per_s"] for r in unbatched], "x--",
+                  label="max batch 1 (one step per forward)")
     if rows and rows[0]["clients"] == 1:
         left.plot(clients, [rows[0]["tokens_per_s"] * c for c in clients], ":", color="gray", label="linear in clients")
     left.set_xscale("log", base=2)
