@@ -17,7 +17,11 @@ embeddings are per token). Attention is the only per-session part:
   that row's queries, its own keys and values, and the mask the family's own mask
   builders (`Family.masks`) make for that row's cache: the arithmetic of a solo step.
   Any other call (a plain tensor mask) goes straight to the inner function, so the
-  swapped layers still serve ordinary `LayerStack.forward` calls unchanged.
+  swapped layers still serve ordinary `LayerStack.forward` calls unchanged;
+* rows of one position (decodes) are attended together in one call of that function,
+  their keys padded to the longest and the padding masked: such a query sees all the
+  keys its cache returns, so the padding mask is its whole mask. Longer rows (prefill
+  chunks, verify steps) keep their own call and the family's mask.
 
 Why packed, not padded ([B, max_n, D] with 4-D masks over a batch cache assembled
 from per-session storage): SARATHI-style batches mix a prefill chunk of many positions
@@ -30,8 +34,8 @@ the cached lengths) at exactly the per-session cost. transformers' own continuou
 batching (`generation/continuous_batching`) also packs tokens, but attends with one
 block-diagonal SDPA mask over all rows (T x sum of cached lengths work) and is built
 around a whole model's `generate`; a body segment with cut-backs needs neither.
-The price is a Python loop over rows inside each layer's attention; `bench serve`
-shows where that starts to count.
+The price is a Python loop over the multi-position rows inside each layer's attention
+(decode rows share one call); `bench serve` shows where the rest of the cost is.
 """
 
 from __future__ import annotations
@@ -102,13 +106,42 @@ def _packed_attention_for(inner: str):
             return attend(module, query, key, value, attention_mask, **kwargs)
         batch = attention_mask
         kind = batch.layer_kinds[module.layer_idx]
-        outputs = []
-        for (a, b), (row_keys, row_values), masks in zip(batch.spans, batch.visible[module.layer_idx], batch.masks):
-            out, _ = attend(module, query[:, :, a:b], row_keys, row_values, masks[kind], **kwargs)
-            outputs.append(out)  # [1, n, heads, head_dim]
-        return torch.cat(outputs, dim=1), None
+        visible = batch.visible[module.layer_idx]
+        outputs: list[torch.Tensor | None] = [None] * len(batch.spans)
+        decodes = [i for i, (a, b) in enumerate(batch.spans) if b - a == 1]
+        if len(decodes) > 1 and inner in ("sdpa", "eager"):
+            for i, out in zip(decodes, _attend_decodes(attend, module, query, batch, visible, decodes, kwargs)):
+                outputs[i] = out
+        for i, ((a, b), (row_keys, row_values), masks) in enumerate(zip(batch.spans, visible, batch.masks)):
+            if outputs[i] is None:
+                outputs[i] = attend(module, query[:, :, a:b], row_keys, row_values, masks[kind], **kwargs)[0]
+        return torch.cat(outputs, dim=1), None  # [1, T, heads, head_dim]
 
     return packed_attention
+
+
+def _attend_decodes(attend, module, query, batch, visible, decodes, kwargs) -> list[torch.Tensor]:
+    """One-position rows attended in one call: keys padded to the longest, padding masked.
+
+    A single query at position p sees every key its cache shows it (full attention: 0..p;
+    a sliding window: the last `window` positions, which is all the rewindable layer
+    returns), so the family's mask for such a row allows every visible key and the only
+    mask needed is the padding one. Saves one attention call per row per layer.
+    """
+    keys = [visible[i][0][0].transpose(0, 1) for i in decodes]  # [L_i, kv_heads, head_dim]
+    values = [visible[i][1][0].transpose(0, 1) for i in decodes]
+    lengths = torch.tensor([k.shape[0] for k in keys])
+    padded_keys = torch.nn.utils.rnn.pad_sequence(keys, batch_first=True).transpose(1, 2)
+    padded_values = torch.nn.utils.rnn.pad_sequence(values, batch_first=True).transpose(1, 2)
+    valid = (torch.arange(padded_keys.shape[2]) < lengths[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    if attend is ALL_ATTENTION_FUNCTIONS["sdpa"]:
+        mask = valid
+    else:  # eager attention adds its mask to the scores
+        mask = torch.zeros(valid.shape, dtype=query.dtype).masked_fill(~valid, torch.finfo(query.dtype).min)
+    columns = torch.tensor([batch.spans[i][0] for i in decodes])
+    rows_query = query[0][:, columns].transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
+    out, _ = attend(module, rows_query, padded_keys, padded_values, mask, **kwargs)  # [B, 1, heads, head_dim]
+    return list(out.split(1, dim=0))
 
 
 def install_packed_attention(config) -> None:
