@@ -240,9 +240,12 @@ def test_kv_budget_queue_and_limits(parts):
     for code, submit in bad.items():
         with pytest.raises(EngineError, match=code):
             submit().result(timeout=0)
+    queued = [second.submit(0, torch.randn(1, 1, d)) for _ in range(engine.max_pending_steps)]
+    with pytest.raises(EngineError, match="too_many_pending"):
+        second.submit(0, torch.randn(1, 1, d)).result(timeout=0)
     ok = admitted[0].submit(0, torch.randn(1, 3, d))  # everyone else keeps being served
     engine.run_pending()
-    assert ok.result(timeout=0).shape == (1, 3, d)
+    assert ok.result(timeout=0).shape == (1, 3, d) and all(f.result(timeout=0).shape == (1, 1, d) for f in queued)
     admitted[0].close()
     closed = second.submit(0, torch.randn(1, 1, d))
     second.close()

@@ -41,6 +41,7 @@ COLUMNS = [
     Column("latency_p99_ms", "token p99 ms", ".1f"),
     Column("ttft_ms", "TTFT ms (mean)", ".0f"),
     Column("mean_batch", "mean batch", ".2f"),
+    Column("forward_ms", "forward ms (mean)", ".1f"),
     Column("admission_wait_ms", "admission wait ms", ".1f"),
     Column("max_logit_diff", "max |logit - solo|", ".1e"),
     Column("ids_equal", "ids = solo", lambda v: "yes" if v else "NO", numeric=False),
@@ -79,7 +80,7 @@ def prepare_traces(model: str, split: str, prompts: list[str], new_tokens: int, 
 def run_clients(engine: Engine, traces: list[dict], clients: int, timeout: float = 3600.0) -> dict:
     """N clients replaying traces (cycled) through a running engine, all at once."""
     m = engine.metrics
-    before = {k: m.value(f"lambdasplit_engine_{k}") for k in ("rows_total", "batches_total")}
+    before = {k: m.value(f"lambdasplit_engine_{k}") for k in ("rows_total", "batches_total", "forward_seconds_sum")}
     wait_before = (m.value("lambdasplit_engine_admission_wait_seconds_sum"),
                    m.value("lambdasplit_engine_admission_wait_seconds_count"))
     latencies, ttfts, outputs, finished_at = [], [], {}, []  # finished_at: (time, was the prefill)
@@ -151,6 +152,7 @@ def run_clients(engine: Engine, traces: list[dict], clients: int, timeout: float
         "ttft_ms": 1e3 * statistics.fmean(ttfts),
         "mean_batch": rows / batches if batches else 0.0,
         "forwards": int(batches),
+        "forward_ms": 1e3 * (m.value("lambdasplit_engine_forward_seconds_sum") - before["forward_seconds_sum"]) / batches,
         "admission_wait_ms": 1e3 * wait_sum / wait_count if wait_count else 0.0,
         "outputs": outputs,
     }

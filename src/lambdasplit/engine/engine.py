@@ -101,12 +101,14 @@ class Engine:
 
     def __init__(self, stack: LayerStack, *, max_batch: int = 16, prefill_chunk: int = 64,
                  kv_budget_mb: float = 1024.0, per_client_kv_mb: float | None = None,
-                 queue_timeout: float = 10.0, max_queue: int = 64, metrics: EngineMetrics | None = None):
+                 queue_timeout: float = 10.0, max_queue: int = 64, max_pending_steps: int = 8,
+                 metrics: EngineMetrics | None = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise LambdaSplitError(f"max_batch and prefill_chunk must be >= 1, got {max_batch} and {prefill_chunk}")
         self.packed = PackedStack(stack)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.max_positions_per_batch = prefill_chunk + max_batch
+        self.max_pending_steps = max_pending_steps  # per session: steps queued but not yet run
         self.metrics = metrics or EngineMetrics()
         self.per_position_bytes = kv_bytes_per_position(stack)
         self.budget = KVBudget(
@@ -196,6 +198,9 @@ class Engine:
         with self._lock:
             if session.closed or self._stopping:
                 return self._refuse("closed", "this session is closed")
+            if len(session.pending) >= self.max_pending_steps:
+                return self._refuse("too_many_pending", f"this session already has {len(session.pending)} steps "
+                                                        f"waiting; the limit is {self.max_pending_steps}")
             if not 0 <= start <= session.length:
                 return self._refuse("gap", f"step starts at position {start} but the session's steps so far "
                                            f"reach position {session.length}")

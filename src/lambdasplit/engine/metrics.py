@@ -19,7 +19,8 @@ Names (all prefixed `lambdasplit_engine_`):
     kv_reserved_bytes         gauge: KV bytes reserved by open sessions
     kv_used_bytes             gauge: KV bytes their caches hold
     refusals_total{reason}    sessions or steps refused (queue_full, queue_timeout, client_kv_limit,
-                              over_budget, reservation_exceeded, gap, bad_shape, closed)
+                              over_budget, reservation_exceeded, gap, bad_shape, too_many_pending,
+                              closed, bad_request)
 """
 
 from __future__ import annotations
