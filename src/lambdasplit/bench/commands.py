@@ -72,6 +72,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     s.add_argument("--unbatched", action="store_true",
                    help="also run every N with max batch 1 (one step per forward: what batching buys)")
+    s.add_argument("--breakdown", action="store_true",
+                   help="also profile one decode forward of N rows per N: linear, attention, KV copies, overhead")
     s.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     s.set_defaults(func=serve_command)
@@ -144,7 +146,8 @@ def overhead_command(args) -> int:
 
 def serve_command(args) -> int:
     from lambdasplit.bench.report import describe_machine, print_table, write_outputs
-    from lambdasplit.bench.serve import COLUMNS, run_serve_bench, write_chart
+    from lambdasplit.bench.report import markdown_table
+    from lambdasplit.bench.serve import BREAKDOWN_COLUMNS, COLUMNS, run_serve_bench, write_chart
     from lambdasplit.errors import UsageError
 
     try:
@@ -155,7 +158,8 @@ def serve_command(args) -> int:
         raise UsageError("--clients needs counts >= 1 and --new-tokens >= 1")
     result = run_serve_bench(model=args.model, split=args.split, clients=clients, new_tokens=args.new_tokens,
                              max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, dtype=args.dtype,
-                             threads=args.threads, unbatched=args.unbatched, progress=not args.json)
+                             threads=args.threads, unbatched=args.unbatched, breakdown=args.breakdown,
+                             progress=not args.json)
     meta = {**result["meta"], "command": _command_line()}
     title = (f"Serving: {args.model} body {meta['split']}, {args.new_tokens} tokens per session, "
              f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk}")
@@ -166,13 +170,21 @@ def serve_command(args) -> int:
         describe_machine(meta["machine"]) + " (at start)",
         f"command: `{meta['command']}`",
     ]
+    breakdown = result["breakdown"]
+    breakdown_title = "Where one decode forward of N rows spends its time (torch.profiler; ms)"
     if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
+        print(json.dumps({"rows": result["rows"], "meta": meta, "breakdown": breakdown}))
     else:
         print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
+        if breakdown:
+            print_table(breakdown, BREAKDOWN_COLUMNS, title=breakdown_title)
     if args.out:
         out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
         write_chart(out / "chart.png", result["rows"], title)
+        if breakdown:
+            (out / "breakdown.json").write_text(json.dumps(breakdown, indent=1) + "\n")
+            with open(out / "table.md", "a") as handle:
+                handle.write(f"\n## {breakdown_title}\n\n" + markdown_table(breakdown, BREAKDOWN_COLUMNS))
         if not args.json:
             print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
     return 0

@@ -173,7 +173,7 @@ def compare_with_solo(tail, outputs: dict) -> tuple[float, bool]:
 
 def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: int, max_batch: int,
                     prefill_chunk: int, dtype: str = "float32", threads: int = 1, unbatched: bool = False,
-                    progress: bool = True) -> dict:
+                    breakdown: bool = False, progress: bool = True) -> dict:
     """One row per N; with `unbatched`, also one per N with max_batch=1 (one step per forward,
     like a server without the engine, but in one thread)."""
     torch.set_num_threads(threads)
@@ -193,6 +193,7 @@ def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: i
                 if progress:
                     print(f"  {n:3d} clients, max batch {batch}: {row['tokens_per_s']:7.1f} tokens/s, "
                           f"mean batch {row['mean_batch']:.2f}", flush=True)
+    breakdown_rows = forward_breakdown(body.stack, traces, clients) if breakdown else None
     solo = next((r for r in rows if r["clients"] == 1 and r["max_batch"] == max_batch), None)
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / solo["tokens_per_s"] if solo else None
@@ -205,7 +206,7 @@ def run_serve_bench(*, model: str, split: str, clients: list[int], new_tokens: i
         "new_tokens": new_tokens, "max_batch": max_batch, "prefill_chunk": prefill_chunk, "dtype": dtype,
         "prompt_tokens": [t["prompt_tokens"] for t in traces], "machine": info, "machine_after": machine(),
     }
-    return {"rows": rows, "meta": meta}
+    return {"rows": rows, "meta": meta, "breakdown": breakdown_rows}
 
 
 def write_chart(path, rows: list[dict], title: str) -> None:
@@ -240,3 +241,68 @@ def write_chart(path, rows: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+BREAKDOWN_COLUMNS = [
+    Column("rows", "decode rows", "d"),
+    Column("wall_ms", "forward ms", ".1f"),
+    Column("per_row_ms", "ms per row", ".2f"),
+    Column("linear_ms", "linear ms", ".1f"),
+    Column("attention_ms", "attention ms", ".1f"),
+    Column("cache_ms", "KV cat/pad ms", ".1f"),
+    Column("other_ops_ms", "other ops ms", ".1f"),
+    Column("outside_ops_ms", "outside ops ms", ".1f"),
+]
+
+_LINEAR_OPS = {"aten::addmm", "aten::mm", "aten::mv", "aten::bmm", "aten::matmul", "aten::linear"}
+_CACHE_OPS = {"aten::cat", "aten::constant_pad_nd", "aten::pad_sequence"}
+
+
+def _category(op: str) -> str:
+    if op in _LINEAR_OPS:
+        return "linear_ms"
+    if "scaled_dot_product" in op or "softmax" in op:
+        return "attention_ms"
+    if op in _CACHE_OPS:
+        return "cache_ms"
+    return "other_ops_ms"
+
+
+def forward_breakdown(stack, traces: list[dict], counts: list[int], repeats: int = 3) -> list[dict]:
+    """Where one batched decode forward of N rows spends its time (torch.profiler, CPU).
+
+    Sessions are prefilled with the traces' prompts, then `repeats` decode forwards of N
+    rows are profiled; op self-times are grouped (linear algebra, attention, KV-cache
+    concatenation and padding, other ops), and "outside ops" is wall time minus all op
+    time: Python and dispatch overhead. The profiler adds overhead of its own.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from lambdasplit.engine import PackedStack, Row
+
+    packed = PackedStack(stack)
+    rows_out = []
+    for n in counts:
+        chosen = [traces[i % len(traces)] for i in range(n)]
+        sessions = [packed.new_session() for _ in chosen]
+        for session, trace in zip(sessions, chosen):
+            packed.forward([Row(session, 0, trace["inputs"][0])])
+        step = 1
+        packed.forward([Row(s, s.length, t["inputs"][step]) for s, t in zip(sessions, chosen)])  # warm-up
+        totals = {c.key: 0.0 for c in BREAKDOWN_COLUMNS[3:7]}
+        wall = 0.0
+        for _ in range(repeats):
+            step += 1
+            rows = [Row(s, s.length, t["inputs"][min(step, len(t["inputs"]) - 1)]) for s, t in zip(sessions, chosen)]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                began = time.perf_counter()
+                packed.forward(rows)
+                wall += time.perf_counter() - began
+            for event in prof.key_averages():
+                totals[_category(event.key)] += event.self_cpu_time_total / 1e3
+        row = {"rows": n, "wall_ms": 1e3 * wall / repeats}
+        row.update({k: v / repeats for k, v in totals.items()})
+        row["outside_ops_ms"] = max(0.0, row["wall_ms"] - sum(row[k] for k in totals))
+        row["per_row_ms"] = row["wall_ms"] / n
+        rows_out.append(row)
+    return rows_out
