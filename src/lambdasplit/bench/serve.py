@@ -43,7 +43,7 @@ COLUMNS = [
     Column("mean_batch", "mean batch", ".2f"),
     Column("forward_ms", "forward ms (mean)", ".1f"),
     Column("admission_wait_ms", "admission wait ms", ".1f"),
-    Column("max_logit_diff", "max |logit - solo|", ".1e"),
+    Column("max_logit_diff", "max logit diff vs solo", ".1e"),
     Column("ids_equal", "ids = solo", lambda v: "yes" if v else "NO", numeric=False),
 ]
 
