@@ -1,4 +1,4 @@
-"""`lambdasplit bench llm | overhead | diffusion`."""
+"""`lambdasplit bench llm | overhead | diffusion | serve`."""
 
 from __future__ import annotations
 
@@ -58,6 +58,25 @@ def add_commands(subparsers) -> None:
     o.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json and run.json")
     o.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     o.set_defaults(func=overhead_command)
+
+    s = which.add_parser("serve", help="the batching engine: aggregate tokens/s and latency for N concurrent sessions",
+                         description="N lightweight in-process clients replay real prompts' head outputs through "
+                                     "the body's engine at once (lambdasplit.bench.serve); one table row per N.")
+    s.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    s.add_argument("--split", default="2:28", help="X:Y, the body is layers [X, Y) (default %(default)s)")
+    s.add_argument("--clients", default="1,2,4,8,16", help="comma-separated session counts (default %(default)s)")
+    s.add_argument("--new-tokens", type=int, default=16, help="tokens per session (default %(default)s)")
+    s.add_argument("--max-batch", type=int, default=16, help="rows per batched forward (default %(default)s)")
+    s.add_argument("--prefill-chunk", type=int, default=64, help="prefill positions per forward (default %(default)s)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    s.add_argument("--unbatched", action="store_true",
+                   help="also run every N with max batch 1 (one step per forward: what batching buys)")
+    s.add_argument("--breakdown", action="store_true",
+                   help="also profile one decode forward of N rows per N: linear, attention, KV copies, overhead")
+    s.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    s.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    s.set_defaults(func=serve_command)
 
     # The diffusion benchmark lives in lambdasplit.diffusion.bench; its options are parsed
     # only when it runs, so `bench llm` never imports diffusers (nor breaks without it).
@@ -122,6 +141,52 @@ def overhead_command(args) -> int:
         print_table(result["rows"], COLUMNS, title=title, caption=notes[1])
     if args.out:
         write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+    return 0
+
+
+def serve_command(args) -> int:
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import markdown_table
+    from lambdasplit.bench.serve import BREAKDOWN_COLUMNS, COLUMNS, run_serve_bench, write_chart
+    from lambdasplit.errors import UsageError
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"--clients takes comma-separated integers, got {args.clients!r}") from None
+    if not clients or min(clients) < 1 or args.new_tokens < 1:
+        raise UsageError("--clients needs counts >= 1 and --new-tokens >= 1")
+    result = run_serve_bench(model=args.model, split=args.split, clients=clients, new_tokens=args.new_tokens,
+                             max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, dtype=args.dtype,
+                             threads=args.threads, unbatched=args.unbatched, breakdown=args.breakdown,
+                             progress=not args.json)
+    meta = {**result["meta"], "command": _command_line()}
+    title = (f"Serving: {args.model} body {meta['split']}, {args.new_tokens} tokens per session, "
+             f"max batch {args.max_batch}, prefill chunk {args.prefill_chunk}")
+    notes = [
+        "in-process engine, clients replay precomputed head outputs of real prompts (greedy traces); tokens/s = "
+        "sessions x tokens / wall time; decode tokens/s: the decode steps after every session's first token, over that time; latency = one decode step, submit to result; TTFT = the prefill step",
+        f"prompt tokens per trace: {meta['prompt_tokens']}",
+        describe_machine(meta["machine"]) + " (at start)",
+        f"command: `{meta['command']}`",
+    ]
+    breakdown = result["breakdown"]
+    breakdown_title = "Where one decode forward of N rows spends its time (torch.profiler; ms)"
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta, "breakdown": breakdown}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
+        if breakdown:
+            print_table(breakdown, BREAKDOWN_COLUMNS, title=breakdown_title)
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
+        if breakdown:
+            (out / "breakdown.json").write_text(json.dumps(breakdown, indent=1) + "\n")
+            with open(out / "table.md", "a") as handle:
+                handle.write(f"\n## {breakdown_title}\n\n" + markdown_table(breakdown, BREAKDOWN_COLUMNS))
+        if not args.json:
+            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
     return 0
 
 
