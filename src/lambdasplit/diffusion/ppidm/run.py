@@ -99,3 +99,19 @@ def imagine_ppidm(model, prompt: str, *, servers=None, local_services=None, mode
         "device_local_layers": dict(pool.traffic.local_layers),
     })
     return ImageResult(image, record)
+
+
+def imagine_for_command(args):
+    """`imagine --protocol ppidm`: a function with client.imagine's signature that runs ppidm."""
+
+    def run(model, prompt, *, mode, server, protocol, local_steps, verify, keep_wire, **options):
+        if mode != "split":
+            raise LambdaSplitError("--protocol ppidm is a split mode (drop --mode local/cloud)")
+        if server:
+            raise LambdaSplitError("--protocol ppidm takes --servers A,B,... (n unet-shard servers), not --server")
+        if local_steps or verify or keep_wire:
+            raise LambdaSplitError("--local-steps, --verify-sync and --show-wire are not available with --protocol ppidm")
+        return imagine_ppidm(model, prompt, servers=parse_servers(args.servers), mode=args.ppidm_mode,
+                             small_maps=args.ppidm_small_maps, **options)
+
+    return run
