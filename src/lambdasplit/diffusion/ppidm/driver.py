@@ -297,24 +297,30 @@ class ShardedUNet:
             raise LambdaSplitError(f"--ppidm-mode must be one of {', '.join(MODES)}, not {mode!r}")
         if small_maps not in SMALL_MAPS:
             raise LambdaSplitError(f"--ppidm-small-maps must be one of {', '.join(SMALL_MAPS)}, not {small_maps!r}")
-        config = UNet2DConditionModel.load_config(folder / "unet")
+        self = cls.skeleton(UNet2DConditionModel.load_config(folder / "unet"), mode=mode, small_maps=small_maps)
+        self.folder = folder
+        state = self.read_tensors(sorted(self.unet.state_dict()), as_dict=True)
+        self.unet.load_state_dict(state, strict=True, assign=True)
+        self.device_parameters = sum(t.numel() for t in state.values())
+        return self
+
+    @classmethod
+    def skeleton(cls, config: dict, *, mode: str = "exact", small_maps: str = "refuse") -> "ShardedUNet":
+        """The proxied U-Net on the meta device, no weights (load() fills them; bench.paper_scale runs it on shapes)."""
+        from diffusers import UNet2DConditionModel
+
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(config)
-        self = cls(folder, unet, mode, small_maps)
-        names = wire_ops.conv_names(unet)
-        for index, name in enumerate(names):
+        self = cls(None, unet, mode, small_maps)
+        for index, name in enumerate(wire_ops.conv_names(unet)):
             _replace(unet, name, ShardedConv(unet.get_submodule(name), index, name, self))
         for name, module in list(unet.named_modules()):
             if isinstance(module, nn.GroupNorm):
                 _replace(unet, name, ShardedGroupNorm(module, name, self))
-        wanted = set(unet.state_dict())
-        state = self.read_tensors(sorted(wanted), as_dict=True)
-        unet.load_state_dict(state, strict=True, assign=True)
-        unet.eval()
         attention = [name for name, module in unet.named_modules() if hasattr(module, "set_processor")]
         unet.set_attn_processor({f"{name}.processor": ShardedAttention(slot, name, self)
                                  for slot, name in enumerate(attention)})
-        self.device_parameters = sum(t.numel() for t in state.values())
+        unet.eval()
         return self
 
     def read_tensors(self, keys: list[str], as_dict: bool = False):
