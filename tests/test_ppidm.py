@@ -198,11 +198,11 @@ def test_bad_request_fails_its_session_only(folders):
     service = UNetShardService(str(folders["sd"]))
     fingerprint = service.fingerprint
     with BodyServer([service]) as server:
-        bad = RemoteShard(server.address, fingerprint=fingerprint, codec="fp32", up_codec="fp32", shard=0, of=2)
+        bad = RemoteShard(server.address, fingerprint=fingerprint, codec="fp32", up_codec="fp32")
         bad.send([wire_ops.Op(wire_ops.CONV, [0, 1, 0, 1, 0], [torch.zeros(1, 5, 4, 4)])])  # conv_in takes 4 channels
         with pytest.raises(RemoteError, match="takes 4 channels"):
             bad.receive()
-        good = RemoteShard(server.address, fingerprint=fingerprint, codec="fp32", up_codec="fp32", shard=1, of=2)
+        good = RemoteShard(server.address, fingerprint=fingerprint, codec="fp32", up_codec="fp32")
         good.send([wire_ops.Op(wire_ops.GROUP_NORM, [0, 2, 0, 0, 0], [torch.arange(32.0).view(1, 2, 4, 4)])])
         (stats,), _, _ = good.receive()
         assert torch.allclose(stats[0, :, 0], torch.tensor([7.5, 23.5]))

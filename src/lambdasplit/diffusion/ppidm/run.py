@@ -68,7 +68,7 @@ def imagine_ppidm(model, prompt: str, *, servers=None, local_services=None, mode
         try:
             for i, address in enumerate(addresses):
                 shards.append(RemoteShard(address, fingerprint=device.info.fingerprint, codec=codec, up_codec=up_codec,
-                                          shard=i, of=len(addresses), token=token, tls_ca=tls_ca, link=shared_link,
+                                          token=token, tls_ca=tls_ca, link=shared_link,
                                           capture=captures[i] if captures is not None else None))
         except BaseException:
             for shard in shards:

@@ -35,12 +35,13 @@ def read_result(body: memoryview, position: int) -> tuple[list[torch.Tensor], fl
 
 
 class RemoteShard(Session):
-    def __init__(self, address: str, *, fingerprint: str, codec: str, up_codec: str, shard: int, of: int, **options):
+    def __init__(self, address: str, *, fingerprint: str, codec: str, up_codec: str, **options):
         self.up_codec = proto.diffusion_codec(up_codec)
         self.position = 0
         self.address = address
-        hello = {"role": ROLE, "model": fingerprint, "dtype": "float32", "codec": proto.diffusion_codec(codec).name,
-                 "shard": shard, "of": of}
+        # Nothing about the other servers or this one's place in the grid: the paper's
+        # arrangement argument (what a server can still infer is measured by the audit).
+        hello = {"role": ROLE, "model": fingerprint, "dtype": "float32", "codec": proto.diffusion_codec(codec).name}
         super().__init__(address, hello, **options)
 
     def send(self, ops: list[wire_ops.Op]) -> int:
