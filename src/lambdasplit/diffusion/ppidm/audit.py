@@ -212,10 +212,15 @@ def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None
         for server in servers:
             server.stop()
     results = [{"attack": attack, **_mean(values)} for attack, values in rows.items()]
+    # K = to_k(layer-normed hidden states): with a full-column-rank to_k, K determines them exactly
+    first = attacker.attention[attacker.first_self]
+    weight = first[1].to_k.weight.detach()
+    kv_rank = {"layer": first[0], "to_k": list(weight.shape), "rank": int(torch.linalg.matrix_rank(weight))}
     from lambdasplit.audit.llm import _machine
 
     return {"meta": {"model": model, "servers": n, "mode": mode, "codec": codec, "steps": steps, "guidance": guidance,
                      "sessions": len(prompts), "train_images": train_images, "candidates": len(candidates),
+                     "first_self_attention": kv_rank,
                      "machine": _machine(), "seconds": round(time.perf_counter() - began, 1),
                      "assumptions": "the attacker has the public weights and scheduler, the default guidance scale, "
                                     "and knows its block's place in the grid"},
@@ -254,6 +259,9 @@ def markdown(report: dict) -> str:
              f"machine: {meta['machine']}; {meta['sessions']} sessions, {meta['steps']} steps, "
              f"{meta['train_images']} attacker images for the K inverter, {meta['seconds']} s", "",
              f"assumptions: {meta['assumptions']}", "",
+             f"K inverter layer: {meta['first_self_attention']['layer']}, to_k {meta['first_self_attention']['to_k']} "
+             f"of rank {meta['first_self_attention']['rank']} (full column rank: K determines the layer's normed "
+             "hidden states exactly)", "",
              "| attack | region PSNR dB | image PSNR dB | image area | digit match | prompt top-1 | mean-image PSNR |",
              "|---|---|---|---|---|---|---|"]
 
