@@ -260,8 +260,9 @@ def markdown(report: dict) -> str:
              f"{meta['train_images']} attacker images for the K inverter, {meta['seconds']} s", "",
              f"assumptions: {meta['assumptions']}", "",
              f"K inverter layer: {meta['first_self_attention']['layer']}, to_k {meta['first_self_attention']['to_k']} "
-             f"of rank {meta['first_self_attention']['rank']} (full column rank: K determines the layer's normed "
-             "hidden states exactly)", "",
+             f"of rank {meta['first_self_attention']['rank']}"
+             + (" (full column rank: K determines the layer's normed hidden states exactly)"
+                if meta['first_self_attention']['rank'] == meta['first_self_attention']['to_k'][1] else ""), "",
              "| attack | region PSNR dB | image PSNR dB | image area | digit match | prompt top-1 | mean-image PSNR |",
              "|---|---|---|---|---|---|---|"]
 
