@@ -40,7 +40,7 @@ def add_commands(subparsers) -> None:
     d.add_argument("--protocol", choices=["cloud-latent", "client-latent", "both", "ppidm"], default="both")
     d.add_argument("--servers", type=int, default=4, help="ppidm: number of shard servers n (default %(default)s)")
     d.add_argument("--ppidm-mode", choices=["exact", "paper"], default="exact", help="ppidm: group-norm mode")
-    d.add_argument("--train-images", type=int, default=200,
+    d.add_argument("--train-images", type=int, default=80,
                    help="ppidm: the attacker's own generations for the learned K inverter (default %(default)s)")
     d.add_argument("--local-steps", default="0,2,5,10", help="defense sweep: last K denoising steps kept on the device")
     d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25 for zoo:digits)")

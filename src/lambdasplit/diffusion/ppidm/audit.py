@@ -140,7 +140,7 @@ class Attacker:
 
 
 def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None = None, seed: int = 42,
-                train_images: int = 200, mode: str = "exact", small_maps: str = "local", codec: str = "fp32",
+                train_images: int = 80, mode: str = "exact", small_maps: str = "local", codec: str = "fp32",
                 progress: bool = True) -> dict:
     from sklearn.linear_model import RidgeCV
 
