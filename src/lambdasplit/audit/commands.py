@@ -37,7 +37,11 @@ def add_commands(subparsers) -> None:
     d.add_argument("--model", default=DEFAULT_DIFFUSION,
                    help="pipeline folder, zoo:NAME, or tiny:sd (a tiny random SD pipeline with a CLIP encoder, built "
                         "on the fly: exercises the attacks where no trained model is at hand)")
-    d.add_argument("--protocol", choices=["cloud-latent", "client-latent", "both"], default="both")
+    d.add_argument("--protocol", choices=["cloud-latent", "client-latent", "both", "ppidm"], default="both")
+    d.add_argument("--servers", type=int, default=4, help="ppidm: number of shard servers n (default %(default)s)")
+    d.add_argument("--ppidm-mode", choices=["exact", "paper"], default="exact", help="ppidm: group-norm mode")
+    d.add_argument("--train-images", type=int, default=80,
+                   help="ppidm: the attacker's own generations for the learned K inverter (default %(default)s)")
     d.add_argument("--local-steps", default="0,2,5,10", help="defense sweep: last K denoising steps kept on the device")
     d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25 for zoo:digits)")
     d.add_argument("--prompts", type=int, default=10, help="sessions (one prompt per digit)")
@@ -115,6 +119,10 @@ def diffusion_command(args) -> int:
     from lambdasplit.audit.diffusion import DiffusionAuditConfig, audit_diffusion, print_diffusion, write_diffusion
 
     _threads(args.threads)
+    if args.protocol == "ppidm":  # n shard servers: its own attacks (diffusion/ppidm/audit.py)
+        from lambdasplit.diffusion.ppidm import audit as ppidm_audit
+
+        return ppidm_audit.command(args)
     model = args.model
     if model == "tiny:sd":
         import tempfile

@@ -85,6 +85,11 @@ def add_commands(subparsers) -> None:
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(func=diffusion_command)
 
+    pp = which.add_parser("ppidm", help="PPIDM: quality, traffic per layer type, offloaded FLOPs (options: bench ppidm --help)",
+                          add_help=False, prefix_chars="\0")
+    pp.add_argument("rest", nargs=argparse.REMAINDER)
+    pp.set_defaults(func=ppidm_command)
+
 
 def _command_line() -> str:
     return "lambdasplit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -200,6 +205,15 @@ def diffusion_command(args) -> int:
     parser = argparse.ArgumentParser(prog="lambdasplit bench diffusion")
     diffusion_bench.add_arguments(parser)
     return int(diffusion_bench.run(parser.parse_args(args.rest)) or 0)
+
+
+def ppidm_command(args) -> int:
+    from lambdasplit.diffusion.ppidm import bench as ppidm_bench
+
+    parser = argparse.ArgumentParser(prog="lambdasplit bench ppidm", description=ppidm_bench.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    ppidm_bench.add_arguments(parser)
+    return int(ppidm_bench.run(parser.parse_args(args.rest)) or 0)
 
 
 def _names(text: str, allowed: set[str]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@
     quality.py    PSNR / SSIM (scikit-image)
     bench.py      `lambdasplit bench diffusion`: the quantization study
     tiny.py       tiny random SD / SDXL pipelines built from configs (tests)
+    ppidm/        PPIDM: the U-Net's heavy layers cut across n shard servers (--protocol ppidm)
 """
 
 from lambdasplit.diffusion.client import ImageResult, imagine  # noqa: F401

@@ -16,9 +16,16 @@ def add_commands(subparsers) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
     p.add_argument("--server", metavar="HOST:PORT", help="`serve --component unet` (split) or `--component pipeline` (cloud)")
-    p.add_argument("--protocol", choices=["cloud-latent", "client-latent"], default="cloud-latent",
+    p.add_argument("--protocol", choices=["cloud-latent", "client-latent", "ppidm"], default="cloud-latent",
                    help="cloud-latent: the cloud keeps a copy of the latent and streams the noise (paper); "
-                        "client-latent: x_t goes up every step, the cloud never runs the scheduler")
+                        "client-latent: x_t goes up every step, the cloud never runs the scheduler; "
+                        "ppidm: the U-Net's conv / group-norm / attention layers cut across --servers")
+    p.add_argument("--servers", metavar="A,B,...", help="ppidm: the `serve --component unet-shard` servers (n >= 2)")
+    p.add_argument("--ppidm-mode", choices=["exact", "paper"], default="exact",
+                   help="ppidm: exact (global group-norm statistics; equals the unsplit pipeline) or paper "
+                        "(each block normalized with its own statistics, as the PPIDM paper)")
+    p.add_argument("--ppidm-small-maps", choices=["refuse", "local"], default="refuse",
+                   help="ppidm: a layer whose map is too small to cut among the servers is refused, or run on the device")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25, the digits model's setting)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default 4)")
@@ -82,7 +89,12 @@ def imagine_command(args) -> int:
                         console=console, disable=args.json or args.mode == "cloud", transient=True)
     with progress:
         task = progress.add_task(f"{args.mode} denoising", total=None)
-        result = imagine(
+        make_image = imagine
+        if args.protocol == "ppidm":  # the same call, answered by n unet-shard servers
+            from lambdasplit.diffusion.ppidm.run import imagine_for_command
+
+            make_image = imagine_for_command(args)
+        result = make_image(
             args.model, args.prompt, mode=args.mode, server=args.server, protocol=args.protocol, steps=args.steps,
             seed=args.seed, guidance=args.guidance, negative_prompt=args.negative_prompt, size=args.size,
             codec=args.codec, up_codec=args.up_codec, local_steps=args.local_steps, scheduler=args.scheduler,

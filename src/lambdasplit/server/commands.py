@@ -21,8 +21,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--layers", action="append", default=[], metavar="X:Y",
                    help="host body layers [X, Y) (repeat to host several splits)")
     p.add_argument("--cloud", action="store_true", help="host the whole model for cloud-only mode")
-    p.add_argument("--component", choices=["unet", "pipeline"],
-                   help="host a diffusion component: unet (split), pipeline (cloud-only baseline)")
+    p.add_argument("--component", choices=["unet", "pipeline", "unet-shard"],
+                   help="host a diffusion component: unet (split), pipeline (cloud-only baseline), "
+                        "unet-shard (one of the n servers of imagine --protocol ppidm)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -71,6 +72,10 @@ def build_services(args) -> list:
         from lambdasplit.diffusion.server import PipelineService  # noqa: PLC0415
 
         services.append(PipelineService(args.model, dtype=args.dtype))
+    if args.component == "unet-shard":
+        from lambdasplit.diffusion.ppidm.service import UNetShardService  # noqa: PLC0415
+
+        services.append(UNetShardService(args.model, dtype=args.dtype))
     for layers in args.layers:
         services.append(BodyService(args.model, layers, dtype=args.dtype))
     if args.cloud:
