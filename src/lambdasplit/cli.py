@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "lambdasplit.audit.commands",  # audit llm / diffusion
     "lambdasplit.diffusion.commands",  # imagine
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
+    "lambdasplit.gateway.commands",  # gateway (OpenAI-compatible API + web page)
 ]
 
 
