@@ -9,9 +9,11 @@ Real processes behind real sockets: a body server (`lambdasplit serve`) holding 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -21,43 +23,10 @@ import pytest
 
 from lambdasplit.client.generation import Sampling
 from lambdasplit.client.run import run_generation
-from lambdasplit.gateway.process import GatewayProcess
-from lambdasplit.server.process import ServerProcess
+from gateway_stack import SPLIT, body, gateway, model, pipeline, unet  # noqa: F401 (fixtures)
 
-SPLIT = "1:3"
 PROMPT = "the quick brown fox"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir) -> str:
-    return str(tiny_model_dir("llama", num_layers=4))
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> str:
-    from lambdasplit.diffusion.tiny import build_tiny_pipeline
-
-    return str(build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "sd", "sd"))
-
-
-@pytest.fixture(scope="module")
-def body(model):
-    with ServerProcess(["--model", model, "--layers", SPLIT]) as server:
-        yield server.address
-
-
-@pytest.fixture(scope="module")
-def unet(pipeline):
-    with ServerProcess(["--component", "unet", "--model", pipeline]) as server:
-        yield server.address
-
-
-@pytest.fixture(scope="module")
-def gateway(model, pipeline, body, unet):
-    with GatewayProcess(["--model", model, "--split", SPLIT, "--server", body,
-                         "--image-model", pipeline, "--image-server", unet]) as process:
-        yield process.url
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +162,40 @@ def test_bad_requests_get_openai_errors_and_the_gateway_keeps_serving(client, ga
 
 
 def test_unreachable_body_server_is_a_503_with_its_reason(model):
-    dead = "127.0.0.1:9"  # discard port: nothing listens
-    with GatewayProcess(["--model", model, "--split", SPLIT, "--server", dead]) as process:
-        client = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0)
+    from lambdasplit.gateway.app import create_app
+    from lambdasplit.gateway.engines import TextEngine
+
+    dead = "127.0.0.1:9"  # the discard port: nothing listens
+    engine = TextEngine(model, split=SPLIT, servers=[dead])
+    with serve_in_thread(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as raised:
                 client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                stream=stream)
             assert raised.value.status_code == 503
             assert "cannot connect to 127.0.0.1:9" in raised.value.message
+
+
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """The app under uvicorn on a real loopback socket, in a thread of this process."""
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 def test_the_panel_view_comes_from_the_capture(client, gateway, model):
