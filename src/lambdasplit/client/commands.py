@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-from lambdasplit.client.generation import Sampling
-from lambdasplit.client.run import run_generation
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 
@@ -55,6 +53,9 @@ def add_commands(subparsers) -> None:
 
 
 def generate_command(args) -> int:
+    from lambdasplit.client.generation import Sampling  # here, not at the top: usage errors answer before torch loads
+    from lambdasplit.client.run import run_generation
+
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def stream(piece: str) -> None:
@@ -73,7 +74,7 @@ def generate_command(args) -> int:
     else:
         print()
         print(f"[{record['mode']}: {record['new_tokens']} tokens in {record['seconds']:.2f} s, "
-              f"{record['bytes_up']} B up, {record['bytes_down']} B down, {record['round_trips']} round trips]",
+              f"{record['bytes_up']} B up, {record['bytes_down']} B down, {plural(record['round_trips'], 'round trip')}]",
               file=sys.stderr)
     return 0
 
@@ -95,3 +96,8 @@ def demo_command(args) -> int:
     from lambdasplit.client.demo import run_demo
 
     return run_demo(args)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 round trip', '2 round trips'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

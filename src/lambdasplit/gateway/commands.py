@@ -22,20 +22,19 @@ def add_commands(subparsers) -> None:
         description="Serve /v1/models, /v1/chat/completions, /v1/completions and /v1/images/generations in "
                     "OpenAI's shapes, and a web page at / that shows what crossed the wire for each request. "
                     "Point any OpenAI client at http://HOST:PORT/v1.")
-    p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
-    p.add_argument("--mode", choices=["split", "local", "cloud"], default="split", help="default %(default)s")
+    p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME")
+    p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
     p.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]",
                    help="body server(s) (`serve --layers X:Y`, or `serve --cloud` for cloud mode); several servers "
                         "hosting the same body take requests in turn")
     p.add_argument("--split", metavar="X:Y", help="head holds layers [0, X), tail [Y, N) (split mode)")
-    p.add_argument("--codec", default="fp32", help="wire codec of the hidden states (default %(default)s)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="default %(default)s")
+    p.add_argument("--codec", default="fp32", help="wire codec of the hidden states")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--image-model", help="diffusers pipeline folder or zoo:NAME for /v1/images/generations")
     p.add_argument("--image-server", metavar="HOST:PORT", help="its U-Net server (`serve --component unet`)")
-    p.add_argument("--image-codec", default="fp32", help="codec of the predicted noise (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="default %(default)s (loopback: the prompts arrive in clear)")
-    p.add_argument("--port", type=int, default=8000, help="default %(default)s; 0 picks a free port")
+    p.add_argument("--image-codec", default="fp32", help="codec of the predicted noise")
+    p.add_argument("--host", default="127.0.0.1", help="loopback: the prompts arrive in clear HTTP")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host: anyone who reaches it reads the prompts in clear HTTP")
     p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"),
@@ -47,11 +46,11 @@ def add_commands(subparsers) -> None:
 
 def check_args(args) -> list[str]:
     """Everything checkable without loading a model; returns the body servers."""
-    from lambdasplit.client.remote import parse_address
-
     servers = [s.strip() for s in (args.server or "").split(",") if s.strip()]
     for server in servers + ([args.image_server] if args.image_server else []):
-        parse_address(server)
+        _, sep, port = server.rpartition(":")
+        if not sep or not port.isdigit():
+            raise UsageError(f"server address must be HOST:PORT, got {server!r}")
     if args.mode == "split" and not args.split:
         raise UsageError("gateway --mode split needs --split X:Y (the layers the body server hosts)")
     if args.mode != "local" and not servers:
