@@ -13,6 +13,7 @@ each view with its wire panel.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -55,13 +56,26 @@ def shoot(url: str, out: Path, prompt: str, image_prompt: str) -> list[Path]:
         page.click("#chat-send")
         page.wait_for_function("document.body.dataset.lastRequest", timeout=300_000)
         page.screenshot(path=str(shots[0]), full_page=True)
+        summaries = [_summary(url, page)]
         page.click("#tab-image")
         page.fill("#image-prompt", image_prompt)
         page.click("#image-send")
         page.wait_for_function("(document.body.dataset.lastRequest || '').startsWith('img-')", timeout=300_000)
         page.screenshot(path=str(shots[1]), full_page=True)
+        summaries.append(_summary(url, page))
         browser.close()
+    for summary in summaries:
+        print(json.dumps(summary))
     return shots
+
+
+def _summary(url: str, page) -> dict:
+    """The wire summary of the page's last request, as the API reported it."""
+    import httpx
+
+    view = httpx.get(f"{url}/lambdasplit/requests/{page.evaluate('document.body.dataset.lastRequest')}").json()
+    keys = ("id", "mode", "split", "codec", "bytes_up", "bytes_down", "round_trips", "completion_tokens")
+    return {k: view[k] for k in keys if k in view}
 
 
 def main() -> int:

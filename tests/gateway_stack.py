@@ -29,7 +29,7 @@ def pipeline(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def body(model):
-    with ServerProcess(["--model", model, "--layers", SPLIT]) as server:
+    with ServerProcess(["--model", model, "--layers", SPLIT, "--cloud"]) as server:  # split and cloud mode
         yield server.address
 
 

@@ -198,6 +198,31 @@ def serve_in_thread(app):
         thread.join(10)
 
 
+@pytest.mark.parametrize("mode", ["local", "cloud"])
+def test_local_and_cloud_modes_equal_generate(model, body, mode):
+    from lambdasplit.gateway.app import create_app
+    from lambdasplit.gateway.engines import TextEngine
+
+    expected = run_generation(model=model, mode=mode, server=body, prompt=PROMPT, max_new_tokens=8,
+                              sampling=Sampling())
+    engine = TextEngine(model, mode=mode, servers=[body] if mode == "cloud" else [])
+    with serve_in_thread(create_app(engine)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
+                                                    temperature=0, max_tokens=8)
+        view = httpx.get(f"{url}/lambdasplit/requests/{completion.id}").json()
+    assert completion.choices[0].message.content == expected["text"]
+    wire = completion.model_extra["lambdasplit"]
+    assert (wire["mode"], wire["split"], wire["codec"]) == (mode, None, None)
+    if mode == "local":
+        assert wire["bytes_up"] == wire["bytes_down"] == 0 and view["capture"] is None
+    else:  # the prompt goes to the server: token ids in its GENERATE frame, the answer comes back as text
+        assert wire["bytes_up"] > 0 and wire["round_trips"] == 1
+        answer_down = next(r for r in view["capture"]["search"] if r["secret"] == "answer" and r["direction"] == "down")
+        assert answer_down["verbatim"] or not expected["text"].strip()
+        assert "server" in view["privacy"]["does_not_protect"][0]
+
+
 def test_the_panel_view_comes_from_the_capture(client, gateway, model):
     completion = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
                                                 temperature=0, max_tokens=6)
