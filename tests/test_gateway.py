@@ -219,7 +219,7 @@ def test_local_and_cloud_modes_equal_generate(model, body, mode):
     else:  # the prompt goes to the server: token ids in its GENERATE frame, the answer comes back as text
         assert wire["bytes_up"] > 0 and wire["round_trips"] == 1
         answer_down = next(r for r in view["capture"]["search"] if r["secret"] == "answer" and r["direction"] == "down")
-        assert answer_down["verbatim"] or not expected["text"].strip()
+        assert answer_down["coverage"] > 0.5  # in clear (JSON escapes non-ASCII, so not always verbatim)
         assert "server" in view["privacy"]["does_not_protect"][0]
 
 
