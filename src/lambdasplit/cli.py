@@ -17,8 +17,8 @@ COMMAND_MODULES = [
     "lambdasplit.zoo.commands",  # zoo list / eval / train
     "lambdasplit.audit.commands",  # audit llm / diffusion
     "lambdasplit.diffusion.commands",  # imagine
-    "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
     "lambdasplit.gateway.commands",  # gateway (OpenAI-compatible API + web page)
+    "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
 ]
 
 

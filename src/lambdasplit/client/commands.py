@@ -8,6 +8,19 @@ import sys
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 
+# Imported when a command runs, not when the parser is built: usage errors answer before torch loads.
+def Sampling(**options):  # noqa: N802 (stands for the class)
+    from lambdasplit.client.generation import Sampling
+
+    return Sampling(**options)
+
+
+def run_generation(**options) -> dict:
+    from lambdasplit.client.run import run_generation
+
+    return run_generation(**options)
+
+
 def add_session_options(p) -> None:
     """Options every client command shares: auth, TLS, link emulation."""
     import os
@@ -53,9 +66,6 @@ def add_commands(subparsers) -> None:
 
 
 def generate_command(args) -> int:
-    from lambdasplit.client.generation import Sampling  # here, not at the top: usage errors answer before torch loads
-    from lambdasplit.client.run import run_generation
-
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def stream(piece: str) -> None:
