@@ -33,7 +33,7 @@ def text_statement(model: str, mode: str, split: str | None) -> dict:
     audited = figures()["llm"].get(model)
     measured = audited["splits"].get(split) if audited else None
     protects = ["Someone on the link who does not have the model finds no prompt or answer text and no token "
-                "ids in the bytes (the search below runs the audit's test on this request's capture)."]
+                "ids in the bytes (the search above runs the audit's test on this request's capture)."]
     if measured:
         where = f"measured for {model} at split {split}"
         does_not = [
@@ -64,7 +64,7 @@ def text_statement(model: str, mode: str, split: str | None) -> dict:
 def image_statement(model: str | None) -> dict:
     source = figures()["source"]
     audited = figures()["diffusion"].get(model or "")
-    protects = ["Someone on the link without the pipeline sees noise tensors, not the prompt text (search below)."]
+    protects = ["Someone on the link without the pipeline sees noise tensors, not the prompt text (search above)."]
     if audited:
         k0 = audited["cloud_latent_k0"]
         does_not = [f"Anyone with the public pipeline, the server that runs the U-Net included, rebuilds the exact "
