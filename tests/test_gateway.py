@@ -165,7 +165,11 @@ def test_unreachable_body_server_is_a_503_with_its_reason(model):
     from lambdasplit.gateway.app import create_app
     from lambdasplit.gateway.engines import TextEngine
 
-    dead = "127.0.0.1:9"  # the discard port: nothing listens
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{sock.getsockname()[1]}"
     engine = TextEngine(model, split=SPLIT, servers=[dead])
     with serve_in_thread(create_app(engine)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -174,7 +178,7 @@ def test_unreachable_body_server_is_a_503_with_its_reason(model):
                 client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                stream=stream)
             assert raised.value.status_code == 503
-            assert "cannot connect to 127.0.0.1:9" in raised.value.message
+            assert f"cannot connect to {dead}" in raised.value.message
 
 
 @contextlib.contextmanager
