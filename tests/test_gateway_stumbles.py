@@ -160,3 +160,25 @@ def test_waiting_for_the_conversion_lock_says_what_for(fake_gguf, tmp_path, capf
     lock.release()
     waiter.join(30)
     assert (cache / smollm2.FOLDER_NAME / smollm2.MARKER).exists()
+
+
+def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loading(capsys, monkeypatch):
+    import socket
+
+    from lambdasplit.cli import main
+    from lambdasplit.gateway import engines
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(engines.TextEngine, "__init__", no_loading)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lambdasplit: error: cannot listen on 127.0.0.1:{port}")
+    assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--host", "0.0.0.0"]) == 2
+    assert "--insecure" in capsys.readouterr().err
