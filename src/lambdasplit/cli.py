@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "lambdasplit.zoo.commands",  # zoo list / eval / train
     "lambdasplit.audit.commands",  # audit llm / diffusion
     "lambdasplit.diffusion.commands",  # imagine
+    "lambdasplit.gateway.commands",  # gateway (OpenAI-compatible API + web page)
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
     "lambdasplit.llm.commands",  # check
 ]
@@ -27,7 +28,23 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).add_commands(subparsers)
+    show_defaults(parser)
     return parser
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """End every option's help with its default, unless it already states one or comes from the
+    environment (recursively)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not issubclass(sub.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+                    show_defaults(sub)
+        elif (action.option_strings and action.help is not argparse.SUPPRESS and action.default is not None
+              and not isinstance(action.default, bool) and action.default != argparse.SUPPRESS
+              and "default" not in (action.help or "").lower()
+              and "(env " not in (action.help or "")):  # a default from the environment may be a secret
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,22 @@
     hf_model.py    SplitModelForCausalLM: the same split behind transformers' generate()
 """
 
-from lambdasplit.client.device import BodyChain, DeviceModel, InProcessBody
-from lambdasplit.client.generation import GenerationResult, Sampling
-from lambdasplit.client.remote import CloudClient, RemoteBody
+import importlib
 
-__all__ = ["BodyChain", "DeviceModel", "InProcessBody", "GenerationResult", "Sampling", "CloudClient", "RemoteBody"]
+# Imported on first use, so that `lambdasplit --help` and usage errors need neither torch nor transformers.
+_EXPORTS = {
+    "BodyChain": "lambdasplit.client.device",
+    "DeviceModel": "lambdasplit.client.device",
+    "InProcessBody": "lambdasplit.client.device",
+    "GenerationResult": "lambdasplit.client.generation",
+    "Sampling": "lambdasplit.client.generation",
+    "CloudClient": "lambdasplit.client.remote",
+    "RemoteBody": "lambdasplit.client.remote",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

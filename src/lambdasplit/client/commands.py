@@ -5,9 +5,20 @@ from __future__ import annotations
 import json
 import sys
 
-from lambdasplit.client.generation import Sampling
-from lambdasplit.client.run import run_generation
 from lambdasplit.zoo.registry import DEFAULT_LLM
+
+
+# Imported when a command runs, not when the parser is built: usage errors answer before torch loads.
+def Sampling(**options):  # noqa: N802 (stands for the class)
+    from lambdasplit.client.generation import Sampling
+
+    return Sampling(**options)
+
+
+def run_generation(**options) -> dict:
+    from lambdasplit.client.run import run_generation
+
+    return run_generation(**options)
 
 
 def add_session_options(p) -> None:
@@ -78,7 +89,7 @@ def generate_command(args) -> int:
     else:
         print()
         print(f"[{record['mode']}: {record['new_tokens']} tokens in {record['seconds']:.2f} s, "
-              f"{record['bytes_up']} B up, {record['bytes_down']} B down, {record['round_trips']} round trips]",
+              f"{record['bytes_up']} B up, {record['bytes_down']} B down, {plural(record['round_trips'], 'round trip')}]",
               file=sys.stderr)
     return 0
 
@@ -100,3 +111,8 @@ def demo_command(args) -> int:
     from lambdasplit.client.demo import run_demo
 
     return run_demo(args)
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 round trip', '2 round trips'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

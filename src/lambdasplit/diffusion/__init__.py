@@ -11,4 +11,17 @@
     ppidm/        PPIDM: the U-Net's heavy layers cut across n shard servers (--protocol ppidm)
 """
 
-from lambdasplit.diffusion.client import ImageResult, imagine  # noqa: F401
+import importlib
+
+# Imported on first use, so that `lambdasplit --help` and usage errors need neither torch nor transformers.
+_EXPORTS = {
+    "ImageResult": "lambdasplit.diffusion.client",
+    "imagine": "lambdasplit.diffusion.client",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

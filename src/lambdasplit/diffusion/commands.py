@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lambdasplit.client.commands import add_session_options
+from lambdasplit.client.commands import add_session_options, plural
 from lambdasplit.zoo.registry import DEFAULT_DIFFUSION
 
 
@@ -118,8 +118,8 @@ def imagine_command(args) -> int:
         console.print(f"wrote {out} ({record['mode']}"
                       f"{' ' + record['protocol'] + ' ' + record['codec'] if record['protocol'] else ''}: "
                       f"{record['seconds']:.2f} s, {record['bytes_up']} B up, {record['bytes_down']} B down, "
-                      f"{record['round_trips']} round trips)", markup=False)
+                      f"{plural(record['round_trips'], 'round trip')})", markup=False, soft_wrap=True)
         if "wire_picture" in record:
-            console.print(f"wrote {record['wire_picture']} (step {args.show_wire} noise as received)")
+            console.print(f"wrote {record['wire_picture']} (step {args.show_wire} noise as received)", soft_wrap=True)
     sys.stdout.flush()
     return 0

@@ -6,11 +6,25 @@
     check.py       `lambdasplit check`: does a split reproduce the unsplit model? (commands.py: the CLI)
 """
 
-from lambdasplit.llm.checkpoint import Checkpoint
-from lambdasplit.llm.families import SUPPORTED_FAMILIES, family_for
-from lambdasplit.llm.segments import Body, Head, Tail, load_body, load_head, load_tail, parse_split
+import importlib
 
-__all__ = [
-    "Checkpoint", "SUPPORTED_FAMILIES", "family_for",
-    "Head", "Body", "Tail", "load_head", "load_body", "load_tail", "parse_split",
-]
+# Imported on first use, so that `lambdasplit --help` and usage errors need neither torch nor transformers.
+_EXPORTS = {
+    "Checkpoint": "lambdasplit.llm.checkpoint",
+    "SUPPORTED_FAMILIES": "lambdasplit.llm.families",
+    "family_for": "lambdasplit.llm.families",
+    "Head": "lambdasplit.llm.segments",
+    "Body": "lambdasplit.llm.segments",
+    "Tail": "lambdasplit.llm.segments",
+    "load_head": "lambdasplit.llm.segments",
+    "load_body": "lambdasplit.llm.segments",
+    "load_tail": "lambdasplit.llm.segments",
+    "parse_split": "lambdasplit.llm.segments",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

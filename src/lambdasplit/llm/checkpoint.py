@@ -48,12 +48,17 @@ def _local_folder(model: str) -> tuple[Path, bool]:
     model = resolve(model)
     if os.path.isdir(model):
         return Path(model), False
+    if model.startswith((".", "/", "~")) or os.path.exists(model):  # a path, not a Hub id
+        reason = "is not a folder" if os.path.exists(model) else "does not exist"
+        raise LambdaSplitError(f"the local folder {model!r} {reason}")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model, allow_patterns=_SMALL_FILES)), True
     except Exception as error:
-        raise LambdaSplitError(f"cannot find model {model!r} locally or on the Hub: {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LambdaSplitError(f"cannot find model {model!r}: no such local folder, and not on the Hub "
+                               f"({first_line})") from error
 
 
 class Checkpoint:
@@ -63,6 +68,9 @@ class Checkpoint:
         self.name = model
         self.folder, self.from_hub = _local_folder(model)
         if not (self.folder / "config.json").exists():
+            if (self.folder / "model_index.json").exists():
+                raise LambdaSplitError(f"{model!r} is a diffusers text-to-image pipeline, not a language model: "
+                                       f"use `lambdasplit imagine --model {model}` (and `serve --component unet`)")
             raise LambdaSplitError(f"{model!r} has no config.json: not a transformers checkpoint")
         self.config = AutoConfig.from_pretrained(self.folder)
         self._headers: dict[str, dict] = {}

@@ -5,7 +5,19 @@
     commands.py  `lambdasplit serve`
 """
 
-from lambdasplit.server.server import BodyServer, Limits
-from lambdasplit.server.services import BodyService, CloudService
+import importlib
 
-__all__ = ["BodyServer", "Limits", "BodyService", "CloudService"]
+# Imported on first use, so that `lambdasplit --help` and usage errors need neither torch nor transformers.
+_EXPORTS = {
+    "BodyServer": "lambdasplit.server.server",
+    "Limits": "lambdasplit.server.server",
+    "BodyService": "lambdasplit.server.services",
+    "CloudService": "lambdasplit.server.services",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,9 +25,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lambdasplit.errors import LambdaSplitError, ProtocolError
-from lambdasplit.server.services import Service
+if TYPE_CHECKING:  # annotations only: services.py imports torch and transformers
+    from lambdasplit.server.services import Service
 from lambdasplit.wire.frames import (
     FRAME_HEADER, JSON_FRAMES, PROTOCOL_VERSION, FrameType, error_frame, json_frame, parse_json,
 )

@@ -273,7 +273,7 @@ def evaluate_command(args) -> int:
 def describe() -> dict:
     """What `lambdasplit zoo list` shows."""
     info = {
-        "name": "digits",
+        "name": "zoo:digits",
         "kind": "diffusion",
         "what": "text-to-image latent diffusion (StableDiffusionPipeline) trained on sklearn's handwritten "
                 "digits upscaled to 32x32 grey; prompts like 'a handwritten digit seven'",

@@ -16,11 +16,12 @@ the GGUF-loaded model's logits exactly, but it is not bit-identical to the origi
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,47 +63,91 @@ def locate_gguf() -> Path:
 
 
 def _source_stamp(gguf: Path) -> dict:
+    """What identifies the GGUF's content: name, size and SHA-256 (not where or when it was installed,
+    so two checkouts, or a reinstall, of the same file share one conversion)."""
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"gguf": gguf.name, "size": gguf.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _installed(gguf: Path) -> dict:
     stat = gguf.stat()
-    return {"gguf": gguf.name, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    return {"path": str(gguf), "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def _is_current(folder: Path, stamp: dict) -> bool:
+def _is_current(folder: Path, gguf: Path) -> bool:
+    """Whether the folder was converted from this GGUF's content. Hashes the file only when this
+    installed copy (path, size, mtime) was not verified before, and then records it as verified."""
     try:
         recorded = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return all(recorded.get(key) == value for key, value in stamp.items())
+    installed = _installed(gguf)
+    if installed in recorded.get("verified", []):
+        return True
+    stamp = _source_stamp(gguf)
+    if "sha256" in recorded:
+        current = all(recorded.get(key) == value for key, value in stamp.items())
+    else:  # a marker from before content stamps: its size and mtime were of this file
+        current = recorded.get("size") == installed["size"] and recorded.get("mtime") == installed["mtime"]
+    if current:
+        recorded.update(stamp)
+        recorded["verified"] = (recorded.get("verified", []) + [installed])[-8:]
+        _write_marker(folder, recorded)
+    return current
+
+
+def _write_marker(folder: Path, record: dict) -> None:
+    temporary = folder / f".{MARKER}.{os.getpid()}"
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, folder / MARKER)  # atomic: readers see the old marker or the new one
 
 
 def ensure_folder(cache_dir: Path) -> Path:
     """Return cache_dir/smollm2-135m-instruct, converting the GGUF into it on first use.
 
-    Fast path: the marker matches the installed GGUF (no torch import). Otherwise a file lock
-    serialises converters (parallel test workers), and the folder is built in a temporary
-    directory and renamed into place, so readers never see a half-written folder.
+    Fast path: the marker records this installed GGUF as verified (no hashing, no torch
+    import). Otherwise a file lock serialises converters (parallel test workers, two
+    terminals), and the folder is built in a temporary directory and renamed into place, so
+    readers never see a half-written folder. A process that has to wait for the lock says so.
     """
+    from filelock import FileLock, Timeout
+
     cache_dir = Path(cache_dir)
     target = cache_dir / FOLDER_NAME
     gguf = locate_gguf()
-    stamp = _source_stamp(gguf)
-    if _is_current(target, stamp):
+    if _is_current(target, gguf):
         return target
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f"{FOLDER_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if _is_current(target, stamp):  # another process converted it while we waited
+    lock = FileLock(cache_dir / f"{FOLDER_NAME}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process to finish converting the bundled SmolLM2 model into {target} "
+              f"(lock {lock.lock_file}; a conversion takes about 30 s)", file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        if _is_current(target, gguf):  # another process converted it while we waited
             return target
+        print(f"converting the bundled SmolLM2 model once, from {gguf.name} into {target} (about 30 s)",
+              file=sys.stderr, flush=True)
         building = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=cache_dir))
         try:
             seconds = _convert(gguf, building)
-            (building / MARKER).write_text(json.dumps({**stamp, "conversion_seconds": round(seconds, 1)}, indent=2))
+            # mtime kept as well: checkouts without content stamps still recognise the folder
+            _write_marker(building, {**_source_stamp(gguf), "mtime": _installed(gguf)["mtime"],
+                                     "verified": [_installed(gguf)], "conversion_seconds": round(seconds, 1)})
             if target.exists():  # stale conversion of another GGUF version
                 shutil.rmtree(target)
             os.rename(building, target)
         finally:
             if building.exists():
                 shutil.rmtree(building, ignore_errors=True)
+    finally:
+        lock.release()
     return target
 
 

@@ -1,0 +1,184 @@
+"""The stumbles a new user hit on a fresh clone (issue 13, item 4), each kept fixed by a test.
+
+README activation of .venv is shown in the README itself; `serve` on a busy port and the
+int4/int2 codec warning are tested by their own areas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from lambdasplit.errors import LambdaSplitError
+
+
+def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lambdasplit", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_building_the_parser_imports_neither_transformers_nor_diffusers():
+    # torch is still imported through `serve`'s limits (server/server.py -> wire/frames.py)
+    code = ("import sys; from lambdasplit.cli import build_parser; build_parser(); "
+            "print([m for m in ('transformers', 'diffusers', 'sklearn', 'lambdasplit.client.device') "
+            "if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_usage_error_is_one_line_before_any_model_loads():
+    result = run_cli("gateway", "--mode", "split", "--server", "127.0.0.1:1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "lambdasplit: error: gateway --mode split needs --split X:Y (the layers the body server hosts)"]
+
+
+def test_help_shows_the_defaults():
+    from lambdasplit.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    generate = commands["generate"].format_help()
+    assert "(default: fp32)" in " ".join(generate.split())  # the wire codec
+    assert "(default: 64)" in generate  # --max-new-tokens
+    imagine = " ".join(commands["imagine"].format_help().split())
+    assert "(default: 42)" in imagine  # --seed
+    audit = commands["audit"]._subparsers._group_actions[0].choices["llm"].format_help()
+    assert "minutes" in audit and "(default: 1,2,4,8)" in audit
+    assert commands["gateway"].format_help().count("(default") >= 5
+
+
+def test_a_missing_local_folder_says_so():
+    from lambdasplit.llm.checkpoint import Checkpoint
+
+    with pytest.raises(LambdaSplitError, match=r"^the local folder './no-such-folder' does not exist$"):
+        Checkpoint("./no-such-folder")
+
+
+def test_a_diffusion_model_given_to_generate_points_to_imagine(digits_path):
+    from lambdasplit.llm.checkpoint import Checkpoint
+
+    with pytest.raises(LambdaSplitError, match="use `lambdasplit imagine --model"):
+        Checkpoint(str(digits_path))
+
+
+def test_zoo_list_names_every_model_zoo_name():
+    from lambdasplit.zoo.registry import ZOO, describe
+
+    assert [describe(name)["name"] for name in ZOO] == [f"zoo:{name}" for name in ZOO]
+
+
+def test_round_trips_are_counted_in_english():
+    from lambdasplit.client.commands import plural
+
+    assert plural(1, "round trip") == "1 round trip" and plural(2, "round trip") == "2 round trips"
+
+
+def test_imagine_summary_is_one_line_when_piped(tmp_path, capsys):
+    from lambdasplit.cli import main
+    from lambdasplit.diffusion.tiny import build_tiny_pipeline
+
+    folder = build_tiny_pipeline(tmp_path / "a-folder-with-a-long-name-so-that-the-summary-passes-80-columns", "sd")
+    out = tmp_path / "image.png"
+    capsys.readouterr()
+    assert main(["imagine", "--model", str(folder), "--mode", "local", "--prompt", "a red cat", "--steps", "1",
+                 "--out", str(out)]) == 0
+    summary = [line for line in capsys.readouterr().err.splitlines() if line.strip()]  # stderr is a pipe here
+    assert len(summary) == 1 and summary[0].startswith(f"wrote {out}") and summary[0].endswith(")")
+    assert len(summary[0]) > 80
+
+
+# ---------------------------------------------------------------- the bundled model's conversion stamp
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A stand-in GGUF file; the conversion is replaced by writing a config (nothing is dequantized)."""
+    from lambdasplit.zoo import smollm2
+
+    gguf = tmp_path / "site-a" / smollm2.GGUF_NAME
+    gguf.parent.mkdir()
+    gguf.write_bytes(os.urandom(4096))
+    conversions = []
+
+    def convert(source, out):
+        conversions.append(source)
+        (out / "config.json").write_text("{}")
+        return 0.0
+
+    monkeypatch.setattr(smollm2, "_convert", convert)
+    monkeypatch.setattr(smollm2, "locate_gguf", lambda: gguf)
+    return gguf, conversions
+
+
+def test_the_same_gguf_installed_elsewhere_shares_the_conversion(fake_gguf, tmp_path, monkeypatch):
+    from lambdasplit.zoo import smollm2
+
+    gguf, conversions = fake_gguf
+    cache = tmp_path / "cache"
+    folder = smollm2.ensure_folder(cache)
+    assert conversions == [gguf]
+    # another checkout (or a reinstall): the same content at another path, installed later
+    other = tmp_path / "site-b" / smollm2.GGUF_NAME
+    other.parent.mkdir()
+    shutil.copyfile(gguf, other)
+    os.utime(other, (time.time() + 3600, time.time() + 3600))
+    monkeypatch.setattr(smollm2, "locate_gguf", lambda: other)
+    assert smollm2.ensure_folder(cache) == folder
+    assert conversions == [gguf]  # not converted again, not deleted
+    marker = json.loads((folder / smollm2.MARKER).read_text())
+    assert {v["path"] for v in marker["verified"]} == {str(gguf), str(other)}
+    # different content is a different model: converted again
+    other.write_bytes(os.urandom(4096))
+    smollm2.ensure_folder(cache)
+    assert conversions == [gguf, other]
+
+
+def test_waiting_for_the_conversion_lock_says_what_for(fake_gguf, tmp_path, capfd):
+    from filelock import FileLock
+
+    from lambdasplit.zoo import smollm2
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = FileLock(cache / f"{smollm2.FOLDER_NAME}.lock")
+    lock.acquire()
+    waiter = threading.Thread(target=smollm2.ensure_folder, args=(cache,))
+    waiter.start()
+    deadline = time.monotonic() + 30
+    while "waiting for another process" not in capfd.readouterr().err:  # noqa: ASYNC110
+        assert time.monotonic() < deadline, "no message while waiting on the lock"
+        time.sleep(0.05)
+    lock.release()
+    waiter.join(30)
+    assert (cache / smollm2.FOLDER_NAME / smollm2.MARKER).exists()
+
+
+def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loading(capsys, monkeypatch):
+    import socket
+
+    from lambdasplit.cli import main
+    from lambdasplit.gateway import engines
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(engines.TextEngine, "__init__", no_loading)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"lambdasplit: error: cannot listen on 127.0.0.1:{port}")
+    assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--host", "0.0.0.0"]) == 2
+    assert "--insecure" in capsys.readouterr().err
