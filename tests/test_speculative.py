@@ -15,6 +15,7 @@ from lambdasplit.errors import UsageError
 from lambdasplit.llm import Checkpoint
 from lambdasplit.server import BodyServer, BodyService
 from lambdasplit.speculative import Draft, make_source
+from lambdasplit.speculative.eagle import EagleHead, EagleSource, head_config
 from lambdasplit.speculative.sources import lookup_continuation
 from tiny_models import FAMILIES
 
@@ -77,6 +78,9 @@ def test_every_source_equals_plain_split(family, servers, tiny_model_dir):
         "self-draft": make_source("draft", device, draft_model=str(folder)),  # the model itself: all accepted
         "scripted": ScriptedSource(len(prompt_ids), plain.token_ids),
     }
+    torch.manual_seed(0)
+    head = EagleHead(head_config(device.checkpoint.config)).eval()  # untrained: exactness needs no quality
+    sources["eagle"] = EagleSource(head, device.head.embed, device.tail)
     for name, source in sources.items():
         for k in (4, "auto"):
             result, trips, _, _ = _split_run(device, server, prompt_ids, source, max_new_tokens=NEW_TOKENS,

@@ -86,7 +86,7 @@ class StepModel:
 
     `step(start, token_ids)` runs n positions from `start` and returns their logits
     (`last=m`: only the last m rows, so the LM head skips the rest of a long prompt);
-    `features` keeps the last decoder layer's output (before the final norm) of the same
+    `features` keeps the last decoder layer's output (before the final norm) of all n
     rows, which a feature-level draft head reads. A step that starts before the cached
     length cuts every cache back to `start` first: the device's head and tail here, the
     body's on the server when it receives the step (protocol v1 has no separate
@@ -111,11 +111,9 @@ class StepModel:
             hidden = self.body.forward(hidden, start)
         t2 = time.perf_counter()
         tail = self.tail
-        features = tail.stack.forward(hidden, start)[0]
-        if last is not None:
-            features = features[-last:]
-        logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(features)))
-        self.features = features
+        self.features = tail.stack.forward(hidden, start)[0]  # every row: a draft head may need the prompt's
+        rows = self.features[-last:] if last is not None else self.features
+        logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(rows)))
         self.local_seconds += (t1 - t0) + (time.perf_counter() - t2)
         self.body_seconds += t2 - t1
         self.steps += 1

@@ -55,9 +55,10 @@ class DraftModelSource:
                 break
             common += 1
         common = min(common, len(sequence) - 1)  # feed at least one token to get logits
-        if common < len(self.ids):
+        cached = self.cache.get_seq_length()
+        if common < cached:
             try:
-                self.cache.crop(common)
+                self.cache.crop(-(cached - common))  # transformers 5: a negative count removes positions
             except (RuntimeError, ValueError):  # a cache layer that cannot cut back: start over
                 self.cache, common = DynamicCache(config=self.model.config), 0
         new = sequence[common:]

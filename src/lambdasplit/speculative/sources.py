@@ -39,7 +39,7 @@ class Step:
     inputs: list[int]  # tokens sent: the not-yet-processed committed ones, then the drafts
     draft: Draft
     logits: torch.Tensor  # [len(draft.tokens) + 1, V]: row i predicts what follows inputs[-(k + 1) + i]
-    features: torch.Tensor  # the same rows' last-layer features (before the final norm)
+    features: torch.Tensor  # [len(inputs), D]: every input's last-layer features (before the final norm)
     committed: list[int]  # tokens committed by this step (accepted drafts, then the target's own)
 
 
