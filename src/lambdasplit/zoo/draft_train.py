@@ -122,7 +122,9 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
     device = DeviceModel.load(model)  # the whole model: features and the frozen embedding / norm / LM head
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, transient=False) as progress:
+    from rich.console import Console
+
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:  # stdout: the JSON summary
         progress.add_task = _with_info(progress.add_task)
         data_file = out / "data.pt"
         wanted = {"model": device.checkpoint.fingerprint, "prompts": prompts, "new_tokens": new_tokens, "seed": seed}
