@@ -23,8 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 DEFAULTS = dict(prompts=480, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=8, lr=1e-3)
 
 
@@ -56,12 +54,16 @@ def train_command(args) -> int:
 
 
 def _seed(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def generate_data(model: str, prompts: list[str], new_tokens: int, batch: int, progress) -> list[list[int]]:
     """prompt + greedy answer token ids, one list per prompt (transformers' batched generate, left padding)."""
+    import torch
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lambdasplit.zoo import resolve
@@ -94,6 +96,8 @@ def generate_data(model: str, prompts: list[str], new_tokens: int, batch: int, p
 
 def extract_features(device, sequences: list[list[int]], progress) -> list[torch.Tensor]:
     """Every position's last-layer features (before the final norm), as the device's tail sees them."""
+    import torch
+
     from lambdasplit.client.generation import StepModel
 
     features = []
@@ -108,6 +112,7 @@ def extract_features(device, sequences: list[list[int]], progress) -> list[torch
 
 def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batch: int, steps: int, minutes: float,
           seq_len: int, batch_size: int, lr: float, seed: int, threads: int) -> dict:
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from lambdasplit.client.device import DeviceModel
@@ -191,6 +196,8 @@ def _with_info(add_task):
 
 def _window(ids: list[int], feats: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random window of seq_len + 1 positions of one sequence (tokens, features)."""
+    import torch
+
     n = len(ids)
     start = random.randrange(0, max(1, n - seq_len - 1) + 1) if n > seq_len + 1 else 0
     end = min(n, start + seq_len + 1)
@@ -199,6 +206,8 @@ def _window(ids: list[int], feats: torch.Tensor, seq_len: int) -> tuple[torch.Te
 
 def _loss(head, embed, tail, tokens: torch.Tensor, feats: torch.Tensor, noise: float) -> torch.Tensor:
     """Pairs (f_t, x_{t+1}) -> f_{t+1}: smooth-L1 on features + 0.1 x CE against the target's distribution."""
+    import torch
+
     inputs = feats[:, :-1]
     if noise:
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
@@ -211,15 +220,17 @@ def _loss(head, embed, tail, tokens: torch.Tensor, feats: torch.Tensor, noise: f
     return torch.nn.functional.smooth_l1_loss(predicted, target) + 0.1 * classification
 
 
-@torch.no_grad()
 def _holdout_accuracy(head, embed, tail, sequences, features) -> float:
     """How often the head's one-step draft equals the target's next token, on held-out answers."""
+    import torch
+
     right = total = 0
-    for ids, feats in zip(sequences, features):
-        tokens = torch.tensor([ids])
-        predicted = head(feats[None, :-1], embed(tokens[:, 1:]))
-        drafted = torch.argmax(tail.lm_head(tail.norm(predicted)), -1)[0]
-        target = torch.argmax(tail.lm_head(tail.norm(feats[1:])), -1)
-        right += int((drafted == target).sum())
-        total += target.numel()
+    with torch.no_grad():
+        for ids, feats in zip(sequences, features):
+            tokens = torch.tensor([ids])
+            predicted = head(feats[None, :-1], embed(tokens[:, 1:]))
+            drafted = torch.argmax(tail.lm_head(tail.norm(predicted)), -1)[0]
+            target = torch.argmax(tail.lm_head(tail.norm(feats[1:])), -1)
+            right += int((drafted == target).sum())
+            total += target.numel()
     return right / total if total else 0.0
