@@ -184,3 +184,38 @@ def test_bad_options_are_refused():
         make_source("draft")
     with pytest.raises(UsageError, match="takes no --draft-model"):
         make_source("lookup", draft_model="x")
+
+
+def _drive(length, step_seconds, alpha, rounds=40):
+    """Feed DraftLength the costs of a link/server (step_seconds(n)) and a source accepting with prob alpha."""
+    import random
+
+    rng = random.Random(0)
+    length.update(30, step_seconds(30), 0, 0, 0.0)  # the prompt's step
+    chosen = []
+    for _ in range(rounds):
+        k = length.choose(100)
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        length.update(k + 1, step_seconds(k + 1), k, accepted, 0.0005 * k)
+        chosen.append(k)
+    return chosen
+
+
+def test_auto_draft_length_follows_the_costs():
+    from lambdasplit.speculative.adaptive import DraftLength
+
+    # 80 ms round trip, 2 ms per position: a good source drafts long blocks
+    assert min(_drive(DraftLength("auto"), lambda n: 0.080 + 0.002 * n, alpha=0.8)[-10:]) >= 4
+    # a fast link where every position costs as much as the round trip: speculation switches itself off
+    assert _drive(DraftLength("auto"), lambda n: 0.001 + 0.010 * n, alpha=0.3)[-10:] == [0] * 10
+    # a fixed k is a fixed k, capped by the room left
+    fixed = DraftLength(3)
+    assert fixed.choose(10) == 3 and fixed.choose(1) == 1 and fixed.choose(0) == 0
+
+
+def test_eagle_without_a_trained_head_is_refused(tiny_model_dir, tmp_path):
+    device = DeviceModel.load(str(tiny_model_dir("llama")))
+    with pytest.raises(UsageError, match="draft head"):
+        make_source("eagle", device, draft_model=str(tmp_path))

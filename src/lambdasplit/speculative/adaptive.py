@@ -35,7 +35,7 @@ class DraftLength:
     def __init__(self, setting: int | str = "auto", max_tokens: int = MAX_AUTO_TOKENS):
         self.setting = parse_draft_tokens(setting)
         self.max_tokens = max_tokens
-        self.drafted, self.accepted = 2.0, 1.0  # prior: alpha = 0.5, worth two drafts
+        self.drafted, self.accepted = 2.0, 1.0  # trials and successes; prior alpha = 0.5, worth two drafts
         self.sums = [0.0] * 5  # weighted: 1, n, n^2, w, n*w
         self.slope: float | None = None
         self.draft_seconds, self.draft_count = 0.0, 0.0
@@ -79,7 +79,9 @@ class DraftLength:
         for i, value in enumerate((1.0, positions, positions ** 2, step_seconds, positions * step_seconds)):
             self.sums[i] += value
         if drafted:
-            self.drafted = self.drafted * DECAY + drafted
+            # Drafts after the first rejection are never tested: the trials are the accepted drafts
+            # plus that rejection (the maximum-likelihood estimate of a per-draft acceptance rate).
+            self.drafted = self.drafted * DECAY + accepted + (1 if accepted < drafted else 0)
             self.accepted = self.accepted * DECAY + accepted
             self.draft_seconds = self.draft_seconds * DECAY + draft_seconds
             self.draft_count = self.draft_count * DECAY + drafted

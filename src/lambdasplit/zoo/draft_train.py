@@ -8,7 +8,9 @@ Three phases, each with a progress bar, all seeded (torch, Python's random):
   3. training: fc + one decoder layer, teacher-forced on the true features with a little
      uniform noise (EAGLE's recipe), loss = smooth-L1 on the next features + 0.1 x the
      cross-entropy against the target's next-token distribution (through the target's
-     frozen norm and LM head); AdamW, warm-up then cosine decay, until `--steps` or `--minutes`.
+     frozen norm and LM head, on a random `--ce-fraction` of the positions: the LM head over
+     the whole vocabulary is most of a step's cost); AdamW, warm-up then cosine decay,
+     until `--steps` or `--minutes`.
 The head is written to OUT (draft_head.safetensors + draft_head.json with the target's
 fingerprint, the command, the figures); `--speculate eagle` finds it there (the default
 OUT is the user cache; `--out src/lambdasplit/zoo/data/smollm2_draft` makes it the bundled one).
@@ -23,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = dict(prompts=480, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=8, lr=1e-3)
+DEFAULTS = dict(prompts=480, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=4, lr=1e-3,
+                ce_fraction=0.25)
 
 
 def add_train_arguments(p) -> None:
@@ -37,6 +40,9 @@ def add_train_arguments(p) -> None:
     p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="positions per training sequence")
     p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--ce-fraction", type=float, default=DEFAULTS["ce_fraction"],
+                   help="share of positions whose cross-entropy is computed each step (the LM head over the whole "
+                        "vocabulary is most of the cost; default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s: an idle 2-core machine)")
     p.set_defaults(func=train_command)
@@ -48,7 +54,8 @@ def train_command(args) -> int:
     out = args.out or cache_dir() / "smollm2-draft"
     result = train(model=args.model, out=out, prompts=args.prompts, new_tokens=args.new_tokens,
                    generate_batch=args.generate_batch, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                   ce_fraction=args.ce_fraction)
     print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
     return 0
 
@@ -111,7 +118,7 @@ def extract_features(device, sequences: list[list[int]], progress) -> list[torch
 
 
 def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batch: int, steps: int, minutes: float,
-          seq_len: int, batch_size: int, lr: float, seed: int, threads: int) -> dict:
+          seq_len: int, batch_size: int, lr: float, seed: int, threads: int, ce_fraction: float = 0.25) -> dict:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -163,7 +170,7 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
             length = min(len(b[0]) for b in batch)
             tokens = torch.stack([b[0][:length] for b in batch])
             feats = torch.stack([b[1][:length] for b in batch])
-            loss = _loss(head, embed, tail, tokens, feats, noise=0.1)
+            loss = _loss(head, embed, tail, tokens, feats, noise=0.1, ce_fraction=ce_fraction)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
@@ -178,7 +185,7 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
         "target": model, "target_fingerprint": device.checkpoint.fingerprint,
         "command": "lambdasplit " + " ".join(sys.argv[1:]) if sys.argv and "zoo" in sys.argv else None,
         "seed": seed, "prompts": len(sequences), "tokens": sum(len(s) for s in sequences), "steps": step,
-        "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "ce_fraction": ce_fraction, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "holdout_sequences": len(test_ids), "holdout_next_token_accuracy": accuracy,
         "data_seconds": data_seconds, "seconds": time.perf_counter() - began,
         "parameters": sum(p.numel() for p in head.parameters()),
@@ -204,8 +211,9 @@ def _window(ids: list[int], feats: torch.Tensor, seq_len: int) -> tuple[torch.Te
     return torch.tensor(ids[start:end]), feats[start:end]
 
 
-def _loss(head, embed, tail, tokens: torch.Tensor, feats: torch.Tensor, noise: float) -> torch.Tensor:
-    """Pairs (f_t, x_{t+1}) -> f_{t+1}: smooth-L1 on features + 0.1 x CE against the target's distribution."""
+def _loss(head, embed, tail, tokens, feats, noise: float, ce_fraction: float = 1.0):
+    """Pairs (f_t, x_{t+1}) -> f_{t+1}: smooth-L1 on features + 0.1 x CE against the target's distribution
+    (on a random `ce_fraction` of the positions)."""
     import torch
 
     inputs = feats[:, :-1]
@@ -213,11 +221,15 @@ def _loss(head, embed, tail, tokens: torch.Tensor, feats: torch.Tensor, noise: f
         inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
     predicted = head(inputs, embed(tokens[:, 1:]))
     target = feats[:, 1:]
+    regression = torch.nn.functional.smooth_l1_loss(predicted, target)
+    chosen = torch.rand(target.shape[:2]) < ce_fraction
+    if not chosen.any():
+        return regression
     with torch.no_grad():
-        target_probs = torch.softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(target))), -1)
-    log_probs = torch.log_softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(predicted))), -1)
+        target_probs = torch.softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(target[chosen]))), -1)
+    log_probs = torch.log_softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(predicted[chosen]))), -1)
     classification = -(target_probs * log_probs).sum(-1).mean()
-    return torch.nn.functional.smooth_l1_loss(predicted, target) + 0.1 * classification
+    return regression + 0.1 * classification
 
 
 def _holdout_accuracy(head, embed, tail, sequences, features) -> float:
