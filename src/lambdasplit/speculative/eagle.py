@@ -54,6 +54,7 @@ def causal_mask(queries: int, past: int) -> torch.Tensor:
 class EagleHead(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
+        config._attn_implementation = config._attn_implementation or "sdpa"  # not kept by to_dict()
         self.config = config
         d = config.hidden_size
         self.fc = nn.Linear(2 * d, d, bias=False)
