@@ -209,7 +209,8 @@ def test_auto_draft_length_follows_the_costs():
     # 80 ms round trip, 2 ms per position: a good source drafts long blocks
     assert min(_drive(DraftLength("auto"), lambda n: 0.080 + 0.002 * n, alpha=0.8)[-10:]) >= 4
     # a fast link where every position costs as much as the round trip: speculation switches itself off
-    assert _drive(DraftLength("auto"), lambda n: 0.001 + 0.010 * n, alpha=0.3)[-10:] == [0] * 10
+    late = _drive(DraftLength("auto"), lambda n: 0.001 + 0.010 * n, alpha=0.3)[-18:]
+    assert sum(k > 0 for k in late) <= 2  # plain steps, but for a probe every 8
     # a fixed k is a fixed k, capped by the room left
     fixed = DraftLength(3)
     assert fixed.choose(10) == 3 and fixed.choose(1) == 1 and fixed.choose(0) == 0

@@ -7,7 +7,8 @@ token costs the source d seconds to propose; each draft is accepted with probabi
 alpha (measured, with a weak prior of 0.5). A step drafting k tokens commits
 E(k) = 1 + alpha + ... + alpha^k tokens on average, so `auto` picks the k in [0, K]
 that maximizes E(k) / (w(k + 1) + d * k). k = 0 is plain decoding: on a fast link where
-an extra position costs more than it is expected to save, speculation switches itself off.
+an extra position costs more than it is expected to save, speculation switches itself off, except for one probe of 3 drafts after every 8 plain steps (so a
+source whose acceptance improves, or that learns only while drafting, can come back).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from lambdasplit.errors import UsageError
 MAX_AUTO_TOKENS = 8
 DECAY = 0.97  # older steps weigh less: acceptance and costs drift with the text and the load
 WARMUP_TOKENS = 3  # drafted on the first steps, before there is anything to fit
+PROBE_EVERY = 8  # after this many plain steps in a row, draft WARMUP_TOKENS once: acceptance drifts, and
+# stateful sources (lookahead's Jacobi guess and n-gram pool) only learn from the steps they draft in
 
 
 def parse_draft_tokens(value) -> int | str:
@@ -40,6 +43,7 @@ class DraftLength:
         self.slope: float | None = None
         self.draft_seconds, self.draft_count = 0.0, 0.0
         self.observed = 0
+        self.plain_streak = 0
 
     @property
     def acceptance(self) -> float:
@@ -71,6 +75,10 @@ class DraftLength:
             rate = expected / max(1e-9, w0 + w1 * (k + 1) + d * k)
             if rate > best_rate:
                 best, best_rate = k, rate
+        self.plain_streak = self.plain_streak + 1 if best == 0 else 0
+        if self.plain_streak > PROBE_EVERY:
+            self.plain_streak = 0
+            return max(0, min(WARMUP_TOKENS, limit))
         return best
 
     def update(self, positions: int, step_seconds: float, drafted: int, accepted: int, draft_seconds: float) -> None:
