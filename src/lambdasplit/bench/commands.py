@@ -1,4 +1,4 @@
-"""`lambdasplit bench llm | overhead | diffusion | serve`."""
+"""`lambdasplit bench llm | overhead | diffusion | serve | wan`."""
 
 from __future__ import annotations
 
@@ -89,6 +89,24 @@ def add_commands(subparsers) -> None:
                           add_help=False, prefix_chars="\0")
     pp.add_argument("rest", nargs=argparse.REMAINDER)
     pp.set_defaults(func=ppidm_command)
+    w = which.add_parser("wan", help="speculative sources vs plain split decoding at several one-way delays",
+                         description="tokens/s, tokens per round trip, bytes and device compute per token for each "
+                                     "--speculate source against plain split decoding (docs/speculative.md)")
+    w.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    w.add_argument("--split", help="X:Y (default 2:N-2)")
+    w.add_argument("--sources", default="lookup,lookahead", help="comma-separated --speculate sources besides none "
+                   "(lookup, lookahead, draft, eagle; default %(default)s)")
+    w.add_argument("--draft-model", help="for the draft and eagle sources")
+    w.add_argument("--draft-tokens", default="auto", help="K or auto (default %(default)s)")
+    w.add_argument("--delays", default="5,20,40,80", help="one-way delays in ms (default %(default)s)")
+    w.add_argument("--presets", default="wan", help="link presets also run (default %(default)s; '' for none)")
+    w.add_argument("--prompts", type=int, default=6, help="how many of the built-in prompts (default %(default)s)")
+    w.add_argument("--new-tokens", type=int, default=64, help="at most, per prompt (stops at EOS; default %(default)s)")
+    w.add_argument("--codec", default="fp16", help="default %(default)s")
+    w.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s)")
+    w.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    w.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    w.set_defaults(func=wan_command)
 
 
 def _command_line() -> str:
@@ -192,6 +210,30 @@ def serve_command(args) -> int:
                 handle.write(f"\n## {breakdown_title}\n\n" + markdown_table(breakdown, BREAKDOWN_COLUMNS))
         if not args.json:
             print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+def wan_command(args) -> int:
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.wan import COLUMNS, run_wan, write_chart
+    from lambdasplit.speculative.adaptive import parse_draft_tokens
+
+    sources = list(_names(args.sources, {"none", "lookup", "lookahead", "draft", "eagle"}))
+    result = run_wan(model=args.model, split=args.split, sources=sources, delays=args.delays, presets=args.presets,
+                     new_tokens=args.new_tokens, prompts=args.prompts, codec=args.codec, draft_model=args.draft_model,
+                     draft_tokens=parse_draft_tokens(args.draft_tokens), threads=args.threads, progress=not args.json)
+    meta = {**result["meta"], "command": _command_line()}
+    title = f"Speculative decoding over WAN links: {args.model}, split {meta['split']}, up to {args.new_tokens} tokens"
+    notes = [f"{len(meta['prompts'])} prompts (chat, summarization, code), greedy, codec {args.codec}, "
+             f"draft tokens {meta['draft_tokens']}; link delay is one way, rate unlimited unless a preset says",
+             "tokens/round trip: tokens committed by the steps after the prompt's, per step; bytes/token: every "
+             "socket byte both ways (rejected positions included) per generated token; ids = none: every prompt's "
+             "greedy token ids equal plain split decoding's on that link",
+             describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
     return 0
 
 

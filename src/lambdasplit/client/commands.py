@@ -58,6 +58,11 @@ def add_commands(subparsers) -> None:
     p.add_argument("--defense-seed", type=int, default=None,
                    help="for experiments only: makes the defense noise reproducible and so removable "
                         "(default: a fresh seed from secrets.randbits(63))")
+    p.add_argument("--speculate", default="none", choices=["none", "lookup", "lookahead", "draft", "eagle"],
+                   help="draft tokens on the device and verify several per round trip (docs/speculative.md)")
+    p.add_argument("--draft-model", help="--speculate draft: a causal LM sharing the tokenizer; eagle: a draft head folder")
+    p.add_argument("--draft-tokens", default="auto", help="tokens drafted per step, or auto (default: chosen from "
+                   "the measured acceptance and step costs)")
     add_session_options(p)
     p.set_defaults(func=generate_command)
 
@@ -83,6 +88,7 @@ def generate_command(args) -> int:
         chat=False if args.no_chat else None, on_text=None if args.json else stream,
         defense=_defense(args.defense, args.defense_seed, args.mode),
         timeout=args.timeout, insecure=args.insecure,
+        speculate=args.speculate, draft_model=args.draft_model, draft_tokens=_draft_tokens(args.draft_tokens),
     )
     if args.json:
         print(json.dumps(record))
@@ -92,6 +98,12 @@ def generate_command(args) -> int:
               f"{record['bytes_up']} B up, {record['bytes_down']} B down, {plural(record['round_trips'], 'round trip')}]",
               file=sys.stderr)
     return 0
+
+
+def _draft_tokens(value: str):
+    from lambdasplit.speculative.adaptive import parse_draft_tokens
+
+    return parse_draft_tokens(value)
 
 
 def _defense(spec: str, seed: int | None, mode: str):

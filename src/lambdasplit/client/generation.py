@@ -41,10 +41,20 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(sampling.seed)
 
     def __call__(self, logits: torch.Tensor) -> int:
+        if self.greedy:
+            return int(torch.argmax(logits.float()))
+        return self.draw(self.probs(logits))
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling.temperature <= 0
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution `__call__` samples from (one-hot at the argmax when greedy)."""
         logits = logits.float()
+        if self.greedy:
+            return torch.nn.functional.one_hot(torch.argmax(logits), logits.numel()).float()
         s = self.sampling
-        if s.temperature <= 0:
-            return int(torch.argmax(logits))
         logits = logits / s.temperature
         if s.top_k > 0:
             kth = torch.topk(logits, min(s.top_k, logits.numel())).values[-1]
@@ -54,7 +64,14 @@ class Sampler:
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
             remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= s.top_p  # keep the token that crosses top_p
             logits = logits.masked_fill(torch.zeros_like(remove).scatter(0, order, remove), float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        return torch.softmax(logits, dim=-1)
+
+    def uniform(self) -> float:
+        """One U[0, 1) draw from this sampler's generator (speculative acceptance tests)."""
+        return float(torch.rand(1, generator=self.generator))
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token from an already processed distribution, with this sampler's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -62,6 +79,60 @@ class BodyLink(Protocol):
     """Where the body runs: in this process, or behind a network session."""
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor: ...
+
+
+class StepModel:
+    """The one step API over head -> body -> tail, for every decoding strategy.
+
+    `step(start, token_ids)` runs n positions from `start` and returns their logits
+    (`last=m`: only the last m rows, so the LM head skips the rest of a long prompt);
+    `features` keeps the last decoder layer's output (before the final norm) of all n
+    rows, which a feature-level draft head reads. A step that starts before the cached
+    length cuts every cache back to `start` first: the device's head and tail here, the
+    body's on the server when it receives the step (protocol v1 has no separate
+    cut-back frame; the step's position is the cut-back). `cut_back(length)` cuts the
+    device's caches at once and leaves the body's to the next step.
+    """
+
+    def __init__(self, head, body: BodyLink | None, tail):
+        self.head, self.body, self.tail = head, body, tail
+        self.local_seconds = 0.0  # head + tail on the device
+        self.body_seconds = 0.0  # waiting for the body (compute + communication)
+        self.steps = 0
+        self.positions = 0  # positions sent through the body, rejected ones included
+        self.features: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def step(self, start: int, token_ids: list[int], last: int | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        hidden = self.head.forward(torch.tensor([token_ids]), start)
+        t1 = time.perf_counter()
+        if self.body is not None:
+            hidden = self.body.forward(hidden, start)
+        t2 = time.perf_counter()
+        tail = self.tail
+        self.features = tail.stack.forward(hidden, start)[0]  # every row: a draft head may need the prompt's
+        rows = self.features[-last:] if last is not None else self.features
+        logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(rows)))
+        self.local_seconds += (t1 - t0) + (time.perf_counter() - t2)
+        self.body_seconds += t2 - t1
+        self.steps += 1
+        self.positions += len(token_ids)
+        return logits
+
+    def cut_back(self, length: int) -> None:
+        for stack in (self.head.stack, self.tail.stack):
+            if stack.length > length:
+                stack.truncate(length)
+
+
+def mask_eos(logits: torch.Tensor, eos_ids: set[int], ignore_eos: bool) -> torch.Tensor:
+    """With ignore_eos the EOS logits are -inf (as `generate(min_new_tokens=N)` does)."""
+    if not ignore_eos:
+        return logits
+    logits = logits.clone()
+    logits[..., list(eos_ids)] = float("-inf")
+    return logits
 
 
 @dataclass
@@ -73,16 +144,29 @@ class GenerationResult:
     body_seconds: float = 0.0  # wall time spent waiting for the body (compute + communication)
     logits: list[torch.Tensor] = field(default_factory=list)
     text: str = ""
+    steps: int = 0  # head -> body -> tail steps, the prompt's included (= body round trips in split mode)
+    first_step_tokens: int = 0  # tokens committed by the prompt's step
+    drafted: int = 0  # speculative positions drafted and sent for verification
+    accepted: int = 0  # of those, accepted
+    speculate: str = "none"
+
+    @property
+    def accepted_per_step(self) -> float:
+        """Tokens committed per step after the prompt's (1.0 for plain decoding)."""
+        later = self.steps - 1
+        return (len(self.token_ids) - self.first_step_tokens) / later if later > 0 else float(len(self.token_ids) > 0)
 
 
 def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, max_new_tokens: int,
                  sampler: Sampler, eos_ids: set[int], ignore_eos: bool = False, cache: str = "kv",
-                 on_token: Callable[[int], None] | None = None, keep_logits: bool = False) -> GenerationResult:
+                 on_token: Callable[[int], None] | None = None, keep_logits: bool = False,
+                 speculate=None, draft_tokens: int | str = "auto") -> GenerationResult:
     """Run head -> body -> tail -> sample, one step per generated token.
 
     With cache="kv" the prompt is one step and every later step carries one new position.
     With cache="none" every step restarts at position 0 and carries the whole sequence
-    (the paper's baseline without caching).
+    (the paper's baseline without caching). With `speculate` (a draft source, see
+    lambdasplit.speculative) each step also verifies drafted tokens.
     """
     if cache not in ("kv", "none"):
         raise UsageError("cache must be 'kv' or 'none'")
@@ -90,25 +174,34 @@ def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, ma
         raise UsageError("the prompt is empty")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    result = GenerationResult(token_ids=[], prompt_ids=list(prompt_ids))
+    model = StepModel(head, body, tail)
+    began = time.perf_counter()
+    if speculate is not None:
+        if cache != "kv":
+            raise UsageError("speculative decoding needs --cache kv (it verifies drafts against the caches)")
+        from lambdasplit.speculative.decode import speculative_generate
+
+        result = speculative_generate(model, speculate, prompt_ids, max_new_tokens=max_new_tokens, sampler=sampler,
+                                      eos_ids=eos_ids, ignore_eos=ignore_eos, draft_tokens=draft_tokens,
+                                      on_token=on_token, keep_logits=keep_logits)
+    else:
+        result = _plain_generate(model, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, cache,
+                                 on_token, keep_logits)
+    result.seconds = time.perf_counter() - began
+    result.local_seconds, result.body_seconds, result.steps = model.local_seconds, model.body_seconds, model.steps
+    return result
+
+
+def _plain_generate(model: StepModel, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, cache,
+                    on_token, keep_logits) -> GenerationResult:
+    result = GenerationResult(token_ids=[], prompt_ids=list(prompt_ids), first_step_tokens=min(1, max_new_tokens))
     sequence = list(prompt_ids)
     start, new = 0, list(prompt_ids)
-    began = time.perf_counter()
     for _ in range(max_new_tokens):
+        logits = mask_eos(model.step(start, new, last=1)[-1], eos_ids, ignore_eos)
         t0 = time.perf_counter()
-        hidden = head.forward(torch.tensor([new]), start)
-        t1 = time.perf_counter()
-        if body is not None:
-            hidden = body.forward(hidden, start)
-        t2 = time.perf_counter()
-        logits = tail.forward(hidden, start)[0, -1]
-        if ignore_eos:
-            logits = logits.clone()
-            logits[list(eos_ids)] = float("-inf")
         token = sampler(logits)
-        t3 = time.perf_counter()
-        result.local_seconds += (t1 - t0) + (t3 - t2)
-        result.body_seconds += t2 - t1
+        model.local_seconds += time.perf_counter() - t0
         if keep_logits:
             result.logits.append(logits)
         result.token_ids.append(token)
@@ -121,5 +214,4 @@ def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, ma
             start, new = len(sequence) - 1, [token]
         else:
             start, new = 0, list(sequence)
-    result.seconds = time.perf_counter() - began
     return result

@@ -23,9 +23,17 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    sampling: Sampling | None = None, dtype: str = "float32", token: str | None = None,
                    tls_ca: str | None = None, link=None, ignore_eos: bool = False, chat: bool | None = None,
                    device: DeviceModel | None = None, on_text=None, capture: list | None = None,
-                   defense=None, timeout: float | None = None, insecure: bool = False) -> dict:
-    """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights."""
+                   defense=None, timeout: float | None = None, insecure: bool = False, speculate: str = "none",
+                   draft_model: str | None = None, draft_tokens: int | str = "auto") -> dict:
+    """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights.
+
+    `speculate` names a draft source (lambdasplit.speculative: none, lookup, lookahead, draft,
+    eagle); the record then adds `speculate`, `accepted_per_round_trip` and the drafted /
+    rejected position counts (rejected positions crossed the wire too: their bytes are counted).
+    """
     sampling = sampling or Sampling()
+    if speculate not in (None, "none") and mode == "cloud":
+        raise LambdaSplitError("--speculate runs on the device (local or split mode), not in cloud mode")
     options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture, timeout=timeout, insecure=insecure)
     if mode == "cloud":
         if not server:
@@ -40,10 +48,13 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
         return record
     if mode == "local":
         device = device or DeviceModel.load(model, None, dtype)
+        source = _source(speculate, device, draft_model, sampling)
         result = device.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
-                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text)
-        return _record(mode, None, cache, None, result.text, result.token_ids, len(result.prompt_ids),
-                       result.seconds, result.local_seconds, 0.0, None)
+                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text, speculate=source,
+                                 draft_tokens=draft_tokens)
+        record = _record(mode, None, cache, None, result.text, result.token_ids, len(result.prompt_ids),
+                         result.seconds, result.local_seconds, 0.0, None)
+        return _add_speculation(record, result, speculate, draft_tokens)
     if mode != "split":
         raise LambdaSplitError(f"mode must be split, local or cloud, not {mode!r}")
     if not server or not split:
@@ -54,15 +65,34 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
         raise LambdaSplitError("--defense needs --cache kv: with --cache none every position is re-sent with fresh "
                                "noise at every step, and averaging those copies removes the noise")
     device = device or DeviceModel.load(model, split, dtype)
+    source = _source(speculate, device, draft_model, sampling)
     with RemoteBody.for_device(device, server, codec=codec, defense=defense, **options) as body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
-                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text)
+                                 ignore_eos=ignore_eos, chat=chat, on_text=on_text, speculate=source,
+                                 draft_tokens=draft_tokens)
         body.close()
         record = _record(mode, f"{device.split[0]}:{device.split[1]}", cache, body.codec.name, result.text,
                          result.token_ids, len(result.prompt_ids), result.seconds, result.local_seconds,
                          body.cloud_seconds, body)
         record["payload_bytes"] = body.stats.payload_bytes
         record["scale_bytes"] = body.stats.scale_bytes
+    return _add_speculation(record, result, speculate, draft_tokens)
+
+
+def _source(speculate, device, draft_model, sampling):
+    from lambdasplit.speculative import make_source
+
+    return make_source(speculate, device, draft_model=draft_model, sampling=sampling)
+
+
+def _add_speculation(record: dict, result, speculate, draft_tokens) -> dict:
+    """accepted_per_round_trip: tokens committed by the steps after the prompt's, per such step."""
+    record.update({
+        "speculate": speculate or "none", "draft_tokens": draft_tokens if speculate not in (None, "none") else 0,
+        "steps": result.steps, "accepted_per_round_trip": result.accepted_per_step,
+        "drafted_positions": result.drafted, "accepted_positions": result.accepted,
+        "rejected_positions": result.drafted - result.accepted,
+    })
     return record
 
 

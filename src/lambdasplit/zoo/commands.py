@@ -4,6 +4,7 @@
     lambdasplit zoo eval --model zoo:smollm2 [--text FILE] # perplexity of any causal LM on any text
     lambdasplit zoo eval --model zoo:digits                # diffusion: delegated to zoo/digits.py
     lambdasplit zoo train digits                           # retrain the shipped digits model
+    lambdasplit zoo train smollm2-draft                    # train the EAGLE draft head (speculative decoding)
 
 Heavy modules (torch, transformers, the digits model) are imported inside the command functions.
 """
@@ -48,6 +49,11 @@ def add_commands(subparsers) -> None:
     else:
         digits.add_train_arguments(digits_parser)
         digits_parser.set_defaults(func=digits.train_command)
+    draft_parser = models.add_parser("smollm2-draft", help="the EAGLE-style draft head for zoo:smollm2 "
+                                     "(--speculate eagle; about an hour on an idle 2-core machine)")
+    from lambdasplit.zoo import draft_train
+
+    draft_train.add_train_arguments(draft_parser)
 
 
 def _missing_digits(error: ImportError) -> int:

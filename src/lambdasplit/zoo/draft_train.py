@@ -1,0 +1,248 @@
+"""`lambdasplit zoo train smollm2-draft`: train the EAGLE-style draft head for the default model.
+
+Three phases, each with a progress bar, all seeded (torch, Python's random):
+  1. data: the target's own greedy answers to `--prompts` training prompts (zoo/draft_data.py),
+     generated with transformers' batched `generate`; kept in OUT/data.pt so a rerun skips it;
+  2. features: one forward of the target over each prompt + answer (lambdasplit's own
+     segments, as on the device) gives every position's last-layer features;
+  3. training: fc + one decoder layer, teacher-forced on the true features with a little
+     uniform noise (EAGLE's recipe), loss = smooth-L1 on the next features + 0.1 x the
+     cross-entropy against the target's next-token distribution (through the target's
+     frozen norm and LM head, on a random `--ce-fraction` of the positions: the LM head over
+     the whole vocabulary is most of a step's cost); AdamW, warm-up then cosine decay,
+     until `--steps` or `--minutes`.
+The head is written to OUT (draft_head.safetensors + draft_head.json with the target's
+fingerprint, the command, the figures); `--speculate eagle` finds it there (the default
+OUT is the user cache; `--out src/lambdasplit/zoo/data/smollm2_draft` makes it the bundled one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = dict(prompts=480, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=4, lr=1e-3,
+                ce_fraction=0.25)
+
+
+def add_train_arguments(p) -> None:
+    p.add_argument("--model", default="zoo:smollm2", help="the target model (default %(default)s)")
+    p.add_argument("--out", type=Path, help="output folder (default: <cache>/smollm2-draft)")
+    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"], help="training prompts answered (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="answer length cap (default %(default)s)")
+    p.add_argument("--generate-batch", type=int, default=8, help="prompts per batched generate (default %(default)s)")
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps at most (default %(default)s)")
+    p.add_argument("--minutes", type=float, default=DEFAULTS["minutes"], help="training time budget (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"], help="positions per training sequence")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    p.add_argument("--ce-fraction", type=float, default=DEFAULTS["ce_fraction"],
+                   help="share of positions whose cross-entropy is computed each step (the LM head over the whole "
+                        "vocabulary is most of the cost; default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s: an idle 2-core machine)")
+    p.set_defaults(func=train_command)
+
+
+def train_command(args) -> int:
+    from lambdasplit.zoo.registry import cache_dir
+
+    out = args.out or cache_dir() / "smollm2-draft"
+    result = train(model=args.model, out=out, prompts=args.prompts, new_tokens=args.new_tokens,
+                   generate_batch=args.generate_batch, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
+                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                   ce_fraction=args.ce_fraction)
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=1))
+    return 0
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def generate_data(model: str, prompts: list[str], new_tokens: int, batch: int, progress) -> list[list[int]]:
+    """prompt + greedy answer token ids, one list per prompt (transformers' batched generate, left padding)."""
+    import torch
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lambdasplit.zoo import resolve
+
+    folder = resolve(model)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    sequences = []
+    task = progress.add_task("draft data: answers", total=len(prompts))
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = lm.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        for row, mask in zip(out, enc["attention_mask"]):
+            ids = row[int((mask == 0).sum()):].tolist()  # drop the left padding
+            while ids and ids[-1] == tokenizer.pad_token_id and tokenizer.pad_token_id != tokenizer.eos_token_id:
+                ids.pop()
+            if tokenizer.eos_token_id in ids[int(mask.sum()):]:  # cut after the first EOS of the answer
+                cut = ids.index(tokenizer.eos_token_id, int(mask.sum()))
+                ids = ids[:cut + 1]
+            sequences.append(ids)
+        progress.advance(task, len(chunk))
+    return sequences
+
+
+def extract_features(device, sequences: list[list[int]], progress) -> list[torch.Tensor]:
+    """Every position's last-layer features (before the final norm), as the device's tail sees them."""
+    import torch
+
+    from lambdasplit.client.generation import StepModel
+
+    features = []
+    task = progress.add_task("draft data: features", total=len(sequences))
+    for ids in sequences:
+        model = StepModel(device.head.fork(), None, device.tail.fork())
+        model.step(0, ids, last=1)
+        features.append(model.features.clone())
+        progress.advance(task)
+    return features
+
+
+def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batch: int, steps: int, minutes: float,
+          seq_len: int, batch_size: int, lr: float, seed: int, threads: int, ce_fraction: float = 0.25) -> dict:
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from lambdasplit.client.device import DeviceModel
+    from lambdasplit.speculative.eagle import EagleHead, head_config
+    from lambdasplit.zoo.draft_data import training_prompts
+
+    torch.set_num_threads(threads)
+    _seed(seed)
+    began = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = DeviceModel.load(model)  # the whole model: features and the frozen embedding / norm / LM head
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    from rich.console import Console
+
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:  # stdout: the JSON summary
+        progress.add_task = _with_info(progress.add_task)
+        data_file = out / "data.pt"
+        wanted = {"model": device.checkpoint.fingerprint, "prompts": prompts, "new_tokens": new_tokens, "seed": seed}
+        cached = torch.load(data_file) if data_file.exists() else None
+        if cached is not None and cached["key"] == wanted:
+            sequences = cached["sequences"]
+        else:
+            sequences = generate_data(model, training_prompts(prompts, seed), new_tokens, generate_batch, progress)
+            torch.save({"key": wanted, "sequences": sequences}, data_file)
+        features = extract_features(device, sequences, progress)
+        data_seconds = time.perf_counter() - began
+
+        holdout = max(1, len(sequences) // 20)
+        order = list(range(len(sequences)))
+        random.Random(seed).shuffle(order)
+        test_ids, train_ids = order[:holdout], order[holdout:]
+        head = EagleHead(head_config(device.checkpoint.config))
+        embed, tail = device.head.embed, device.tail
+        for module in (embed, tail.norm, tail.lm_head):
+            module.requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        warmup = max(1, steps // 50)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+        task = progress.add_task("draft head: training", total=steps)
+        deadline = time.perf_counter() + 60 * minutes
+        losses, step = [], 0
+        head.train()
+        while step < steps and time.perf_counter() < deadline:
+            batch = [_window(sequences[i], features[i], seq_len) for i in random.choices(train_ids, k=batch_size)]
+            length = min(len(b[0]) for b in batch)
+            tokens = torch.stack([b[0][:length] for b in batch])
+            feats = torch.stack([b[1][:length] for b in batch])
+            loss = _loss(head, embed, tail, tokens, feats, noise=0.1, ce_fraction=ce_fraction)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            step += 1
+            progress.update(task, advance=1, info=f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        head.eval()
+        accuracy = _holdout_accuracy(head, embed, tail, [sequences[i] for i in test_ids], [features[i] for i in test_ids])
+    meta = {
+        "target": model, "target_fingerprint": device.checkpoint.fingerprint,
+        "command": "lambdasplit " + " ".join(sys.argv[1:]) if sys.argv and "zoo" in sys.argv else None,
+        "seed": seed, "prompts": len(sequences), "tokens": sum(len(s) for s in sequences), "steps": step,
+        "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "ce_fraction": ce_fraction, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "holdout_sequences": len(test_ids), "holdout_next_token_accuracy": accuracy,
+        "data_seconds": data_seconds, "seconds": time.perf_counter() - began,
+        "parameters": sum(p.numel() for p in head.parameters()),
+    }
+    head.save(out, meta)
+    return {**meta, "out": str(out)}
+
+
+def _with_info(add_task):
+    def add(description, **kw):
+        kw.setdefault("info", "")
+        return add_task(description, **kw)
+    return add
+
+
+def _window(ids: list[int], feats: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random window of seq_len + 1 positions of one sequence (tokens, features)."""
+    import torch
+
+    n = len(ids)
+    start = random.randrange(0, max(1, n - seq_len - 1) + 1) if n > seq_len + 1 else 0
+    end = min(n, start + seq_len + 1)
+    return torch.tensor(ids[start:end]), feats[start:end]
+
+
+def _loss(head, embed, tail, tokens, feats, noise: float, ce_fraction: float = 1.0):
+    """Pairs (f_t, x_{t+1}) -> f_{t+1}: smooth-L1 on features + 0.1 x CE against the target's distribution
+    (on a random `ce_fraction` of the positions)."""
+    import torch
+
+    inputs = feats[:, :-1]
+    if noise:
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
+    predicted = head(inputs, embed(tokens[:, 1:]))
+    target = feats[:, 1:]
+    regression = torch.nn.functional.smooth_l1_loss(predicted, target)
+    chosen = torch.rand(target.shape[:2]) < ce_fraction
+    if not chosen.any():
+        return regression
+    with torch.no_grad():
+        target_probs = torch.softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(target[chosen]))), -1)
+    log_probs = torch.log_softmax(tail.family.logits(tail.config, tail.lm_head(tail.norm(predicted[chosen]))), -1)
+    classification = -(target_probs * log_probs).sum(-1).mean()
+    return regression + 0.1 * classification
+
+
+def _holdout_accuracy(head, embed, tail, sequences, features) -> float:
+    """How often the head's one-step draft equals the target's next token, on held-out answers."""
+    import torch
+
+    right = total = 0
+    with torch.no_grad():
+        for ids, feats in zip(sequences, features):
+            tokens = torch.tensor([ids])
+            predicted = head(feats[None, :-1], embed(tokens[:, 1:]))
+            drafted = torch.argmax(tail.lm_head(tail.norm(predicted)), -1)[0]
+            target = torch.argmax(tail.lm_head(tail.norm(feats[1:])), -1)
+            right += int((drafted == target).sum())
+            total += target.numel()
+    return right / total if total else 0.0
