@@ -19,8 +19,10 @@ from lambdasplit.errors import LambdaSplitError
 class ServerProcess:
     """`with ServerProcess(["--model", m, "--layers", "2:28"]) as server: server.address`"""
 
+    command = "serve"  # the `lambdasplit` sub-command this class starts (GatewayProcess: "gateway")
+
     def __init__(self, serve_args: list[str], *, timeout: float = 300.0, env: dict | None = None):
-        self.args = [sys.executable, "-m", "lambdasplit", "serve", "--port", "0", *serve_args]
+        self.args = [sys.executable, "-m", "lambdasplit", self.command, "--port", "0", *serve_args]
         self.timeout = timeout
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
@@ -42,7 +44,7 @@ class ServerProcess:
                 threading.Thread(target=self._drain, daemon=True).start()
                 return self
         self.stop()
-        raise LambdaSplitError("the server process did not start:\n" + "\n".join(self.output))
+        raise LambdaSplitError(f"the {self.command} process did not start:\n" + "\n".join(self.output))
 
     def _drain(self) -> None:
         for line in self.process.stdout:
