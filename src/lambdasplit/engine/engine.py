@@ -263,43 +263,60 @@ class Engine:
             self._run(batch)
 
     def _run(self, batch: list[tuple[_Step, int]]) -> None:
-        rows = [Row(step.session.stack, step.start + step.done, step.hidden[:, step.done:step.done + take])
-                for step, take in batch]
+        # A cut-back is done row by row first: one that cannot be done (a sliding-window
+        # layer already dropped those positions) fails that step alone, not its batch.
+        failed: dict[int, BaseException] = {}
+        for i, (step, _take) in enumerate(batch):
+            start, stack = step.start + step.done, step.session.stack
+            if start != stack.length:
+                try:
+                    stack.truncate(start)
+                except LambdaSplitError as cut:
+                    failed[i] = EngineError("bad_step", str(cut))
+        live = [i for i in range(len(batch)) if i not in failed]
+        rows = [Row(batch[i][0].session.stack, batch[i][0].start + batch[i][0].done,
+                    batch[i][0].hidden[:, batch[i][0].done:batch[i][0].done + batch[i][1]]) for i in live]
         began = time.perf_counter()
-        try:
-            outputs = self.packed.forward(rows)
-            error = None
-        except Exception as failure:  # noqa: BLE001 - handed to every step of this forward
-            outputs, error = None, failure
+        outputs: dict[int, torch.Tensor] = {}
+        if rows:
+            try:
+                outputs = dict(zip(live, self.packed.forward(rows)))
+            except Exception as failure:  # noqa: BLE001 - handed to every step of this forward
+                error = failure if isinstance(failure, LambdaSplitError) else \
+                    EngineError("engine_error", f"the batched forward failed: {failure}")
+                failed.update({i: error for i in live})
         now = time.perf_counter()
         m = self.metrics
-        m.batches.inc()
-        m.rows.inc(len(rows))
-        if len(rows) > 1:
-            m.shared_rows.inc(len(rows))
-        m.positions.inc(sum(r.n for r in rows))
-        m.batch_rows.observe(len(rows))
-        m.batch_positions.observe(sum(r.n for r in rows))
-        m.forward_seconds.observe(now - began)
-        finished = []
+        if rows:
+            m.batches.inc()
+            m.rows.inc(len(rows))
+            if len(rows) > 1:
+                m.shared_rows.inc(len(rows))
+            m.positions.inc(sum(r.n for r in rows))
+            m.batch_rows.observe(len(rows))
+            m.batch_positions.observe(sum(r.n for r in rows))
+            m.forward_seconds.observe(now - began)
+        finished = []  # (step, output or None, error or None)
         with self._lock:
             for i, (step, take) in enumerate(batch):
                 session = step.session
-                if error is not None or session.closed:
-                    finished.append((step, None))
+                if i in failed or session.closed:
+                    finished.append((step, None, failed.get(i)))
                     continue
                 step.pieces.append(outputs[i])
                 step.done += take
                 step.waiting_since = now
                 if step.remaining == 0:
-                    finished.append((step, torch.cat(step.pieces, dim=1) if len(step.pieces) > 1 else step.pieces[0]))
-            for step, _ in finished:
+                    out = torch.cat(step.pieces, dim=1) if len(step.pieces) > 1 else step.pieces[0]
+                    finished.append((step, out, None))
+            for step, _, error in finished:
                 session = step.session
                 if session.pending and session.pending[0] is step:
                     session.pending.pop(0)
                 if error is not None:  # the session's later steps assumed this one: fail them too
                     for later in session.pending:
-                        later.future.set_exception(EngineError("engine_error", f"an earlier step failed: {error}"))
+                        later.future.set_exception(EngineError(getattr(error, "code", "engine_error"),
+                                                               f"an earlier step failed: {error}"))
                     session.pending.clear()
                     session.length = session.stack.length
                 if session in self._queue:
@@ -307,14 +324,13 @@ class Engine:
                 if session.pending and not session.closed:
                     self._queue.append(session)
             self._update_used()
-        for step, out in finished:
+        for step, out, error in finished:
             if step.future.done():
                 continue
             if out is not None:
                 step.future.set_result(out)
                 m.step_seconds.observe(now - step.submitted)
             elif error is not None:
-                step.future.set_exception(error if isinstance(error, LambdaSplitError)
-                                          else EngineError("engine_error", f"the batched forward failed: {error}"))
+                step.future.set_exception(error)
             else:
                 step.future.set_exception(EngineError("closed", "the session was closed before this step ran"))

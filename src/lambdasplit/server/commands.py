@@ -43,8 +43,18 @@ def add_commands(subparsers) -> None:
                    help="connections per client that have not finished HELLO")
     p.add_argument("--max-total-sessions", type=int, default=defaults.max_total_sessions,
                    help="concurrent sessions, all clients together")
-    p.add_argument("--max-total-kv-mb", type=float, default=defaults.max_total_kv_mb,
-                   help="KV cache of all sessions together (MiB)")
+    p.add_argument("--kv-budget-mb", "--max-total-kv-mb", dest="max_total_kv_mb", type=float,
+                   default=defaults.max_total_kv_mb,
+                   help="server-wide KV cache budget, all sessions together (MiB), granted step by step; new "
+                        "sessions wait for it in a queue")
+    p.add_argument("--queue-timeout", type=float, default=defaults.queue_timeout,
+                   help="seconds a new session waits for KV budget before the error server_busy")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="new sessions waiting for KV budget at once")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="sessions' steps batched into one forward (per hosted body)")
+    p.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk,
+                   help="positions of a long step (prompt) run per forward, beside the decode steps")
     p.add_argument("--max-pending", type=int, default=defaults.max_pending,
                    help="connections that have not finished HELLO, all clients together")
     p.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout,
@@ -112,7 +122,11 @@ def serve_command(args) -> int:
                     max_total_kv_mb=args.max_total_kv_mb, max_pending=args.max_pending,
                     idle_timeout=args.idle_timeout, hello_timeout=args.hello_timeout,
                     write_timeout=args.write_timeout, max_unsent_mb=args.max_unsent_mb,
-                    max_frame_mb=args.max_frame_mb, max_positions=args.max_positions)
+                    max_frame_mb=args.max_frame_mb, max_positions=args.max_positions,
+                    queue_timeout=args.queue_timeout, max_queue=args.max_queue, max_batch=args.max_batch,
+                    prefill_chunk=args.prefill_chunk)
+    if limits.max_batch < 1 or limits.prefill_chunk < 1:
+        raise LambdaSplitError("--max-batch and --prefill-chunk must be at least 1")
     # Everything that can be refused without the model is checked first (loading takes a while).
     check_exposure(args.host, token, args.tls_cert, args.insecure)
     listener = bind_listener(args.host, args.port)

@@ -1,4 +1,10 @@
-"""The asyncio body server: one task per connection, model compute in worker threads.
+"""The asyncio body server: one task per connection; compute in each service's engine.
+
+Handlers do protocol only: a body STEP is checked from its headers on the event loop,
+decoded in a worker thread, run by the service's batching Engine (engine/: one forward
+for the pending steps of every session) and awaited, so no thread waits for a forward
+or a socket. Cloud sessions run their generation loop in a pool of their own, their
+layer steps in the same kind of engine.
 
 Everything a client can get wrong ends that client's session with an ERROR frame
 (code + message) and never touches other sessions: malformed or unknown frames,
@@ -58,6 +64,11 @@ class Limits:
     max_frame_mb: float = 64.0  # largest frame accepted, MiB
     max_control_kb: float = 1024.0  # largest JSON control frame after HELLO (GENERATE), KiB
     max_positions: int = 8192  # positions per session (and so per step)
+    # The engine (one per hosted body or model) and its admission queue.
+    max_batch: int = 16  # rows (sessions' steps) in one batched forward
+    prefill_chunk: int = 64  # positions of a long step run per forward (SARATHI chunked prefill)
+    queue_timeout: float = 10.0  # seconds a new session waits for KV budget before `server_busy`
+    max_queue: int = 64  # new sessions waiting for KV budget at once
 
     # Before authentication a connection gets less: a small HELLO, soon.
     max_hello_bytes: int = 64 * 1024
@@ -152,6 +163,7 @@ class Admission:
         self.clients: dict[str, set] = {}  # client key -> its open session handlers
         self.grants: dict[object, int] = {}  # handler -> KV bytes granted
         self.last_active: dict[object, float] = {}  # handler -> monotonic time of its last frame
+        self.waiting: list[object] = []  # new sessions waiting for server-wide KV budget, first come first
 
     def open(self, client: str, handler) -> None:
         limits = self.limits
@@ -188,9 +200,16 @@ class Admission:
                     del self.clients[client]
             self.grants.pop(handler, None)
             self.last_active.pop(handler, None)
+            if handler in self.waiting:
+                self.waiting.remove(handler)
 
-    def reserve_kv(self, handler, nbytes: int) -> None:
-        """Grant `handler` exactly `nbytes` of KV cache, or raise kv_cache_limit (nothing changes)."""
+    def reserve_kv(self, handler, nbytes: int, may_queue: bool = False) -> bool:
+        """Grant `handler` exactly `nbytes` of KV cache, or raise kv_cache_limit (nothing changes).
+
+        With `may_queue`, a session holding no KV yet that does not fit the server-wide
+        budget (or finds others waiting before it) joins the queue and gets False: its
+        caller retries until it is granted or `queue_timeout` passes (`leave_queue`).
+        """
         limits = self.limits
         with self.lock:
             others = sum(self.grants.get(h, 0) for h in self.clients.get(handler.client, ()) if h is not handler)
@@ -201,13 +220,35 @@ class Admission:
                     f"{others / 2**20:.1f} MiB); this server allows {limits.max_kv_mb:g} MiB per client",
                 )
             everyone = sum(self.grants.values()) - self.grants.get(handler, 0)
+            new = may_queue and not self.grants.get(handler, 0) and nbytes <= limits.max_total_kv_bytes
+            ahead = self.waiting and self.waiting[0] is not handler
+            if new and (nbytes + everyone > limits.max_total_kv_bytes or ahead):
+                if handler not in self.waiting:
+                    if len(self.waiting) >= limits.max_queue:
+                        raise ProtocolError("server_busy", f"the KV budget of {limits.max_total_kv_mb:g} MiB is "
+                                                           f"taken and {len(self.waiting)} sessions are waiting "
+                                                           "already; retry later or on another server")
+                    self.waiting.append(handler)
+                return False
             if nbytes + everyone > limits.max_total_kv_bytes:
                 raise ProtocolError(
                     "kv_cache_limit",
                     f"this step needs {nbytes / 2**20:.1f} MiB of KV cache and the server's budget of "
                     f"{limits.max_total_kv_mb:g} MiB is taken; retry later",
                 )
+            if handler in self.waiting:
+                self.waiting.remove(handler)
             self.grants[handler] = nbytes
+            return True
+
+    def queue_timed_out(self, handler) -> ProtocolError:
+        with self.lock:
+            if handler in self.waiting:
+                self.waiting.remove(handler)
+        limits = self.limits
+        return ProtocolError("server_busy", f"the server's KV budget of {limits.max_total_kv_mb:g} MiB stayed full "
+                                            f"for {limits.queue_timeout:g} s (--queue-timeout); retry later or on "
+                                            "another server")
 
     def granted_bytes(self) -> int:
         with self.lock:
@@ -271,8 +312,15 @@ class BodyServer:
         if tls_cert:
             self.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ssl_context.load_cert_chain(tls_cert, tls_key)
+        # Short CPU work (decoding, encoding, diffusion steps) and, apart, whole generations of
+        # cloud sessions (each waits on its engine between steps: one thread per session).
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lambdasplit-compute")
+        self.generation_executor = ThreadPoolExecutor(max_workers=self.limits.max_total_sessions,
+                                                      thread_name_prefix="lambdasplit-generate")
         self.admission = Admission(self.limits)
+        for service in services:
+            service.start(self.limits)
+        self.session_hooks: list = []  # called as hook(event, info) at each session start and end
         self.sessions: dict[int, object] = {}
         self.pending: dict[str, int] = {}  # client key -> connections not admitted yet
         self._ids = itertools.count(1)
@@ -295,6 +343,11 @@ class BodyServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def engines(self) -> list:
+        """The batching engine of each hosted LLM service (their `metrics` are the server's numbers)."""
+        return [s.engine for s in self.services if getattr(s, "engine", None) is not None]
 
     @property
     def clients(self) -> dict[str, set]:
@@ -330,6 +383,9 @@ class BodyServer:
         if self._thread:
             self._thread.join(timeout=10)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.generation_executor.shutdown(wait=False, cancel_futures=True)
+        for service in self.services:
+            service.stop()
 
     def __enter__(self):
         return self.start_in_thread()
@@ -372,6 +428,7 @@ class BodyServer:
         task = asyncio.current_task()
         self._tasks.add(task)
         session_id = handler = None
+        began = time.monotonic()
         client = client_key(str((writer.get_extra_info("peername") or ("?",))[0]))
         outbox = _Outbox(asyncio.get_running_loop(), writer, self.limits)
         pending = True
@@ -397,6 +454,8 @@ class BodyServer:
                            "max_frame_mb": self.limits.max_frame_mb, "max_positions": self.limits.max_positions},
             }))
             await outbox.drain()
+            began = time.monotonic()
+            self._session_event("start", {"session": session_id, "client": client, "service": service.description})
             await self._session_loop(handler, reader, outbox)
         except ProtocolError as error:
             await self._send_error(outbox, error.code, error.message)
@@ -421,6 +480,10 @@ class BodyServer:
             self.sessions.pop(session_id, None)
             if handler is not None:
                 self.admission.close(handler)
+                handler.close()
+            if session_id is not None:
+                self._session_event("end", {"session": session_id, "client": client,
+                                            "seconds": time.monotonic() - began})
             self._tasks.discard(task)
             try:
                 writer.close()
@@ -475,15 +538,33 @@ class BodyServer:
 
     async def _session_loop(self, handler, reader, outbox: _Outbox) -> None:
         loop = asyncio.get_running_loop()
+
+        def run(fn, *args):  # CPU work of a handler, off the event loop
+            return loop.run_in_executor(self.executor, fn, *args)
+
+        handle_async = getattr(handler, "handle_async", None)
+        pool = self.generation_executor if handler.long_running else self.executor
         while True:
             frame_type, body = await asyncio.wait_for(self._read_frame(reader), self.limits.idle_timeout)
             self.admission.touch(handler)
             if frame_type == FrameType.CLOSE:
                 return
-            # The compute thread queues its replies and returns; only this coroutine waits for the peer.
-            await loop.run_in_executor(self.executor, handler.handle, frame_type, body, outbox.emit)
+            # Handlers queue their replies (outbox.emit never blocks); only this coroutine waits for the peer.
+            if handle_async is not None:
+                await handle_async(frame_type, body, outbox.emit, run)
+            else:
+                await loop.run_in_executor(pool, handler.handle, frame_type, body, outbox.emit)
             await outbox.drain()
             self.admission.touch(handler)
+
+    def _session_event(self, event: str, info: dict) -> None:
+        """Every session start ("start") and end ("end") passes here, once: logs and metrics hook in."""
+        log.debug("session %s %s", event, info)
+        for hook in self.session_hooks:
+            try:
+                hook(event, info)
+            except Exception:  # a hook's bug must not end the session
+                log.exception("session hook failed")
 
     async def _send_error(self, outbox: _Outbox, code: str, message: str) -> None:
         if outbox.dropped.is_set():

@@ -1,21 +1,27 @@
 """What a server hosts. A service matches a HELLO and opens sessions.
 
-A session turns one request frame into the response frames. It runs in a worker thread
-(model compute must not block the event loop that serves everyone else) and raises
-ProtocolError for anything a client got wrong; the server turns that into an ERROR frame
-for that session only.
+A session turns one request frame into the response frames and raises ProtocolError for
+anything a client got wrong; the server turns that into an ERROR frame for that session
+only. LLM compute goes through one batching Engine per service (engine/): a body
+session's STEP is checked from its headers, decoded in a worker thread, submitted to the
+engine and awaited (`handle_async`: no thread waits for the forward); a cloud session's
+generation loop runs head and tail in a worker thread and its whole-stack steps through
+the engine, so the steps of every session of a service share forwards. Other services
+(diffusion) answer in a worker thread with `handle`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
 
 import torch
 
-from lambdasplit.client.device import DeviceModel
+from lambdasplit.client.device import DeviceModel  # the device's generation loop, for cloud mode only
 from lambdasplit.client.generation import Sampling
+from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
@@ -37,6 +43,56 @@ class Service:
     def open(self, hello: dict, limits) -> "SessionHandler":
         raise NotImplementedError
 
+    def start(self, limits, metrics_registry=None) -> None:
+        """Called once by the server before it serves (services with an engine start it here)."""
+
+    def stop(self) -> None:
+        pass
+
+
+def make_engine(stack, limits, registry=None) -> Engine:
+    """The service's engine. KV memory is granted by the server's Admission (per client and
+    server-wide, at each step); the engine's own budget only has to hold what those grants allow."""
+    from lambdasplit.engine import EngineMetrics, kv_bytes_per_position as engine_kv_bytes
+
+    per_position = engine_kv_bytes(stack)
+    budget_mb = max(1.0, (limits.max_total_sessions + 1) * limits.max_positions * per_position / 2**20)
+    return Engine(stack, max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk, kv_budget_mb=budget_mb,
+                  queue_timeout=0.0, max_pending_steps=1, metrics=EngineMetrics(registry)).start()
+
+
+class EngineService(Service):
+    """A service whose layer stack runs in one batching Engine, shared by every server hosting it."""
+
+    engine: Engine | None = None
+    _users = 0
+
+    def engine_stack(self):
+        raise NotImplementedError
+
+    def start(self, limits, metrics_registry=None) -> None:
+        self._users += 1
+        if self.engine is None:
+            self.engine = make_engine(self.engine_stack(), limits, metrics_registry)
+
+    def stop(self) -> None:
+        self._users = max(0, self._users - 1)
+        if self._users == 0 and self.engine is not None:
+            self.engine.stop()
+            self.engine = None
+
+
+# Engine refusals as the protocol's error codes (docs/protocol.md).
+_ENGINE_CODES = {"gap": "out_of_order", "reservation_exceeded": "too_many_positions", "bad_shape": "bad_shape",
+                 "bad_step": "bad_step", "closed": "server_closing", "too_many_pending": "out_of_order"}
+
+
+def protocol_error(error: EngineError) -> ProtocolError:
+    code = _ENGINE_CODES.get(error.code)
+    if code is None:
+        raise error  # an engine failure is the server's bug: internal_error with an incident id
+    return ProtocolError(code, error.message)
+
 
 class SessionHandler:
     """One session's state. The server sets `admission` (server/server.py Admission) and `client`."""
@@ -44,24 +100,53 @@ class SessionHandler:
     admission = None
     client = None
 
+    def _check_positions(self, positions: int, limits) -> None:
+        if positions > limits.max_positions:
+            raise ProtocolError("too_many_positions",
+                                f"{positions} positions in this session; the limit is {limits.max_positions}")
+
     def reserve_kv(self, positions: int, per_position_bytes: int, limits) -> None:
         """Admission of a step: grant this session the KV cache of `positions`, or refuse it.
 
         The grant is taken atomically against every other session's grant (per client and
-        server-wide), so concurrent sessions cannot together exceed the limits.
+        server-wide), so concurrent sessions cannot together exceed the limits. A new
+        session that finds the server-wide budget full waits in the admission queue (here:
+        in its own thread) for up to `queue_timeout` seconds, then gets `server_busy`.
         """
-        if positions > limits.max_positions:
-            raise ProtocolError("too_many_positions",
-                                f"{positions} positions in this session; the limit is {limits.max_positions}")
-        if self.admission is not None:
-            self.admission.reserve_kv(self, positions * per_position_bytes)
+        self._check_positions(positions, limits)
+        if self.admission is None:
+            return
+        deadline = time.monotonic() + limits.queue_timeout
+        while not self.admission.reserve_kv(self, positions * per_position_bytes, may_queue=True):
+            if time.monotonic() >= deadline:
+                raise self.admission.queue_timed_out(self)
+            time.sleep(0.02)
+
+    async def reserve_kv_async(self, positions: int, per_position_bytes: int, limits) -> None:
+        """`reserve_kv` for the event loop: a queued session waits without holding a thread."""
+        self._check_positions(positions, limits)
+        if self.admission is None:
+            return
+        deadline = time.monotonic() + limits.queue_timeout
+        while not self.admission.reserve_kv(self, positions * per_position_bytes, may_queue=True):
+            if time.monotonic() >= deadline:
+                raise self.admission.queue_timed_out(self)
+            await asyncio.sleep(0.02)
 
     def handle(self, frame_type: FrameType, body: memoryview, emit) -> None:
         """Answer one frame by calling emit(frame_bytes) zero or more times (emit never blocks)."""
         raise NotImplementedError
 
+    # A handler may instead define `async def handle_async(frame_type, body, emit, run)`, run
+    # on the event loop, with `await run(fn, *args)` for anything that takes CPU time.
+    # `long_running = True`: `handle` may run for a whole generation (its own thread pool).
+    long_running = False
+
     def memory_bytes(self) -> int:
         return 0
+
+    def close(self) -> None:
+        """The session ended (any way): free what it holds."""
 
 
 def public_model_name(model: str, fingerprint: str) -> str:
@@ -75,7 +160,7 @@ CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(/[a-z]+)?")  # fp16, int8, int4/channe
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class BodyService(Service):
+class BodyService(EngineService):
     """Decoder layers [X, Y) of one model; one KV cache per session."""
 
     role = "body"
@@ -89,6 +174,9 @@ class BodyService(Service):
         self.hidden_size = self.checkpoint.config.hidden_size
         self.per_position_bytes = kv_bytes_per_position(self.checkpoint.config, self.y - self.x, self.dtype)
         self.description = f"{public_model_name(model, self.fingerprint)} layers {self.x}:{self.y} ({dtype_name(self.dtype)})"
+
+    def engine_stack(self):
+        return self.body.stack
 
     def check_hello(self, hello: dict) -> str | None:
         layers, dtype = hello.get("layers"), hello.get("dtype", "float32")
@@ -110,26 +198,57 @@ class BodyService(Service):
             codec = get_codec(name, default_granularity="token")
         except ValueError as error:
             raise ProtocolError("bad_codec", str(error)) from None
-        return BodySession(self, self.body.fork(), codec, limits)
+        if self.engine is None:
+            raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
+        return BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
 
 
 class BodySession(SessionHandler):
-    """STEP -> RESULT: check the step from its headers, admit it (KV grant), decode, compute once, reply."""
+    """STEP -> RESULT: check the step from its headers, admit it (KV grant), decode, run it in the engine, reply."""
 
-    def __init__(self, service: BodyService, body, codec, limits):
-        self.service, self.body, self.codec, self.limits = service, body, codec, limits
+    def __init__(self, service: BodyService, session, codec, limits):
+        self.service, self.session, self.codec, self.limits = service, session, codec, limits
+
+    @property
+    def body(self):
+        """The session's cache holder (`.stack.length`, `.stack.cache`), as before the engine."""
+        return self.session
 
     def memory_bytes(self) -> int:
-        return self.body.stack.cache_bytes()
+        return self.session.stack.cache_bytes()
+
+    def close(self) -> None:
+        self.session.close()
+
+    async def handle_async(self, frame_type, body, emit, run) -> None:
+        position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
+        await self.reserve_kv_async(position + header.shape[1], self.service.per_position_bytes, self.limits)
+        hidden = await run(self.decode, body, header)
+        began = time.perf_counter()
+        try:
+            out = await asyncio.wrap_future(self.session.submit(position, hidden))
+        except EngineError as error:
+            raise protocol_error(error) from None
+        compute_us = int((time.perf_counter() - began) * 1e6)
+        emit(await run(result_frame, position, compute_us, [out], self.codec))
 
     def handle(self, frame_type, body, emit) -> None:
+        """The same as handle_async in the caller's thread (a service driven without a server)."""
         position, header = self.check_step(frame_type, body)
         self.reserve_kv(position + header.shape[1], self.service.per_position_bytes, self.limits)
+        hidden = self.decode(body, header)
+        began = time.perf_counter()
+        try:
+            out = self.session.submit(position, hidden).result()
+        except EngineError as error:
+            raise protocol_error(error) from None
+        emit(result_frame(position, int((time.perf_counter() - began) * 1e6), [out], self.codec))
+
+    def decode(self, body, header) -> torch.Tensor:
         hidden = decode_blob(body, header)
         if not torch.isfinite(hidden).all():
             raise ProtocolError("bad_tensor", "the hidden states contain NaN or infinity")
-        out, compute_us = self.compute(hidden, position)
-        emit(result_frame(position, compute_us, [out], self.codec))
+        return hidden.to(self.service.dtype)
 
     def check_step(self, frame_type, body):
         """Everything about a STEP that its headers tell, before anything is decoded or allocated."""
@@ -148,19 +267,10 @@ class BodySession(SessionHandler):
         if shape[1] > self.limits.max_positions:
             raise ProtocolError("too_many_positions", f"a step of {shape[1]} positions; the limit is "
                                                       f"{self.limits.max_positions} per session")
-        cached = self.body.stack.length
+        cached = self.session.length
         if position > cached:
             raise ProtocolError("out_of_order", f"step starts at position {position} but only {cached} positions are cached")
         return position, header
-
-    def compute(self, hidden: torch.Tensor, position: int) -> tuple[torch.Tensor, int]:
-        """The one compute call of a step (what a batched engine replaces): (output, microseconds)."""
-        began = time.perf_counter()
-        try:
-            out = self.body.forward(hidden.to(self.service.dtype), position)
-        except LambdaSplitError as error:  # e.g. cutting a sliding-window cache back past its window
-            raise ProtocolError("bad_step", str(error)) from None
-        return out, int((time.perf_counter() - began) * 1e6)
 
 
 def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:
@@ -170,15 +280,27 @@ def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:
     return 2 * num_layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-class CloudService(Service):
-    """The whole model, for the cloud-only baseline: text in, text out, the same generation loop."""
+class CloudService(EngineService):
+    """The whole model, for the cloud-only baseline: text in, text out, the same generation loop.
+
+    The decoder layers run as one stack [0, N) in the service's engine, so the steps of all
+    cloud sessions share forwards; each session's embedding, final norm, LM head and
+    sampling (the device's loop, client/generation.py) run in a worker thread of its own.
+    """
 
     role = "cloud"
 
     def __init__(self, model: str, dtype: str = "float32"):
-        self.device = DeviceModel.load(model, None, dtype)
+        checkpoint = Checkpoint(model)
+        n = checkpoint.config.num_hidden_layers
+        self.device = DeviceModel.load(checkpoint, (0, n), dtype)  # embedding + norm + LM head; no layers
+        self.body = load_body(checkpoint, 0, n, self.device.dtype)
         self.fingerprint = self.device.checkpoint.fingerprint
+        self.per_position_bytes = kv_bytes_per_position(checkpoint.config, n, self.device.dtype)
         self.description = f"{public_model_name(model, self.fingerprint)} whole model, cloud mode ({dtype_name(self.device.dtype)})"
+
+    def engine_stack(self):
+        return self.body.stack
 
     def check_hello(self, hello: dict) -> str | None:
         if hello.get("dtype", "float32") not in DTYPES:
@@ -188,17 +310,37 @@ class CloudService(Service):
         return None
 
     def open(self, hello: dict, limits) -> "CloudSession":
-        return CloudSession(self, limits)
+        if self.engine is None:
+            raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
+        return CloudSession(self, self.engine.open_session(max_positions=limits.max_positions), limits)
+
+
+class _EngineBody:
+    """The body link of the generation loop (`forward(hidden, start)`) as steps of an engine session."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        try:
+            return self.session.submit(start, hidden).result()
+        except EngineError as error:
+            raise protocol_error(error) from None
 
 
 class CloudSession(SessionHandler):
-    def __init__(self, service: CloudService, limits):
-        self.service, self.limits = service, limits
+    long_running = True  # one GENERATE runs a whole generation in its thread (waiting on the engine)
+
+    def __init__(self, service: CloudService, session, limits):
+        self.service, self.session, self.limits = service, session, limits
         base = service.device
         self.device = DeviceModel(base.checkpoint, base.tokenizer, base.head.fork(), base.tail.fork(), base.split, base.dtype)
 
     def memory_bytes(self) -> int:
-        return self.device.head.stack.cache_bytes() + self.device.tail.stack.cache_bytes()
+        return self.session.stack.cache_bytes()
+
+    def close(self) -> None:
+        self.session.close()
 
     def handle(self, frame_type, body, emit) -> None:
         if frame_type != FrameType.GENERATE:
@@ -209,9 +351,7 @@ class CloudSession(SessionHandler):
             prompt_ids = self.device.encode(prompt, request.get("chat"))
             if not prompt_ids:
                 raise ProtocolError("bad_request", "GENERATE request: the prompt encodes to no tokens")
-        config = self.device.checkpoint.config
-        self.reserve_kv(len(prompt_ids) + max_new_tokens,
-                        kv_bytes_per_position(config, config.num_hidden_layers, self.device.dtype), self.limits)
+        self.reserve_kv(len(prompt_ids) + max_new_tokens, self.service.per_position_bytes, self.limits)
         streamed = []
 
         def on_text(piece: str) -> None:
@@ -223,8 +363,8 @@ class CloudSession(SessionHandler):
 
         began = time.perf_counter()
         result = self.device.generate(
-            prompt_ids, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
-            ignore_eos=request.get("ignore_eos", False), on_text=on_text, on_token=on_token,
+            prompt_ids, body=_EngineBody(self.session), max_new_tokens=max_new_tokens, sampling=sampling,
+            cache=cache, ignore_eos=request.get("ignore_eos", False), on_text=on_text, on_token=on_token,
         )
         emit(json_frame(FrameType.DONE, {
             "text": result.text, "token_ids": result.token_ids, "prompt_tokens": len(result.prompt_ids),
