@@ -22,8 +22,9 @@ DOCUMENTED_CODES = {
     "protocol_version", "unauthorized", "wrong_role", "wrong_model", "wrong_split", "wrong_dtype", "bad_codec",
     "bad_hello", "expected_hello", "bad_frame", "bad_tensor", "unexpected_frame", "bad_shape", "bad_step",
     "wrong_codec", "out_of_order", "too_many_positions", "frame_too_large", "kv_cache_limit", "too_many_sessions",
-    "too_many_connections", "idle_timeout", "bad_request",
+    "too_many_connections", "idle_timeout", "bad_request", "bad_sequence", "server_busy",
 }
+PROTOCOL = 2
 
 
 def frame(kind: int, body: bytes = b"") -> bytes:
@@ -43,8 +44,9 @@ def blob_header(kind: int, bits: int, granularity: int, shape) -> bytes:
     return struct.pack(f"<BBBB{len(shape)}I", kind, bits, granularity, len(shape), *shape)
 
 
-def step_frame(position: int, blobs: list[bytes]) -> bytes:
-    return frame(STEP, struct.pack("<IB", position, len(blobs)) + b"".join(blobs))
+def step_frame(position: int, blobs: list[bytes], seq: int = 1) -> bytes:
+    """A body STEP of protocol 2: u32 seq (1 for a session's first STEP, +1 each), u32 position, u8 count, blobs."""
+    return frame(STEP, struct.pack("<IIB", seq, position, len(blobs)) + b"".join(blobs))
 
 
 class Peer:
@@ -59,6 +61,7 @@ class Peer:
             self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect((host, int(port)))
+        self.seq = 0  # STEPs sent by step()
 
     def send(self, data: bytes) -> bool:
         """False if the server had already closed the connection."""
@@ -115,16 +118,18 @@ class Peer:
         return json.loads(got[1])
 
     def step(self, position: int, hidden: np.ndarray) -> np.ndarray:
-        self.send(step_frame(position, [fp32_blob(hidden)]))
+        """One STEP (numbered after this peer's previous ones); the RESULT's fp32 tensor."""
+        self.seq += 1
+        self.send(step_frame(position, [fp32_blob(hidden)], seq=self.seq))
         got = self.receive()
         assert got is not None and got[0] == RESULT, got if got is None or got[0] != ERROR else json.loads(got[1])
-        body = got[1]
-        (echoed,) = struct.unpack_from("<I", body, 0)
-        assert echoed == position and body[8] == 1
-        kind, bits, granularity, ndim = struct.unpack_from("<BBBB", body, 9)
+        body = got[1]  # u32 seq, u32 position, u32 compute_us, u8 count, blob
+        seq, echoed = struct.unpack_from("<II", body, 0)
+        assert (seq, echoed) == (self.seq, position) and body[12] == 1
+        kind, bits, granularity, ndim = struct.unpack_from("<BBBB", body, 13)
         assert (kind, ndim) == (0, 3)
-        shape = struct.unpack_from("<3I", body, 13)
-        return np.frombuffer(body, dtype="<f4", offset=25).reshape(shape).copy()
+        shape = struct.unpack_from("<3I", body, 17)
+        return np.frombuffer(body, dtype="<f4", offset=29).reshape(shape).copy()
 
     def close(self) -> None:
         try:

@@ -52,7 +52,7 @@ def server(model):
 
 
 def hello(fingerprint, **override) -> dict:
-    message = {"protocol": 1, "role": "body", "model": fingerprint, "layers": LAYERS, "dtype": "float32",
+    message = {"protocol": 2, "role": "body", "model": fingerprint, "layers": LAYERS, "dtype": "float32",
                "codec": "fp32", "token": TOKEN}
     message.update(override)
     return {k: v for k, v in message.items() if v is not None}
@@ -113,10 +113,10 @@ def hostile_handshakes(fingerprint: str, rng: random.Random) -> list[tuple[str, 
     for cut in sorted(rng.sample(range(1, len(body)), 4)):  # truncated HELLOs
         cases.append((f"HELLO cut at {cut}", [struct.pack("<IB", len(body) + 1, rawproto.HELLO) + body[:cut]]))
     for text in (b"[" * 50000, b'{"protocol":' + b"9" * 4000 + b"}", b'"just a string"', b"{", b"\xff\xfe",
-                 b'{"protocol": 1, "token": "\\udfff"}', b"[]", b"null", b'{"a":' * 40 + b"0" + b"}" * 40):
+                 b'{"protocol": 2, "token": "\\udfff"}', b"[]", b"null", b'{"a":' * 40 + b"0" + b"}" * 40):
         cases.append((f"bad JSON {text[:20]!r}", [rawproto.frame(rawproto.HELLO, text)]))
     wrong_values = {
-        "protocol": [0, 2, True, 1.0, "1", None, [1]], "role": ["", "unet", 3, None, {"a": 1}],
+        "protocol": [0, 1, 3, True, 2.0, "2", None, [2]], "role": ["", "unet", 3, None, {"a": 1}],
         "model": ["", "0" * 32, 5, None], "layers": [[2, 5], [4, 2], [2.0, 4.0], [True, 4], "2:4", [2], None],
         "dtype": ["float64", "", 32], "codec": ["int8/", "int9", "fp8", "", 8, "fp16/token", "INT8"],  # optional
         "token": ["wrong", "", 7, None, ["fuzz-token"], "fuzz-token\x00"],
@@ -153,7 +153,11 @@ def hostile_steps(rng: random.Random) -> list[tuple[str, list[bytes]]]:
         ("position 2^32-1", [rawproto.step_frame(2**32 - 1, [ok])]),
         ("too many positions", [rawproto.step_frame(0, [blob((1, MAX_POSITIONS + 1, D))])]),
         ("positions past the limit in steps", [rawproto.step_frame(0, [blob((1, MAX_POSITIONS - 1, D))]),
-                                               rawproto.step_frame(MAX_POSITIONS - 1, [ok])]),
+                                               rawproto.step_frame(MAX_POSITIONS - 1, [ok], seq=2)]),
+        ("sequence number 0", [rawproto.step_frame(0, [ok], seq=0)]),
+        ("sequence number 2 first", [rawproto.step_frame(0, [ok], seq=2)]),
+        ("sequence number repeated", [rawproto.step_frame(0, [ok]), rawproto.step_frame(2, [ok], seq=1)]),
+        ("sequence number 2^32-1", [rawproto.step_frame(0, [ok], seq=2**32 - 1)]),
         ("fp16 in an fp32 session", [rawproto.step_frame(0, [rawproto.blob_header(1, 16, 0, [1, 2, D]) +
                                                              bytes(4 * D)])]),
         ("int2 declaring 2^30 values", [rawproto.step_frame(0, [rawproto.blob_header(3, 2, 0, [1, 2**24, D]) +
@@ -166,7 +170,7 @@ def hostile_steps(rng: random.Random) -> list[tuple[str, list[bytes]]]:
         ("STEP shorter than its position", [rawproto.frame(rawproto.STEP, b"\x00\x00")]),
         ("oversized frame", [struct.pack("<IB", 2 * 2**20, rawproto.STEP)]),
         ("GENERATE to a body", [rawproto.json_frame(rawproto.GENERATE, {"prompt": "x", "max_new_tokens": 1})]),
-        ("second HELLO", [rawproto.json_frame(rawproto.HELLO, {"protocol": 1})]),
+        ("second HELLO", [rawproto.json_frame(rawproto.HELLO, {"protocol": 2})]),
         ("unknown frame type", [rawproto.frame(77, b"")]),
         ("length 0", [struct.pack("<IB", 0, rawproto.STEP)]),
     ]
@@ -209,7 +213,7 @@ def test_fuzz_and_faults_leave_a_legitimate_session_exact(server, fingerprint):
             rewinder.hello(hello(fingerprint))
             rewinder.step(0, np.ones((1, 4, D), np.float32))
             rewinder.step(1, np.ones((1, 1, D), np.float32))  # cut back to 1, then 2 cached
-            rewinder.send(rawproto.step_frame(3, [rawproto.fp32_blob(np.ones((1, 1, D), np.float32))]))
+            rewinder.send(rawproto.step_frame(3, [rawproto.fp32_blob(np.ones((1, 1, D), np.float32))], seq=3))
             assert rewinder.outcome() == "out_of_order"
         beside += witness._steps(honest, range(len(beside), len(witness.inputs)))
     assert cases_done >= 170

@@ -48,7 +48,7 @@ def device(model):
 
 
 def body_hello(fingerprint: str, **override) -> dict:
-    message = {"protocol": 1, "role": "body", "model": fingerprint, "layers": [2, 4], "dtype": "float32",
+    message = {"protocol": 2, "role": "body", "model": fingerprint, "layers": [2, 4], "dtype": "float32",
                "codec": "fp32", "token": TOKEN}
     message.update(override)
     return {k: v for k, v in message.items() if v is not None}
@@ -70,7 +70,8 @@ def test_clients_that_never_read_do_not_stall_the_server(tiny_model_dir):
         hello = body_hello(server.services[0].fingerprint, layers=[1, 2], token=None)
         # 12 steps of 512 positions (each rewinds to 0, so compute stays cheap): 6 MiB of results
         # per session, more than the socket buffers hold.
-        frames = rawproto.step_frame(0, [rawproto.fp32_blob(np.zeros((1, 512, 256), np.float32))]) * 12
+        frames = b"".join(rawproto.step_frame(0, [rawproto.fp32_blob(np.zeros((1, 512, 256), np.float32))], seq=seq)
+                          for seq in range(1, 13))
         stallers = []
         for _ in range(4):
             peer = Peer(server.address, rcvbuf=4096, timeout=60)
@@ -123,7 +124,7 @@ def struct_step(blob_header: bytes, payload_bytes: int) -> bytes:
     import struct
 
     scales = struct.pack("<ff", 1.0, 0.0)
-    return struct.pack("<IB", 0, 1) + blob_header + scales + bytes(payload_bytes)
+    return struct.pack("<IIB", 1, 0, 1) + blob_header + scales + bytes(payload_bytes)  # seq 1, position 0
 
 
 # ---------------------------------------------------------------- 3. KV reserved atomically
@@ -231,10 +232,10 @@ def guarded(service):
 
 @pytest.mark.parametrize("body, expected", [
     (b"[" * 60000, "bad_frame"),
-    (b'{"protocol": 1, "n": ' + b"7" * 5000 + b"}", "bad_frame"),
-    (b'{"protocol": 1, "role": "body", "token": "\\ud800"}', "bad_frame"),
-    (b'{"protocol": 1, "role": "body", "token": 12345}', "unauthorized"),
-    (b'{"protocol": 1, "role": "body", "token": ["hardening-token"]}', "unauthorized"),
+    (b'{"protocol": 2, "n": ' + b"7" * 5000 + b"}", "bad_frame"),
+    (b'{"protocol": 2, "role": "body", "token": "\\ud800"}', "bad_frame"),
+    (b'{"protocol": 2, "role": "body", "token": 12345}', "unauthorized"),
+    (b'{"protocol": 2, "role": "body", "token": ["hardening-token"]}', "unauthorized"),
     (b'{"a": ' * 20 + b"1" + b"}" * 20, "bad_frame"),
 ])
 def test_hostile_json_is_bad_frame_or_unauthorized(guarded, body, expected):
@@ -262,7 +263,7 @@ class BrokenSession(SessionHandler):
 def test_internal_errors_send_an_incident_id_and_log_the_trace(caplog):
     with BodyServer([BrokenService()]) as server, caplog.at_level(logging.ERROR, logger="lambdasplit.server"):
         with Peer(server.address) as peer:
-            peer.hello({"protocol": 1, "role": "broken", "model": "f" * 32})
+            peer.hello({"protocol": 2, "role": "broken", "model": "f" * 32})
             peer.send(rawproto.step_frame(0, []))
             kind, body = peer.receive()
         error = json.loads(body)
@@ -276,8 +277,8 @@ def test_internal_errors_send_an_incident_id_and_log_the_trace(caplog):
 # ---------------------------------------------------------------- 8. exactly as strict as the spec
 @pytest.mark.parametrize("override, expected", [
     ({"protocol": True}, "protocol_version"),
-    ({"protocol": 1.0}, "protocol_version"),
-    ({"protocol": "1"}, "protocol_version"),
+    ({"protocol": 2.0}, "protocol_version"),
+    ({"protocol": "2"}, "protocol_version"),
     ({"layers": [2.0, 4.0]}, "bad_hello"),
     ({"layers": [True, 4]}, "bad_hello"),
     ({"layers": [2, 4, 6]}, "bad_hello"),

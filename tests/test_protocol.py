@@ -64,7 +64,7 @@ def raw_session(server, frames: list[bytes]) -> dict:
 
 
 def hello(device, **override):
-    message = {"protocol": 1, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
+    message = {"protocol": 2, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
                "dtype": "float32", "codec": "fp32", "token": TOKEN}
     message.update(override)
     return json_frame(FrameType.HELLO, {k: v for k, v in message.items() if v is not None})
@@ -96,7 +96,7 @@ def test_malformed_frames(server, device):
         "unexpected_frame": [hello(device), frame(FrameType.GENERATE, b"{}")],
         "bad_shape": [hello(device), step_frame(0, [torch.randn(1, 3, d + 1)], get_codec("fp32"))],
         "out_of_order": [hello(device), step_frame(5, [torch.randn(1, 1, d)], get_codec("fp32"))],
-        "bad_tensor": [hello(device), frame(FrameType.STEP, struct.pack("<IB", 0, 1) + b"\x00\x20\x00\x03" + b"\x01" * 7)],
+        "bad_tensor": [hello(device), frame(FrameType.STEP, struct.pack("<IIB", 1, 0, 1) + b"\x00\x20\x00\x03" + b"\x01" * 7)],
         "frame_too_large": [hello(device), FRAME_HEADER.pack(10**9, int(FrameType.STEP))],
         "kv_cache_limit": [hello(device), step_frame(0, [torch.randn(1, 40, d)], get_codec("fp32"))],
     }
@@ -112,7 +112,7 @@ def test_malformed_frames(server, device):
         blob(0, 32, 0, (1, 2**31, 2**31)),  # far more values than bytes
     ]
     for broken in broken_blobs:
-        reply = raw_session(server, [hello(device), frame(FrameType.STEP, struct.pack("<IB", 0, 1) + broken)])
+        reply = raw_session(server, [hello(device), frame(FrameType.STEP, struct.pack("<IIB", 1, 0, 1) + broken)])
         assert error_code(reply) == "bad_tensor", broken
     # A HELLO far larger than any real one is refused before it is read (no auth yet).
     huge_hello = FRAME_HEADER.pack(10**6, int(FrameType.HELLO))

@@ -20,7 +20,7 @@ import torch
 from lambdasplit.errors import LambdaSplitError, ProtocolError, RemoteError, UsageError
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
-    PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result, parse_token, step_frame,
+    PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
 )
 from lambdasplit.wire.link import Link
 from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
@@ -119,6 +119,7 @@ class RemoteBody(Session):
         self.defense = defense
         self.dtype = dtype
         hello = {"role": "body", "model": fingerprint, "layers": list(split), "dtype": dtype, "codec": self.codec.name}
+        self.seq = 0  # STEPs sent in this session (protocol 2 numbers them from 1)
         super().__init__(address, hello, **options)
 
     @classmethod
@@ -129,14 +130,20 @@ class RemoteBody(Session):
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         sent = self.defense.apply(hidden) if self.defense is not None else hidden
-        self.transport.send(step_frame(start, [sent], self.codec, self.stats))
-        position, compute_us, tensors = parse_result(self.expect(FrameType.RESULT))
+        return self.send_step(sent, start).to(hidden.dtype)
+
+    def send_step(self, sent: torch.Tensor, start: int) -> torch.Tensor:
+        """One STEP of exactly `sent` (after any defense) and its RESULT's tensor."""
+        self.seq += 1
+        self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq))
+        seq, position, compute_us, tensors = parse_result_seq(self.expect(FrameType.RESULT))
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
-        if position != start or len(tensors) != 1 or tensors[0].shape != hidden.shape:
+        if seq != self.seq or position != start or len(tensors) != 1 or tensors[0].shape != sent.shape:
             self.close()
-            raise ProtocolError("bad_result", f"server answered position {position} with {len(tensors)} tensor(s)")
-        return tensors[0].to(hidden.dtype)
+            raise ProtocolError("bad_result", f"server answered STEP {self.seq} at position {start} with STEP {seq} "
+                                              f"at position {position} and {len(tensors)} tensor(s)")
+        return tensors[0]
 
 
 class CloudClient(Session):

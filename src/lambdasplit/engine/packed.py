@@ -203,11 +203,13 @@ class PackedStack:
         ]
         batch = PackedBatch(rows, spans, masks, self.layer_kinds)
         cache = PackedCache(batch)
-        position_embeddings = stack.rotary(hidden, position_ids) if stack.rotary is not None else None
+        # Per layer type, as the solo forward does (Gemma 3, OLMo 3 rotate local and global layers apart).
+        rotations = stack.family.position_embeddings(stack.rotary, stack.config, hidden, position_ids,
+                                                     stack.layer_indices)
         try:
-            for layer in stack.layers:
+            for layer_idx, layer in zip(stack.layer_indices, stack.layers):
                 hidden = stack.family.call_layer(
-                    layer, hidden, mask=batch, position_embeddings=position_embeddings,
+                    layer, hidden, mask=batch, position_embeddings=rotations[self.layer_kinds[layer_idx]],
                     position_ids=position_ids, cache=cache,
                 )
         except BaseException:

@@ -37,8 +37,9 @@ from lambdasplit.errors import LambdaSplitError, ProtocolError
 if TYPE_CHECKING:  # annotations only: services.py imports torch and transformers
     from lambdasplit.server.services import Service
 from lambdasplit.wire.frames import (
-    FRAME_HEADER, JSON_FRAMES, PROTOCOL_VERSION, FrameType, error_frame, json_frame, parse_json,
+    FRAME_HEADER, JSON_FRAMES, PROTOCOL_VERSION, SUPPORTED_VERSIONS, FrameType, error_frame, json_frame, parse_json,
 )
+from lambdasplit.wire.codecs import FLOAT_KINDS
 
 log = logging.getLogger("lambdasplit.server")
 
@@ -448,11 +449,7 @@ class BodyServer:
             pending = False
             session_id = next(self._ids)
             self.sessions[session_id] = handler
-            writer.write(json_frame(FrameType.WELCOME, {
-                "session": session_id, "protocol": PROTOCOL_VERSION, "service": service.description,
-                "limits": {"max_kv_mb": self.limits.max_kv_mb, "idle_timeout": self.limits.idle_timeout,
-                           "max_frame_mb": self.limits.max_frame_mb, "max_positions": self.limits.max_positions},
-            }))
+            writer.write(json_frame(FrameType.WELCOME, self._welcome(service, session_id)))
             await outbox.drain()
             began = time.monotonic()
             self._session_event("start", {"session": session_id, "client": client, "service": service.description})
@@ -508,9 +505,10 @@ class BodyServer:
     def _admit(self, hello: dict) -> Service:
         """The service that serves this HELLO, checked exactly as docs/protocol.md says."""
         protocol = hello.get("protocol")
-        if type(protocol) is not int or protocol != PROTOCOL_VERSION:  # not True, not 1.0
-            raise ProtocolError("protocol_version", f"server speaks protocol {PROTOCOL_VERSION} (a JSON integer), "
-                                                    f"client sent {protocol!r}")
+        if type(protocol) is not int or protocol not in SUPPORTED_VERSIONS:  # not True, not 2.0
+            hint = "; upgrade the client (protocol 1 has no sequence numbers)" if protocol == 1 else ""
+            raise ProtocolError("protocol_version", f"this server speaks protocol {PROTOCOL_VERSION} (a JSON "
+                                                    f"integer), the client sent {protocol!r}{hint}")
         if self.token is not None:
             token = hello.get("token")
             if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.token.encode()):
@@ -556,6 +554,24 @@ class BodyServer:
                 await loop.run_in_executor(pool, handler.handle, frame_type, body, outbox.emit)
             await outbox.drain()
             self.admission.touch(handler)
+
+    def _welcome(self, service, session_id: int) -> dict:
+        limits = self.limits
+        engine = getattr(service, "engine", None)
+        return {
+            "protocol": PROTOCOL_VERSION, "session": session_id, "service": service.description,
+            # Identifies the session to its client (logs, support); this server does not resume sessions.
+            "resume_token": secrets.token_hex(16),
+            "limits": {"max_kv_mb": limits.max_kv_mb, "idle_timeout": limits.idle_timeout,
+                       "max_frame_mb": limits.max_frame_mb, "max_positions": limits.max_positions},
+            "capabilities": {
+                "max_positions_per_step": limits.max_positions,
+                "batching": None if engine is None else {"max_batch": engine.max_batch,
+                                                         "prefill_chunk": engine.prefill_chunk},
+                "codecs": [*FLOAT_KINDS, *(f"int{b}/{g}" for b in range(2, 9) for g in ("tensor", "token", "channel"))],
+                "resume": False,
+            },
+        }
 
     def _session_event(self, event: str, info: dict) -> None:
         """Every session start ("start") and end ("end") passes here, once: logs and metrics hook in."""

@@ -208,6 +208,7 @@ class BodySession(SessionHandler):
 
     def __init__(self, service: BodyService, session, codec, limits):
         self.service, self.session, self.codec, self.limits = service, session, codec, limits
+        self.seq = 0  # the last STEP's sequence number
 
     @property
     def body(self):
@@ -221,7 +222,7 @@ class BodySession(SessionHandler):
         self.session.close()
 
     async def handle_async(self, frame_type, body, emit, run) -> None:
-        position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
+        seq, position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
         await self.reserve_kv_async(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = await run(self.decode, body, header)
         began = time.perf_counter()
@@ -230,11 +231,11 @@ class BodySession(SessionHandler):
         except EngineError as error:
             raise protocol_error(error) from None
         compute_us = int((time.perf_counter() - began) * 1e6)
-        emit(await run(result_frame, position, compute_us, [out], self.codec))
+        emit(await run(self.result, seq, position, compute_us, out))
 
     def handle(self, frame_type, body, emit) -> None:
         """The same as handle_async in the caller's thread (a service driven without a server)."""
-        position, header = self.check_step(frame_type, body)
+        seq, position, header = self.check_step(frame_type, body)
         self.reserve_kv(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = self.decode(body, header)
         began = time.perf_counter()
@@ -242,7 +243,10 @@ class BodySession(SessionHandler):
             out = self.session.submit(position, hidden).result()
         except EngineError as error:
             raise protocol_error(error) from None
-        emit(result_frame(position, int((time.perf_counter() - began) * 1e6), [out], self.codec))
+        emit(self.result(seq, position, int((time.perf_counter() - began) * 1e6), out))
+
+    def result(self, seq: int, position: int, compute_us: int, out: torch.Tensor) -> bytes:
+        return result_frame(position, compute_us, [out], self.codec, seq=seq)
 
     def decode(self, body, header) -> torch.Tensor:
         hidden = decode_blob(body, header)
@@ -254,7 +258,10 @@ class BodySession(SessionHandler):
         """Everything about a STEP that its headers tell, before anything is decoded or allocated."""
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a body session takes STEP frames, got {frame_type.name}")
-        position, headers = parse_step_headers(body)
+        seq, position, headers = parse_step_headers(body)
+        if seq != self.seq + 1:
+            raise ProtocolError("bad_sequence", f"STEP sequence number {seq}; this session expects {self.seq + 1} "
+                                                "(numbered from 1, one more each STEP)")
         if len(headers) != 1:
             raise ProtocolError("bad_step", f"a body STEP carries one tensor, got {len(headers)}")
         header = headers[0]
@@ -270,7 +277,8 @@ class BodySession(SessionHandler):
         cached = self.session.length
         if position > cached:
             raise ProtocolError("out_of_order", f"step starts at position {position} but only {cached} positions are cached")
-        return position, header
+        self.seq = seq
+        return seq, position, header
 
 
 def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:

@@ -1,11 +1,11 @@
-"""Frames of the lambdasplit session protocol (version 1). Full spec: docs/protocol.md.
+"""Frames of the lambdasplit session protocol (version 2). Full spec: docs/protocol.md.
 
 Every frame: u32 length (of what follows, little-endian) | u8 type | body.
 
     HELLO    1  client -> server  JSON: protocol, role, model fingerprint, split, dtype, codec, token
-    WELCOME  2  server -> client  JSON: session id, limits
-    STEP     3  client -> server  u32 position | u8 count | count tensor blobs
-    RESULT   4  server -> client  u32 position | u32 server compute (microseconds) | u8 count | blobs
+    WELCOME  2  server -> client  JSON: session id, resume token, limits, capabilities
+    STEP     3  client -> server  u32 seq | u32 position | u8 count | count tensor blobs   (LLM body sessions)
+    RESULT   4  server -> client  u32 seq | u32 position | u32 server compute (us) | u8 count | blobs
     ERROR    5  either way        JSON: {"code": ..., "message": ...}
     CLOSE    6  client -> server  empty
     GENERATE 7  client -> server  JSON (cloud mode: the prompt text or `prompt_ids`, sampling options)
@@ -28,7 +28,8 @@ import torch
 from lambdasplit.errors import ProtocolError
 from lambdasplit.wire.codecs import BlobHeader, Codec, decode_blob, encode, read_header
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)  # what a server accepts in HELLO; version 1 had no sequence numbers
 FRAME_HEADER = struct.Struct("<IB")  # length of (type + body), type
 
 
@@ -122,13 +123,15 @@ def tensors_body(prefix: bytes, tensors: list[torch.Tensor], codec: Codec, stats
     return b"".join(parts)
 
 
-def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: TensorStats | None = None) -> bytes:
-    return frame(FrameType.STEP, tensors_body(struct.pack("<I", position), tensors, codec, stats))
+def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: TensorStats | None = None,
+               seq: int = 1) -> bytes:
+    """An LLM body STEP: `seq` counts the session's STEPs from 1; `position` is its first position."""
+    return frame(FrameType.STEP, tensors_body(struct.pack("<II", seq, position), tensors, codec, stats))
 
 
 def result_frame(position: int, compute_us: int, tensors: list[torch.Tensor], codec: Codec,
-                 stats: TensorStats | None = None) -> bytes:
-    prefix = struct.pack("<II", position, min(compute_us, 2**32 - 1))
+                 stats: TensorStats | None = None, seq: int = 1) -> bytes:
+    prefix = struct.pack("<III", seq, position, min(compute_us, 2**32 - 1))
     return frame(FrameType.RESULT, tensors_body(prefix, tensors, codec, stats))
 
 
@@ -151,24 +154,32 @@ def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
     return [decode_blob(body, header) for header in parse_headers(body, offset)]
 
 
-def parse_step_headers(body: memoryview) -> tuple[int, list[BlobHeader]]:
-    """A STEP's position and blob headers: a server checks these before decoding (`decode_blob`)."""
-    if len(body) < 4:
-        raise ProtocolError("bad_frame", "STEP frame too short")
-    (position,) = struct.unpack_from("<I", body, 0)
-    return position, parse_headers(body, 4)
+def parse_step_headers(body: memoryview) -> tuple[int, int, list[BlobHeader]]:
+    """An LLM body STEP's (seq, position, blob headers): a server checks these before decoding (`decode_blob`)."""
+    if len(body) < 8:
+        raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
+    seq, position = struct.unpack_from("<II", body, 0)
+    return seq, position, parse_headers(body, 8)
 
 
 def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
-    position, headers = parse_step_headers(body)
+    """(position, tensors) of an LLM body STEP (what captures and audits read)."""
+    _, position, headers = parse_step_headers(body)
     return position, [decode_blob(body, header) for header in headers]
 
 
-def parse_result(body: memoryview) -> tuple[int, int, list[torch.Tensor]]:
-    if len(body) < 8:
+def parse_result_seq(body: memoryview) -> tuple[int, int, int, list[torch.Tensor]]:
+    """(seq, position, compute_us, tensors) of an LLM body RESULT."""
+    if len(body) < 12:
         raise ProtocolError("bad_frame", "RESULT frame too short")
-    position, compute_us = struct.unpack_from("<II", body, 0)
-    return position, compute_us, parse_tensors(body, 8)
+    seq, position, compute_us = struct.unpack_from("<III", body, 0)
+    return seq, position, compute_us, parse_tensors(body, 12)
+
+
+def parse_result(body: memoryview) -> tuple[int, int, list[torch.Tensor]]:
+    """(position, compute_us, tensors) of an LLM body RESULT."""
+    _, position, compute_us, tensors = parse_result_seq(body)
+    return position, compute_us, tensors
 
 
 def token_frame(token_id: int, text: str) -> bytes:
