@@ -40,7 +40,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
     p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
     p.add_argument("--split", metavar="X:Y", help="head holds layers [0, X), tail [Y, N)")
-    p.add_argument("--server", metavar="HOST:PORT")
+    p.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]",
+                   help="the body server; in split mode a list: on failure the next one takes over by replay")
+    p.add_argument("--max-failovers", type=int, default=None,
+                   help="split mode: server switches allowed in one generation (default: twice around the list)")
+    p.add_argument("--verify", action="store_true",
+                   help="split mode: send every step to the first two --server and stop if their answers differ")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
@@ -89,6 +94,7 @@ def generate_command(args) -> int:
         defense=_defense(args.defense, args.defense_seed, args.mode),
         timeout=args.timeout, insecure=args.insecure,
         speculate=args.speculate, draft_model=args.draft_model, draft_tokens=_draft_tokens(args.draft_tokens),
+        verify=args.verify, max_failovers=args.max_failovers,
     )
     if args.json:
         print(json.dumps(record))

@@ -1,7 +1,9 @@
 """Sessions with a server, from the device's side.
 
-    RemoteBody   the body behind a network session (split mode): hidden states up, hidden states down
-    CloudClient  the honest cloud-only baseline: prompt text up, generated text down
+    RemoteBody    the body behind a network session (split mode): hidden states up, hidden states down
+    FailoverBody  a RemoteBody over a list of servers: on failure, a new session and one replay step
+    VerifiedBody  every step to two servers, answers compared (integrity by redundancy)
+    CloudClient   the honest cloud-only baseline: prompt text up, generated text down
 
 Both count every byte through their Transport and every request/response exchange
 after the handshake (`round_trips`). Network failures are NetworkError (one line naming
@@ -17,7 +19,7 @@ import time
 
 import torch
 
-from lambdasplit.errors import LambdaSplitError, ProtocolError, RemoteError, UsageError
+from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
@@ -182,3 +184,242 @@ class CloudClient(Session):
         self.cloud_seconds += float(done.get("compute_seconds", 0.0))
         done["seconds"] = time.perf_counter() - began
         return done
+
+
+# Server refusals worth another server (or the same address later): it is full, not the request wrong.
+RETRYABLE_CODES = {"server_busy", "too_many_sessions", "too_many_connections", "server_closing", "idle_timeout"}
+
+
+def parse_servers(servers: str | list[str]) -> list[str]:
+    """'A,B,...' (or a list) -> addresses, each HOST:PORT; the same address may appear twice."""
+    addresses = [a.strip() for a in servers.split(",")] if isinstance(servers, str) else list(servers)
+    if not addresses or not all(addresses):
+        raise UsageError(f"--server takes HOST:PORT[,HOST:PORT...], got {servers!r}")
+    for address in addresses:
+        parse_address(address)
+    return addresses
+
+
+class _Uplink:
+    """Exactly what the live session's cache holds, as sent (after any defense): [1, L, D], grown in place."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.length = 0
+
+    def put(self, start: int, sent: torch.Tensor) -> None:
+        end = start + sent.shape[1]
+        if self.buffer is None or self.buffer.shape[1] < end or self.buffer.dtype != sent.dtype:
+            grown = torch.empty(1, max(2 * end, 64), sent.shape[2], dtype=sent.dtype)
+            if self.buffer is not None:
+                grown[:, :self.length] = self.buffer[:, :self.length].to(sent.dtype)
+            self.buffer = grown
+        self.buffer[:, start:end] = sent
+        self.length = end
+
+    def upto(self, end: int) -> torch.Tensor:
+        return self.buffer[:, :end]
+
+
+class FailoverBody:
+    """A RemoteBody that survives its server: on failure, a new session elsewhere and one replay step.
+
+    `servers` are tried in order, cycling (an address may appear again: a router in front
+    of replicas places a new session elsewhere). The uplink history (what was sent, after
+    the defense: noise is never drawn again, since fresh noise on a replay would let the
+    server average it away) is kept for the live session; when the server dies, resets,
+    stays silent past `timeout`, or refuses retryably (RETRYABLE_CODES), the next server
+    gets one STEP of the whole history plus the new positions, and generation goes on with
+    the same outputs. At most `max_failovers` switches (default: twice around the others).
+    """
+
+    def __init__(self, servers: str | list[str], *, fingerprint: str, split: tuple[int, int], dtype: str = "float32",
+                 codec: str = "fp32", defense=None, max_failovers: int | None = None, **options):
+        self.addresses = parse_servers(servers)
+        self.codec = get_codec(codec, default_granularity="token")
+        self.defense = defense
+        self.session_args = dict(fingerprint=fingerprint, split=split, dtype=dtype, codec=codec, **options)
+        self.max_failovers = 2 * (len(self.addresses) - 1) if max_failovers is None else max_failovers
+        self.uplink = _Uplink()
+        self.failovers = 0
+        self.servers: list[str] = []  # which served, in order (an address again after a failover back)
+        self.failures: list[str] = []  # one line per failover
+        self._next = 0
+        self._done: list[RemoteBody] = []  # closed sessions: their bytes still count
+        self.live: RemoteBody | None = None
+        self._open(first=True)
+
+    @classmethod
+    def for_device(cls, device, servers, **options) -> "FailoverBody":
+        return cls(servers, fingerprint=device.checkpoint.fingerprint, split=device.split,
+                   dtype=device.dtype_name, **options)
+
+    def _open(self, first: bool = False) -> None:
+        """A session on the next server that answers; retryable failures move on (and count)."""
+        while True:
+            address = self.addresses[self._next % len(self.addresses)]
+            self._next += 1
+            try:
+                self.live = RemoteBody(address, **self.session_args)
+                self.servers.append(address)
+                return
+            except (NetworkError, RemoteError) as error:
+                self._failed(address, error)
+
+    def _failed(self, address: str, error: Exception) -> None:
+        if isinstance(error, RemoteError) and error.code not in RETRYABLE_CODES:
+            raise error  # the request itself is wrong (model, split, token...): another server will not help
+        self.failures.append(f"{address}: {error}")
+        if self.failovers >= self.max_failovers:
+            tried = "; ".join(self.failures[-3:])
+            raise NetworkError(f"no body server left after {self.failovers} failover(s) ({tried})") from None
+        self.failovers += 1
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        sent = self.defense.apply(hidden) if self.defense is not None else hidden
+        if start > self.uplink.length:
+            raise LambdaSplitError(f"a step at position {start} after only {self.uplink.length} positions")
+        replay = False
+        while True:
+            try:
+                if replay:  # everything the lost session held, and this step, in one STEP from position 0
+                    history = torch.cat([self.uplink.upto(start), sent.to(self.uplink.buffer.dtype)], dim=1) \
+                        if start else sent
+                    out = self.live.send_step(history, 0)[:, start:]
+                else:
+                    out = self.live.send_step(sent, start)
+                break
+            except (NetworkError, RemoteError, ProtocolError) as error:  # ProtocolError: a garbled answer
+                address = self.servers[-1]
+                self._retire()
+                self._failed(address, error)
+                self._open()
+                replay = True
+        self.uplink.put(start, sent)
+        return out.to(hidden.dtype)
+
+    def _retire(self) -> None:
+        if self.live is not None:
+            self.live.close(send=False)
+            self._done.append(self.live)
+            self.live = None
+
+    def _sessions(self) -> list[RemoteBody]:
+        return self._done + ([self.live] if self.live is not None else [])
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(s.bytes_up for s in self._sessions())
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(s.bytes_down for s in self._sessions())
+
+    @property
+    def round_trips(self) -> int:
+        return sum(s.round_trips for s in self._sessions())
+
+    @property
+    def cloud_seconds(self) -> float:
+        return sum(s.cloud_seconds for s in self._sessions())
+
+    @property
+    def stats(self) -> TensorStats:
+        total = TensorStats()
+        for s in self._sessions():
+            total.payload_bytes += s.stats.payload_bytes
+            total.scale_bytes += s.stats.scale_bytes
+        return total
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# How far two honest servers' answers may differ: batching changes the order of float sums
+# (fp32: ~1e-6 relative), and a lossy codec may then round one value a step apart.
+VERIFY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1.6e-2}
+
+
+def verify_tolerance(codec_name: str) -> float:
+    """Largest allowed |a - b| / max(1, max |a|) between two servers' outputs of one step."""
+    if codec_name in VERIFY_TOLERANCE:
+        return VERIFY_TOLERANCE[codec_name]
+    bits = get_codec(codec_name).bits
+    return 2.5 / (2**bits - 1)  # two quantisation steps of a group spanning the tensor's range
+
+
+class VerifiedBody:
+    """Integrity by redundancy: every step to two servers, answers compared, a mismatch ends the run.
+
+    Both get exactly the same bytes (the defense is applied once). The comparison is
+    `max |a - b| <= tolerance * max(1, max |a|)` with `verify_tolerance(codec)`.
+    """
+
+    def __init__(self, servers: str | list[str], *, fingerprint: str, split: tuple[int, int], dtype: str = "float32",
+                 codec: str = "fp32", defense=None, **options):
+        addresses = parse_servers(servers)
+        if len(addresses) < 2:
+            raise UsageError("--verify needs two servers: --server A,B")
+        self.addresses = addresses[:2]
+        self.codec = get_codec(codec, default_granularity="token")
+        self.defense = defense
+        self.tolerance = verify_tolerance(self.codec.name)
+        self.bodies = [RemoteBody(a, fingerprint=fingerprint, split=split, dtype=dtype, codec=codec, **options)
+                       for a in self.addresses]
+        self.failovers, self.servers, self.max_difference = 0, list(self.addresses), 0.0
+
+    @classmethod
+    def for_device(cls, device, servers, **options) -> "VerifiedBody":
+        return cls(servers, fingerprint=device.checkpoint.fingerprint, split=device.split,
+                   dtype=device.dtype_name, **options)
+
+    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        sent = self.defense.apply(hidden) if self.defense is not None else hidden
+        first, second = (body.send_step(sent, start) for body in self.bodies)
+        scale = max(1.0, float(first.float().abs().max()))
+        difference = float((first.float() - second.float()).abs().max()) / scale
+        self.max_difference = max(self.max_difference, difference)
+        if not difference <= self.tolerance:  # NaN fails too
+            self.close()
+            raise RemoteError("verify_mismatch", f"servers {self.addresses[0]} and {self.addresses[1]} disagree at "
+                                                 f"positions {start}..{start + sent.shape[1] - 1}: relative "
+                                                 f"difference {difference:.3g} > tolerance {self.tolerance:g} "
+                                                 f"({self.codec.name})")
+        return first.to(hidden.dtype)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(b.bytes_up for b in self.bodies)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(b.bytes_down for b in self.bodies)
+
+    @property
+    def round_trips(self) -> int:
+        return self.bodies[0].round_trips
+
+    @property
+    def cloud_seconds(self) -> float:
+        return max(b.cloud_seconds for b in self.bodies)
+
+    @property
+    def stats(self) -> TensorStats:
+        return self.bodies[0].stats  # per server: both receive the same payload
+
+    def close(self) -> None:
+        for body in self.bodies:
+            body.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.generation import Sampling
-from lambdasplit.client.remote import CloudClient, RemoteBody
+from lambdasplit.client.remote import CloudClient, FailoverBody, VerifiedBody, parse_servers
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.llm.checkpoint import Checkpoint
 
@@ -24,20 +24,29 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    tls_ca: str | None = None, link=None, ignore_eos: bool = False, chat: bool | None = None,
                    device: DeviceModel | None = None, on_text=None, capture: list | None = None,
                    defense=None, timeout: float | None = None, insecure: bool = False, speculate: str = "none",
-                   draft_model: str | None = None, draft_tokens: int | str = "auto") -> dict:
+                   draft_model: str | None = None, draft_tokens: int | str = "auto", verify: bool = False,
+                   max_failovers: int | None = None) -> dict:
     """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights.
 
     `speculate` names a draft source (lambdasplit.speculative: none, lookup, lookahead, draft,
     eagle); the record then adds `speculate`, `accepted_per_round_trip` and the drafted /
     rejected position counts (rejected positions crossed the wire too: their bytes are counted).
+
+    `server` may list several body servers, "A,B,...": split mode fails over to the next
+    (client/remote.py FailoverBody; the record adds `failovers` and `servers`, which served);
+    with `verify`, every step goes to the first two and their answers must agree (VerifiedBody).
     """
     sampling = sampling or Sampling()
     if speculate not in (None, "none") and mode == "cloud":
         raise LambdaSplitError("--speculate runs on the device (local or split mode), not in cloud mode")
     options = dict(token=token, tls_ca=tls_ca, link=link, capture=capture, timeout=timeout, insecure=insecure)
+    if verify and mode != "split":
+        raise LambdaSplitError("--verify compares the body's answers of two servers: it needs --mode split")
     if mode == "cloud":
         if not server:
             raise LambdaSplitError("cloud mode needs --server HOST:PORT")
+        if len(parse_servers(server)) > 1:
+            raise LambdaSplitError("cloud mode takes one --server (failover over a server list is split mode's)")
         checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
         with CloudClient(server, fingerprint=checkpoint.fingerprint, dtype=dtype, **options) as client:
             done = client.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
@@ -66,7 +75,12 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                                "noise at every step, and averaging those copies removes the noise")
     device = device or DeviceModel.load(model, split, dtype)
     source = _source(speculate, device, draft_model, sampling)
-    with RemoteBody.for_device(device, server, codec=codec, defense=defense, **options) as body:
+    if verify:
+        body = VerifiedBody.for_device(device, server, codec=codec, defense=defense, **options)
+    else:
+        body = FailoverBody.for_device(device, server, codec=codec, defense=defense, max_failovers=max_failovers,
+                                       **options)
+    with body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
                                  ignore_eos=ignore_eos, chat=chat, on_text=on_text, speculate=source,
                                  draft_tokens=draft_tokens)
@@ -76,6 +90,11 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                          body.cloud_seconds, body)
         record["payload_bytes"] = body.stats.payload_bytes
         record["scale_bytes"] = body.stats.scale_bytes
+        record["failovers"], record["servers"] = body.failovers, body.servers
+        if verify:
+            record["verified_by"] = body.addresses
+            record["verify_max_difference"] = body.max_difference
+            record["verify_tolerance"] = body.tolerance
     return _add_speculation(record, result, speculate, draft_tokens)
 
 
