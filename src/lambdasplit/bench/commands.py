@@ -1,4 +1,4 @@
-"""`lambdasplit bench llm | overhead | diffusion | serve | wan`."""
+"""`lambdasplit bench llm | overhead | diffusion | serve | redundancy | wan`."""
 
 from __future__ import annotations
 
@@ -77,6 +77,23 @@ def add_commands(subparsers) -> None:
     s.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     s.set_defaults(func=serve_command)
+
+    r = which.add_parser("redundancy", help="what --verify and a failover by replay cost, against real servers",
+                         description="One greedy split generation three ways against `lambdasplit serve` processes: "
+                                     "one server, --verify over two, and a failover after the first server is "
+                                     "killed mid-generation (lambdasplit.bench.redundancy).")
+    r.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    r.add_argument("--split", default="2:28", help="default %(default)s")
+    r.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    r.add_argument("--new-tokens", type=int, default=32, help="default %(default)s")
+    r.add_argument("--kill-after", type=int, default=16, help="tokens before the first server is killed "
+                   "(default %(default)s)")
+    r.add_argument("--codec", default="fp32", help="default %(default)s")
+    r.add_argument("--repeats", type=int, default=3, help="runs of each row, the median kept (default %(default)s)")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s)")
+    r.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    r.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    r.set_defaults(func=redundancy_command)
 
     # The diffusion benchmark lives in lambdasplit.diffusion.bench; its options are parsed
     # only when it runs, so `bench llm` never imports diffusers (nor breaks without it).
@@ -164,6 +181,29 @@ def overhead_command(args) -> int:
         print_table(result["rows"], COLUMNS, title=title, caption=notes[1])
     if args.out:
         write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+    return 0
+
+
+def redundancy_command(args) -> int:
+    from lambdasplit.bench.redundancy import COLUMNS, run_redundancy_bench, write_chart
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+
+    result = run_redundancy_bench(model=args.model, split=args.split, prompt=args.prompt, new_tokens=args.new_tokens,
+                                  codec=args.codec, kill_after=args.kill_after, repeats=args.repeats,
+                                  threads=args.threads, progress=not args.json)
+    meta = {**result["meta"], "command": _command_line()}
+    title = (f"Redundancy: {args.model} body {meta['split']}, {args.new_tokens} greedy tokens, codec {args.codec}, "
+             f"median of {args.repeats}")
+    notes = [f"verify tolerance {meta['verify_tolerance']:g} (max |a - b| / max(1, max |a|) per step); failover: "
+             f"the first server killed (SIGKILL) after {args.kill_after} tokens; MB = 10^6 socket bytes, all servers",
+             describe_machine(meta["machine"]) + " (at start)", f"command: `{meta['command']}`"]
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption=" | ".join(notes))
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
     return 0
 
 
