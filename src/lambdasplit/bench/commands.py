@@ -76,6 +76,11 @@ def add_commands(subparsers) -> None:
                    help="also profile one decode forward of N rows per N: linear, attention, KV copies, overhead")
     s.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     s.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    s.add_argument("--process-clients", metavar="N,...",
+                   help="also run N real `generate` client processes at once against a `serve` process "
+                        "(e.g. 1,2,4; lambdasplit.bench.serve_processes), written to processes.md/json")
+    s.add_argument("--process-modes", default="split,cloud", help="modes of the process rows (default %(default)s)")
+    s.add_argument("--only-processes", action="store_true", help="skip the in-process engine rows")
     s.set_defaults(func=serve_command)
 
     r = which.add_parser("redundancy", help="what --verify and a failover by replay cost, against real servers",
@@ -207,11 +212,53 @@ def redundancy_command(args) -> int:
     return 0
 
 
+def _serve_process_rows(args) -> None:
+    """bench serve's rows with real client processes (--process-clients)."""
+    from lambdasplit.bench.report import describe_machine, machine, markdown_table, print_table
+    from lambdasplit.bench.serve import audit_prompts
+    from lambdasplit.bench.serve_processes import PROCESS_COLUMNS, run_process_clients
+    from lambdasplit.errors import UsageError
+
+    try:
+        counts = [int(c) for c in args.process_clients.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError(f"--process-clients takes comma-separated integers, got {args.process_clients!r}") from None
+    modes = list(_names(args.process_modes, {"split", "cloud"}))
+    if not counts or min(counts) < 1:
+        raise UsageError("--process-clients needs counts >= 1")
+    info = machine()
+    rows = run_process_clients(model=args.model, split=args.split, counts=counts, modes=modes,
+                               new_tokens=args.new_tokens, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk,
+                               threads=args.threads, prompts=audit_prompts(), progress=not args.json)
+    title = (f"Serving with real client processes: {args.model} body {args.split} (split) or whole model (cloud), "
+             f"{args.new_tokens} tokens per client, max batch {args.max_batch}")
+    notes = ["one `lambdasplit serve --cloud --layers` process; N `lambdasplit generate --json` processes started "
+             "together (each loads its head and tail: on 2 cores they compete with the server)",
+             describe_machine(info) + " (at start)", f"command: `{_command_line()}`"]
+    if args.json:
+        print(json.dumps({"process_rows": rows, "machine": info}))
+    else:
+        print_table(rows, PROCESS_COLUMNS, title=title, caption="\n".join(notes[:2]))
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "processes.md").write_text(f"# {title}\n\n" + "".join(f"- {n}\n" for n in notes) + "\n"
+                                          + markdown_table(rows, PROCESS_COLUMNS))
+        (out / "processes.json").write_text(json.dumps({"rows": rows, "machine": info, "notes": notes}, indent=1))
+
+
 def serve_command(args) -> int:
     from lambdasplit.bench.report import describe_machine, print_table, write_outputs
     from lambdasplit.bench.report import markdown_table
     from lambdasplit.bench.serve import BREAKDOWN_COLUMNS, COLUMNS, run_serve_bench, write_chart
     from lambdasplit.errors import UsageError
+
+    if args.process_clients:
+        _serve_process_rows(args)
+        if args.only_processes:
+            return 0
 
     try:
         clients = [int(c) for c in args.clients.split(",") if c.strip()]
