@@ -25,7 +25,7 @@ def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_building_the_parser_imports_neither_transformers_nor_diffusers():
-    # torch is still imported through `serve`'s limits (server/server.py -> wire/frames.py)
+    # torch too: tests/test_usage_errors.py
     code = ("import sys; from lambdasplit.cli import build_parser; build_parser(); "
             "print([m for m in ('transformers', 'diffusers', 'sklearn', 'lambdasplit.client.device') "
             "if m in sys.modules])")

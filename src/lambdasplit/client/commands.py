@@ -21,11 +21,44 @@ def run_generation(**options) -> dict:
     return run_generation(**options)
 
 
+def add_token_options(p, what: str = "the server") -> None:
+    """--token-file FILE or --token TOKEN (warned about: the process list shows it); env LAMBDASPLIT_TOKEN.
+
+    Both end in `args.token`, read while parsing, so every command uses it unchanged."""
+    import argparse
+    import os
+
+    class TokenFile(argparse.Action):
+        def __call__(self, parser, namespace, path, option_string=None):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    token = file.readline().strip()
+            except OSError as error:
+                parser.exit(2, f"lambdasplit: error: cannot read --token-file {path}: {error.strerror}\n")
+            if not token:
+                parser.exit(2, f"lambdasplit: error: --token-file {path} is empty\n")
+            namespace.token = token
+
+    class TokenOnCommandLine(argparse.Action):
+        def __call__(self, parser, namespace, token, option_string=None):
+            print("lambdasplit: warning: --token is visible to every local user in the process list; "
+                  "use --token-file or LAMBDASPLIT_TOKEN", file=sys.stderr, flush=True)
+            namespace.token = token
+
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--token-file", action=TokenFile, dest="token", metavar="FILE",
+                       default=os.environ.get("LAMBDASPLIT_TOKEN"),
+                       help=f"file whose first line is the bearer token for {what} (env LAMBDASPLIT_TOKEN)")
+    group.add_argument("--token", action=TokenOnCommandLine, dest="token", default=argparse.SUPPRESS,
+                       help="the bearer token itself; visible to every local user in the process list, "
+                            "prefer --token-file")
+
+
 def add_session_options(p) -> None:
     """Options every client command shares: auth, TLS, link emulation."""
     import os
 
-    p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"), help="bearer token (env LAMBDASPLIT_TOKEN)")
+    add_token_options(p)
     p.add_argument("--tls-ca", default=os.environ.get("LAMBDASPLIT_TLS_CA"),
                    help="CA file to verify the server's TLS certificate (env LAMBDASPLIT_TLS_CA); enables TLS")
     p.add_argument("--link", help="emulate a link, e.g. up=81mbit,down=340mbit,delay=40ms or paper|5g|wan")
