@@ -162,6 +162,37 @@ def test_waiting_for_the_conversion_lock_says_what_for(fake_gguf, tmp_path, capf
     assert (cache / smollm2.FOLDER_NAME / smollm2.MARKER).exists()
 
 
+def test_waiting_for_the_digits_build_lock_says_what_for(tmp_path, monkeypatch, capfd):
+    import fcntl
+
+    from lambdasplit.zoo import digits
+
+    def assemble(parts, dest):  # stands for the real assembly (diffusers, 90 MB of links)
+        dest.mkdir()
+        (dest / digits.STAMP).write_text(digits._stamp(parts) + "\n")
+        return dest
+
+    monkeypatch.setattr(digits, "assemble", assemble)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with open(cache / ".digits.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder holds it
+        waiter = threading.Thread(target=digits.ensure_folder, args=(cache,))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process to finish assembling the bundled digits model" \
+                not in capfd.readouterr().err:  # noqa: ASYNC110
+            assert time.monotonic() < deadline, "no message while waiting on the lock"
+            time.sleep(0.05)
+        assert waiter.is_alive()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert (cache / "digits" / digits.STAMP).exists()
+    capfd.readouterr()
+    digits.ensure_folder(cache)  # built: no lock, no message
+    assert capfd.readouterr().err == ""
+
+
 def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loading(capsys, monkeypatch):
     import socket
 
