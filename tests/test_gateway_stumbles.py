@@ -213,3 +213,57 @@ def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loa
     assert len(err) == 1 and err[0].startswith(f"lambdasplit: error: cannot listen on 127.0.0.1:{port}")
     assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--host", "0.0.0.0"]) == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a streamed request abandoned early
+
+
+def test_a_stream_abandoned_before_its_first_chunk_closes_its_body_session(tiny_model_dir):
+    """The client of a streamed chat request is gone before the response starts (its disconnect
+    arrives while the gateway's first send is still under way): the body session opened for it is
+    closed at once, not left open on the body server until its idle timeout. The gateway app is
+    driven through ASGI directly, so the disconnect arrives at exactly that point every time."""
+    import asyncio
+
+    from lambdasplit.gateway.app import create_app
+    from lambdasplit.gateway.engines import TextEngine
+    from lambdasplit.server import BodyServer, BodyService, Limits
+
+    model = str(tiny_model_dir("llama", num_layers=4))  # the model of tests/gateway_stack.py
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": True,
+                       "max_tokens": 8}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def abandoned_request(app) -> list[str]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message):  # a slow network: the disconnect is seen while this waits
+            sent.append(message["type"])
+            await asyncio.sleep(0.5)
+
+        await app(scope, receive, send)
+        return sent
+
+    # a real body server on loopback, in this process so the test can see its sessions
+    with BodyServer([BodyService(model, "1:3")], limits=Limits(idle_timeout=120)) as server:
+        app = create_app(TextEngine(model, mode="split", servers=[server.address], split="1:3"))
+        for _ in range(2):
+            sent = asyncio.run(abandoned_request(app))
+            assert sent[:1] == ["http.response.start"]  # the stream was answered, then abandoned
+            assert _wait(lambda: not server.clients, 10), "the abandoned request's body session is still open"
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
