@@ -1,7 +1,7 @@
 """The stumbles a new user hit on a fresh clone (issue 13, item 4), each kept fixed by a test.
 
-README activation of .venv is shown in the README itself; `serve` on a busy port and the
-int4/int2 codec warning are tested by their own areas.
+README activation of .venv is shown in the README itself; `serve` on a busy port is tested in
+tests/test_hardening.py, usage errors without torch in tests/test_usage_errors.py.
 """
 
 from __future__ import annotations
@@ -74,6 +74,25 @@ def test_zoo_list_names_every_model_zoo_name():
     from lambdasplit.zoo.registry import ZOO, describe
 
     assert [describe(name)["name"] for name in ZOO] == [f"zoo:{name}" for name in ZOO]
+
+
+def test_a_codec_that_changes_the_output_is_named_in_the_help_and_warned_about(capsys, monkeypatch):
+    from lambdasplit.cli import build_parser, main
+    from lambdasplit.client import commands
+
+    assert commands.lossy_codec_warning("fp32", "float32") is None
+    assert commands.lossy_codec_warning("bf16", "bfloat16") is None and commands.lossy_codec_warning("fp16", "float16") is None
+    for codec, dtype in (("int4", "float32"), ("int2", "float32"), ("int8", "float32"), ("fp16", "float32")):
+        assert "can differ from the unsplit model's" in commands.lossy_codec_warning(codec, dtype)
+    generate_help = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    assert "int2" in generate_help and "change the output" in generate_help
+    monkeypatch.setattr(commands, "run_generation", lambda **options: {  # what it prints, not the generation
+        "mode": options["mode"], "new_tokens": 0, "seconds": 0.0, "bytes_up": 0, "bytes_down": 0, "round_trips": 0})
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "x", "--split", "2:28", "--server", "127.0.0.1:1", "--codec", "int4"]) == 0
+    assert "warning: --codec int4 rounds the hidden states on the wire to 4 bits" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--split", "2:28", "--server", "127.0.0.1:1"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_round_trips_are_counted_in_english():

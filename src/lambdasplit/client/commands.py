@@ -77,7 +77,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
-    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16 or int8 (per-token affine)")
+    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16, int8 (per-token affine), or coarser int6 .. int2 "
+                   "(these change the output; a warning says so)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -107,7 +108,23 @@ def add_commands(subparsers) -> None:
     d.set_defaults(func=demo_command)
 
 
+def lossy_codec_warning(codec: str, dtype: str) -> str | None:
+    """The warning for a wire codec that can change the split's output, or None when it keeps it exact
+    (fp32; bf16 / fp16 with the same --dtype). Raises on an unknown codec."""
+    from lambdasplit.wire.codecs import get_codec
+
+    chosen = get_codec(codec, default_granularity="token")
+    if chosen.lossless or (chosen.name, dtype) in (("bf16", "bfloat16"), ("fp16", "float16")):
+        return None
+    return (f"lambdasplit: warning: --codec {codec} rounds the hidden states on the wire to {chosen.bits} bits, so the "
+            f"split's output can differ from the unsplit model's (exact: fp32, or bf16 / fp16 with the same --dtype)")
+
+
 def generate_command(args) -> int:
+    if args.mode == "split":
+        warning = lossy_codec_warning(args.codec, args.dtype)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def stream(piece: str) -> None:

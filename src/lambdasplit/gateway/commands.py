@@ -91,6 +91,12 @@ def gateway_command(args) -> int:
     from lambdasplit.wire.codecs import get_codec
 
     get_codec(args.codec, default_granularity="token")  # an unknown codec, before loading anything
+    if args.mode == "split":
+        from lambdasplit.client.commands import lossy_codec_warning
+
+        warning = lossy_codec_warning(args.codec, args.dtype)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     import uvicorn
 
