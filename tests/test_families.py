@@ -29,7 +29,7 @@ from lambdasplit.llm import SUPPORTED_FAMILIES, Checkpoint, family_for, load_bod
 from lambdasplit.server.process import ServerProcess
 from tiny_models import ALL_FAMILIES, MORE_FAMILIES, SLIDING_WINDOW
 
-LAYERS = 4  # cheaper than the default 6; with mixed layer types (S F S S) the heads and bodies mix both
+LAYERS = 4  # cheaper than the default 6; mixed layer types are S F S S, so 0:2 and 1:3 hold both kinds
 SPLITS = [(0, 2), (1, 3), (2, 2), (2, 4)]  # X=0, a middle body, an empty body (X=Y), Y=N
 HALF_SPLIT = (1, 3)
 HALF = [("bfloat16", "bf16"), ("float16", "fp16")]
