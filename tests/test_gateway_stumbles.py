@@ -95,6 +95,17 @@ def test_a_codec_that_changes_the_output_is_named_in_the_help_and_warned_about(c
     assert "warning" not in capsys.readouterr().err
 
 
+def test_the_package_metadata_gives_no_setuptools_license_deprecation_warning():
+    """setuptools >= 77 warns (once per build step: three times in `make demo`) about a `license`
+    table or `License ::` classifiers; an SPDX expression string is what it asks for."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert isinstance(project["license"], str) and project["license"] == "Apache-2.0"
+    assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")]
+
+
 def test_round_trips_are_counted_in_english():
     from lambdasplit.client.commands import plural
 
