@@ -62,22 +62,50 @@ class CloneForCausalLM(transformers.LlamaForCausalLM):
     config_class = CloneConfig
 
 
-def test_unknown_family_is_refused_and_can_try_an_adapter(tmp_path, capsys):
+def test_unknown_family_is_refused_and_can_try_an_adapter(tmp_path, capsys, monkeypatch):
     """A family lambdasplit does not know (here a registered copy of Llama, as custom-code models
-    are) is refused, with a pointer to check; check --as-family llama then measures it exact."""
+    are) is refused, with a pointer to check; check --as-family llama then measures it exact, and
+    from then on the split runs it (over a real socket) exactly as the unsplit model."""
+    from lambdasplit.client import DeviceModel, RemoteBody
+    from lambdasplit.errors import UnsupportedModelError
+    from lambdasplit.llm import family_for
+    from lambdasplit.server import BodyServer, BodyService
+    from tiny_models import train_tokenizer
+
+    monkeypatch.setenv("LAMBDASPLIT_CACHE", str(tmp_path / "cache"))  # where passing checks are recorded
     transformers.AutoConfig.register(CloneConfig.model_type, CloneConfig, exist_ok=True)
     transformers.AutoModelForCausalLM.register(CloneConfig, CloneForCausalLM, exist_ok=True)
     config = CloneConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                          num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)
+    folder = tmp_path / "model"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        CloneForCausalLM(config).save_pretrained(tmp_path)
-    assert main(["check", "--model", str(tmp_path)]) == 2
-    assert "lambdasplit check" in capsys.readouterr().err
-    code, report = check(capsys, "--model", str(tmp_path), "--as-family", "llama")
-    assert code == 0 and report["exact"] and report["adapter"] == "llama"
-    assert main(["check", "--model", str(tmp_path), "--as-family", "gpt2"]) == 2  # GPT-2's modules are not there
+        CloneForCausalLM(config).save_pretrained(folder)
+    train_tokenizer(folder)  # ids < 300 in the tests' corpus tokenizer too; the device side loads one
+    assert main(["check", "--model", str(folder)]) == 2
+    assert "`lambdasplit check --model M --as-family F`" in capsys.readouterr().err
+    assert main(["check", "--model", str(folder), "--as-family", "gpt2"]) == 2  # GPT-2's modules are not there
     assert "the gpt2 adapter does not fit this model" in capsys.readouterr().err
+    with pytest.raises(UnsupportedModelError, match="once it does, serve and generate accept"):
+        family_for(config)  # a failed check records nothing
+    code, report = check(capsys, "--model", str(folder), "--as-family", "llama")
+    assert code == 0 and report["exact"] and report["adapter"] == "llama" and report["recorded"]
+    assert family_for(config) is FAMILIES["llama"]
+    with pytest.raises(UnsupportedModelError):  # another architecture of the family is not covered
+        family_for(CloneConfig(**{**config.to_dict(), "hidden_act": "gelu"}))
+
+    prompt = [5, 17, 42, 99, 7, 3]
+    reference = CloneForCausalLM.from_pretrained(folder).eval().generate(
+        torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=8,
+        min_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    server = BodyServer([BodyService(str(folder), "1:3")]).start_in_thread()
+    try:
+        device = DeviceModel.load(str(folder), "1:3")
+        with RemoteBody.for_device(device, server.address) as body:
+            result = device.generate(prompt, body=body, max_new_tokens=8, ignore_eos=True)
+    finally:
+        server.stop()
+    assert result.token_ids == reference
 
 
 def test_hybrid_family_is_refused_even_with_an_adapter(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The stumbles a new user hit on a fresh clone (issue 13, item 4), each kept fixed by a test.
 
-README activation of .venv is shown in the README itself; `serve` on a busy port and the
-int4/int2 codec warning are tested by their own areas.
+README activation of .venv is shown in the README itself; `serve` on a busy port is tested in
+tests/test_hardening.py, usage errors without torch in tests/test_usage_errors.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def test_building_the_parser_imports_neither_transformers_nor_diffusers():
-    # torch is still imported through `serve`'s limits (server/server.py -> wire/frames.py)
+    # torch too: tests/test_usage_errors.py
     code = ("import sys; from lambdasplit.cli import build_parser; build_parser(); "
             "print([m for m in ('transformers', 'diffusers', 'sklearn', 'lambdasplit.client.device') "
             "if m in sys.modules])")
@@ -74,6 +74,36 @@ def test_zoo_list_names_every_model_zoo_name():
     from lambdasplit.zoo.registry import ZOO, describe
 
     assert [describe(name)["name"] for name in ZOO] == [f"zoo:{name}" for name in ZOO]
+
+
+def test_a_codec_that_changes_the_output_is_named_in_the_help_and_warned_about(capsys, monkeypatch):
+    from lambdasplit.cli import build_parser, main
+    from lambdasplit.client import commands
+
+    assert commands.lossy_codec_warning("fp32", "float32") is None
+    assert commands.lossy_codec_warning("bf16", "bfloat16") is None and commands.lossy_codec_warning("fp16", "float16") is None
+    for codec, dtype in (("int4", "float32"), ("int2", "float32"), ("int8", "float32"), ("fp16", "float32")):
+        assert "can differ from the unsplit model's" in commands.lossy_codec_warning(codec, dtype)
+    generate_help = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    assert "int2" in generate_help and "change the output" in generate_help
+    monkeypatch.setattr(commands, "run_generation", lambda **options: {  # what it prints, not the generation
+        "mode": options["mode"], "new_tokens": 0, "seconds": 0.0, "bytes_up": 0, "bytes_down": 0, "round_trips": 0})
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "x", "--split", "2:28", "--server", "127.0.0.1:1", "--codec", "int4"]) == 0
+    assert "warning: --codec int4 rounds the hidden states on the wire to 4 bits" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--split", "2:28", "--server", "127.0.0.1:1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_the_package_metadata_gives_no_setuptools_license_deprecation_warning():
+    """setuptools >= 77 warns (once per build step: three times in `make demo`) about a `license`
+    table or `License ::` classifiers; an SPDX expression string is what it asks for."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert isinstance(project["license"], str) and project["license"] == "Apache-2.0"
+    assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")]
 
 
 def test_round_trips_are_counted_in_english():
@@ -162,6 +192,37 @@ def test_waiting_for_the_conversion_lock_says_what_for(fake_gguf, tmp_path, capf
     assert (cache / smollm2.FOLDER_NAME / smollm2.MARKER).exists()
 
 
+def test_waiting_for_the_digits_build_lock_says_what_for(tmp_path, monkeypatch, capfd):
+    import fcntl
+
+    from lambdasplit.zoo import digits
+
+    def assemble(parts, dest):  # stands for the real assembly (diffusers, 90 MB of links)
+        dest.mkdir()
+        (dest / digits.STAMP).write_text(digits._stamp(parts) + "\n")
+        return dest
+
+    monkeypatch.setattr(digits, "assemble", assemble)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with open(cache / ".digits.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another builder holds it
+        waiter = threading.Thread(target=digits.ensure_folder, args=(cache,))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for another process to finish assembling the bundled digits model" \
+                not in capfd.readouterr().err:  # noqa: ASYNC110
+            assert time.monotonic() < deadline, "no message while waiting on the lock"
+            time.sleep(0.05)
+        assert waiter.is_alive()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiter.join(30)
+    assert (cache / "digits" / digits.STAMP).exists()
+    capfd.readouterr()
+    digits.ensure_folder(cache)  # built: no lock, no message
+    assert capfd.readouterr().err == ""
+
+
 def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loading(capsys, monkeypatch):
     import socket
 
@@ -182,3 +243,57 @@ def test_gateway_refuses_a_busy_port_and_a_public_address_in_one_line_before_loa
     assert len(err) == 1 and err[0].startswith(f"lambdasplit: error: cannot listen on 127.0.0.1:{port}")
     assert main(["gateway", "--split", "2:28", "--server", "127.0.0.1:1", "--host", "0.0.0.0"]) == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a streamed request abandoned early
+
+
+def test_a_stream_abandoned_before_its_first_chunk_closes_its_body_session(tiny_model_dir):
+    """The client of a streamed chat request is gone before the response starts (its disconnect
+    arrives while the gateway's first send is still under way): the body session opened for it is
+    closed at once, not left open on the body server until its idle timeout. The gateway app is
+    driven through ASGI directly, so the disconnect arrives at exactly that point every time."""
+    import asyncio
+
+    from lambdasplit.gateway.app import create_app
+    from lambdasplit.gateway.engines import TextEngine
+    from lambdasplit.server import BodyServer, BodyService, Limits
+
+    model = str(tiny_model_dir("llama", num_layers=4))  # the model of tests/gateway_stack.py
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hello"}], "stream": True,
+                       "max_tokens": 8}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def abandoned_request(app) -> list[str]:
+        incoming = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+        async def send(message):  # a slow network: the disconnect is seen while this waits
+            sent.append(message["type"])
+            await asyncio.sleep(0.5)
+
+        await app(scope, receive, send)
+        return sent
+
+    # a real body server on loopback, in this process so the test can see its sessions
+    with BodyServer([BodyService(model, "1:3")], limits=Limits(idle_timeout=120)) as server:
+        app = create_app(TextEngine(model, mode="split", servers=[server.address], split="1:3"))
+        for _ in range(2):
+            sent = asyncio.run(abandoned_request(app))
+            assert sent[:1] == ["http.response.start"]  # the stream was answered, then abandoned
+            assert _wait(lambda: not server.clients, 10), "the abandoned request's body session is still open"
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -21,11 +21,44 @@ def run_generation(**options) -> dict:
     return run_generation(**options)
 
 
+def add_token_options(p, what: str = "the server") -> None:
+    """--token-file FILE or --token TOKEN (warned about: the process list shows it); env LAMBDASPLIT_TOKEN.
+
+    Both end in `args.token`, read while parsing, so every command uses it unchanged."""
+    import argparse
+    import os
+
+    class TokenFile(argparse.Action):
+        def __call__(self, parser, namespace, path, option_string=None):
+            try:
+                with open(path, encoding="utf-8") as file:
+                    token = file.readline().strip()
+            except OSError as error:
+                parser.exit(2, f"lambdasplit: error: cannot read --token-file {path}: {error.strerror}\n")
+            if not token:
+                parser.exit(2, f"lambdasplit: error: --token-file {path} is empty\n")
+            namespace.token = token
+
+    class TokenOnCommandLine(argparse.Action):
+        def __call__(self, parser, namespace, token, option_string=None):
+            print("lambdasplit: warning: --token is visible to every local user in the process list; "
+                  "use --token-file or LAMBDASPLIT_TOKEN", file=sys.stderr, flush=True)
+            namespace.token = token
+
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--token-file", action=TokenFile, dest="token", metavar="FILE",
+                       default=os.environ.get("LAMBDASPLIT_TOKEN"),
+                       help=f"file whose first line is the bearer token for {what} (env LAMBDASPLIT_TOKEN)")
+    group.add_argument("--token", action=TokenOnCommandLine, dest="token", default=argparse.SUPPRESS,
+                       help="the bearer token itself; visible to every local user in the process list, "
+                            "prefer --token-file")
+
+
 def add_session_options(p) -> None:
     """Options every client command shares: auth, TLS, link emulation."""
     import os
 
-    p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"), help="bearer token (env LAMBDASPLIT_TOKEN)")
+    add_token_options(p)
     p.add_argument("--tls-ca", default=os.environ.get("LAMBDASPLIT_TLS_CA"),
                    help="CA file to verify the server's TLS certificate (env LAMBDASPLIT_TLS_CA); enables TLS")
     p.add_argument("--link", help="emulate a link, e.g. up=81mbit,down=340mbit,delay=40ms or paper|5g|wan")
@@ -49,7 +82,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
-    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16 or int8 (per-token affine)")
+    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16, int8 (per-token affine), or coarser int6 .. int2 "
+                   "(these change the output; a warning says so)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -79,7 +113,23 @@ def add_commands(subparsers) -> None:
     d.set_defaults(func=demo_command)
 
 
+def lossy_codec_warning(codec: str, dtype: str) -> str | None:
+    """The warning for a wire codec that can change the split's output, or None when it keeps it exact
+    (fp32; bf16 / fp16 with the same --dtype). Raises on an unknown codec."""
+    from lambdasplit.wire.codecs import get_codec
+
+    chosen = get_codec(codec, default_granularity="token")
+    if chosen.lossless or (chosen.name, dtype) in (("bf16", "bfloat16"), ("fp16", "float16")):
+        return None
+    return (f"lambdasplit: warning: --codec {codec} rounds the hidden states on the wire to {chosen.bits} bits, so the "
+            f"split's output can differ from the unsplit model's (exact: fp32, or bf16 / fp16 with the same --dtype)")
+
+
 def generate_command(args) -> int:
+    if args.mode == "split":
+        warning = lossy_codec_warning(args.codec, args.dtype)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
     def stream(piece: str) -> None:

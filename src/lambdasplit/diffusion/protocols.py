@@ -37,7 +37,7 @@ import torch
 
 from lambdasplit.client.remote import Session
 from lambdasplit.errors import ProtocolError
-from lambdasplit.wire.codecs import AFFINE, Codec, decode, encode, get_codec
+from lambdasplit.wire.codecs import AFFINE, BlobHeader, Codec, decode, decode_blob, encode, get_codec, read_header
 from lambdasplit.wire.frames import FrameType, frame, parse_json
 
 PROTOCOLS = ("cloud-latent", "client-latent")
@@ -82,20 +82,26 @@ def tensors_frame(frame_type: FrameType, prefix: bytes, blobs: list[bytes]) -> b
     return frame(frame_type, prefix + struct.pack("<B", len(blobs)) + b"".join(blobs))
 
 
-def parse_blobs(body: memoryview, offset: int) -> list[tuple[torch.Tensor, Codec, int]]:
-    """(tensor, codec, blob size) for each blob after `offset` (a u8 count, then the blobs)."""
+def parse_blob_headers(body: memoryview, offset: int) -> list[BlobHeader]:
+    """The header of each blob after `offset` (a u8 count, then the blobs), nothing decoded: a server
+    checks the declared shapes against what it expects before `decode_blob` allocates anything."""
     if offset + 1 > len(body):
         raise ProtocolError("bad_frame", "frame too short for its tensor count")
     count = body[offset]
     offset += 1
-    out = []
+    headers = []
     for _ in range(count):
-        tensor, codec, end = decode(body, offset)
-        out.append((tensor, codec, end - offset))
-        offset = end
+        headers.append(read_header(body, offset))
+        offset = headers[-1].end
     if offset != len(body):
         raise ProtocolError("bad_frame", f"{len(body) - offset} unexpected bytes after the tensors")
-    return out
+    return headers
+
+
+def parse_blobs(body: memoryview, offset: int) -> list[tuple[torch.Tensor, Codec, int]]:
+    """(tensor, codec, blob size) for each blob after `offset` (a u8 count, then the blobs)."""
+    return [(decode_blob(body, header), header.codec, header.end - header.start)
+            for header in parse_blob_headers(body, offset)]
 
 
 def latent_digest(latents: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@
                      baseline (prompt text in, image out)
 
 Every client mistake (shapes, step order, scheduler, codec) is a ProtocolError: that
-session gets an ERROR frame and closes, every other session keeps being served.
+session gets an ERROR frame and closes, every other session keeps being served. A STEP's
+tensors are checked from their blob headers (count, shapes, codec) before any is decoded, so
+a hostile frame costs no more than its own size (tests/test_hardening_diffusion.py).
 
 Tensors always cross the wire in float32 (before the codec), whatever the server's
 `--dtype`: the device computes in float32, and a float16 / bfloat16 U-Net casts its input
@@ -29,11 +31,12 @@ from lambdasplit.diffusion.split import (
 )
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.server.services import Service, SessionHandler, public_model_name
-from lambdasplit.wire.codecs import decode, encode, get_codec
+from lambdasplit.wire.codecs import BlobHeader, decode, decode_blob, encode, get_codec
 from lambdasplit.wire.frames import FrameType, json_frame, parse_json
 
 MAX_STEPS = 1000
 MAX_LATENT_SIDE = 256  # latent pixels per side (a 2048 px image at VAE factor 8)
+MAX_PROMPT_TOKENS = 1024  # prompt embedding positions (CLIP encoders take 77)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -64,31 +67,33 @@ class UNetService(Service):
             return ClientLatentHandler(self, hello, codec, guidance)
         raise ProtocolError("bad_hello", f"diffusion protocol must be one of {', '.join(proto.PROTOCOLS)}, got {protocol!r}")
 
-    # -- validation shared by both protocols
-    def check_latent(self, latent: torch.Tensor, what: str) -> None:
+    # -- validation shared by both protocols, on the declared shapes (blob headers), before decoding
+    def check_latent(self, shape: tuple[int, ...], what: str) -> None:
         c = self.info.unet_config["in_channels"]
-        if latent.dim() != 4 or latent.shape[0] != 1 or latent.shape[1] != c:
-            raise ProtocolError("bad_shape", f"{what} must have shape [1, {c}, h, w], got {list(latent.shape)}")
-        if not (1 <= min(latent.shape[2:]) and max(latent.shape[2:]) <= MAX_LATENT_SIDE):
+        if len(shape) != 4 or shape[0] != 1 or shape[1] != c:
+            raise ProtocolError("bad_shape", f"{what} must have shape [1, {c}, h, w], got {list(shape)}")
+        if not (1 <= min(shape[2:]) and max(shape[2:]) <= MAX_LATENT_SIDE):
             raise ProtocolError("bad_shape", f"{what}: latent sides must be 1..{MAX_LATENT_SIDE}")
 
-    def conditioning(self, tensors: list[torch.Tensor], guidance: float) -> Conditioning:
+    def check_conditioning(self, shapes: list[tuple[int, ...]], guidance: float) -> None:
         batch = 2 if guidance > 1.0 else 1
         config = self.info.unet_config
         wanted = 3 if self.info.kind == "sdxl" else 1
-        if len(tensors) != wanted:
-            raise ProtocolError("bad_step", f"a {self.info.class_name} needs {wanted} conditioning tensor(s), got {len(tensors)}")
-        embeds = tensors[0]
-        if embeds.dim() != 3 or embeds.shape[0] != batch or embeds.shape[2] != config["cross_attention_dim"] \
-                or not 1 <= embeds.shape[1] <= 1024:
-            raise ProtocolError("bad_shape", f"prompt embeddings must be [{batch}, tokens, {config['cross_attention_dim']}] "
-                                             f"(guidance {guidance:g}), got {list(embeds.shape)}")
+        if len(shapes) != wanted:
+            raise ProtocolError("bad_step", f"a {self.info.class_name} needs {wanted} conditioning tensor(s), got {len(shapes)}")
+        embeds = shapes[0]
+        if len(embeds) != 3 or embeds[0] != batch or embeds[2] != config["cross_attention_dim"] \
+                or not 1 <= embeds[1] <= MAX_PROMPT_TOKENS:
+            raise ProtocolError("bad_shape", f"prompt embeddings must be [{batch}, 1..{MAX_PROMPT_TOKENS}, "
+                                             f"{config['cross_attention_dim']}] (guidance {guidance:g}), got {list(embeds)}")
         if wanted == 3:
-            pooled, time_ids = tensors[1], tensors[2]
+            pooled, time_ids = shapes[1], shapes[2]
             pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-            if list(pooled.shape) != [batch, pooled_dim] or list(time_ids.shape) != [batch, 6]:
+            if list(pooled) != [batch, pooled_dim] or list(time_ids) != [batch, 6]:
                 raise ProtocolError("bad_shape", f"pooled embeddings [{batch}, {pooled_dim}] and time ids [{batch}, 6] "
-                                                 f"expected, got {list(pooled.shape)} and {list(time_ids.shape)}")
+                                                 f"expected, got {list(pooled)} and {list(time_ids)}")
+
+    def conditioning(self, tensors: list[torch.Tensor]) -> Conditioning:
         return Conditioning.from_tensors([t.to(self.unet.dtype) for t in tensors])
 
     def noise(self, model_input, t, cond, guidance) -> torch.Tensor:
@@ -106,11 +111,19 @@ def _result(position: int, began: float, blobs: list[bytes]) -> bytes:
     return proto.tensors_frame(FrameType.RESULT, struct.pack("<II", position, compute_us), blobs)
 
 
-def _step(body) -> tuple[int, list[torch.Tensor]]:
+def _step_headers(body) -> tuple[int, list[BlobHeader]]:
+    """A STEP's position and blob headers; the handlers check them before `_decode`."""
     if len(body) < 4:
         raise ProtocolError("bad_frame", "STEP frame too short")
     (position,) = struct.unpack_from("<I", body, 0)
-    return position, [t for t, _, _ in proto.parse_blobs(body, 4)]
+    return position, proto.parse_blob_headers(body, 4)
+
+
+def _decode(body, headers: list[BlobHeader]) -> list[torch.Tensor]:
+    tensors = [decode_blob(body, header) for header in headers]
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise ProtocolError("bad_tensor", "a tensor contains NaN or infinity")
+    return tensors
 
 
 class CloudLatentHandler(SessionHandler):
@@ -160,12 +173,14 @@ class CloudLatentHandler(SessionHandler):
         if self.started:
             raise ProtocolError("out_of_order", "cloud-latent takes a single STEP (conditioning + initial latent)")
         self.started = True
-        _, tensors = _step(body)
-        if len(tensors) < 2:
+        _, headers = _step_headers(body)
+        if len(headers) < 2:
             raise ProtocolError("bad_step", "cloud-latent STEP carries the conditioning and the initial latent")
+        self.service.check_latent(headers[-1].shape, "the initial latent")
+        self.service.check_conditioning([h.shape for h in headers[:-1]], self.guidance)
+        tensors = _decode(body, headers)
         latents = tensors[-1]
-        self.service.check_latent(latents, "the initial latent")
-        cond = self.service.conditioning(tensors[:-1], self.guidance)
+        cond = self.service.conditioning(tensors[:-1])
         for i in range(self.cloud_steps):
             began = time.perf_counter()
             t = self.timesteps[i]
@@ -200,16 +215,19 @@ class ClientLatentHandler(SessionHandler):
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a client-latent session takes STEP frames, got {frame_type.name}")
         began = time.perf_counter()
-        position, tensors = _step(body)
+        position, headers = _step_headers(body)
         if position != self.next or position >= len(self.timesteps):
             raise ProtocolError("out_of_order", f"expected step {self.next} of {len(self.timesteps)}, got {position}")
-        if not tensors:
+        if not headers:
             raise ProtocolError("bad_step", "a client-latent STEP carries the scaled latent")
-        self.service.check_latent(tensors[0], "x_t")
+        self.service.check_latent(headers[0].shape, "x_t")
         if position == 0:
-            self.cond = self.service.conditioning(tensors[1:], self.guidance)
-        elif len(tensors) != 1:
+            self.service.check_conditioning([h.shape for h in headers[1:]], self.guidance)
+        elif len(headers) != 1:
             raise ProtocolError("bad_step", "the conditioning is sent once, in step 0")
+        tensors = _decode(body, headers)
+        if position == 0:
+            self.cond = self.service.conditioning(tensors[1:])
         self.next += 1
         noise = self.service.noise(tensors[0], self.timesteps[position], self.cond, self.guidance)
         emit(_result(position, began, [encode(noise, self.codec).blob]))
@@ -254,6 +272,8 @@ class PipelineHandler(SessionHandler):
             negative = request.get("negative_prompt")
             if not 1 <= steps <= MAX_STEPS or (size and len(size) != 2):
                 raise ValueError(f"steps must be 1..{MAX_STEPS}; size is [height, width]")
+            if size and not all(8 <= side <= 8 * MAX_LATENT_SIDE for side in size):  # bounds the latent it allocates
+                raise ValueError(f"image sides must be 8..{8 * MAX_LATENT_SIDE} pixels, got {list(size)}")
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError("bad_request", f"GENERATE request: {error}") from None
         with self.service.lock:

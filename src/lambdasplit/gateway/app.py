@@ -320,11 +320,30 @@ async def _complete(engine: TextEngine, body: _Sampled, request: Request, prompt
         except LambdaSplitError as error:
             raise api_error(error) from None
         return JSONResponse(shape.whole(completion, summary), headers=_headers(summary))
-    return EventSourceResponse(_stream(run, shape, body.include_usage()),
-                               headers=_headers(_summary(request_id, session.wire())))
+    started = threading.Event()  # the stream began: from then on `run` closes the session itself
+    return _ClosingEventSource(_stream(run, shape, body.include_usage(), started),
+                               headers=_headers(_summary(request_id, session.wire())),
+                               on_end=lambda: None if started.is_set() else session.close())
 
 
-async def _stream(run, shape, include_usage: bool):
+class _ClosingEventSource(EventSourceResponse):
+    """Calls `on_end` (in a worker thread) when the response is over, however it ended: a client that
+    disconnects before the first chunk means the stream's generator never runs, so without this the
+    body session opened for it would stay open on the server until its idle timeout."""
+
+    def __init__(self, *args, on_end, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(run_in_threadpool(self.on_end))
+
+
+async def _stream(run, shape, include_usage: bool, started: threading.Event):
+    started.set()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import sys
 
+from lambdasplit.client.commands import add_token_options
 from lambdasplit.errors import UsageError
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
@@ -37,8 +38,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host: anyone who reaches it reads the prompts in clear HTTP")
-    p.add_argument("--token", default=os.environ.get("LAMBDASPLIT_TOKEN"),
-                   help="bearer token for the body servers (env LAMBDASPLIT_TOKEN)")
+    add_token_options(p, "the body servers")
     p.add_argument("--tls-ca", default=os.environ.get("LAMBDASPLIT_TLS_CA"),
                    help="CA file to verify the body servers' TLS (env LAMBDASPLIT_TLS_CA)")
     p.set_defaults(func=gateway_command)
@@ -91,6 +91,12 @@ def gateway_command(args) -> int:
     from lambdasplit.wire.codecs import get_codec
 
     get_codec(args.codec, default_granularity="token")  # an unknown codec, before loading anything
+    if args.mode == "split":
+        from lambdasplit.client.commands import lossy_codec_warning
+
+        warning = lossy_codec_warning(args.codec, args.dtype)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
     import uvicorn
 

@@ -12,6 +12,9 @@ and we report the largest logit difference up to the first diverging token, and 
 index. A split is exact when no token diverges and the difference is within tolerance (1e-4 in
 float32; 0, bit-equal, in bfloat16 / float16). The body runs in this process: this checks the
 arithmetic of the adapter and the loader, not the network (tests/test_families.py does that).
+
+An unknown family found exact through an existing adapter (`--as-family F`) is recorded for its
+architecture (llm/families.py `record_check`): serve, generate and the gateway accept it from then on.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from lambdasplit.errors import LambdaSplitError, UsageError
 from lambdasplit.llm.checkpoint import Checkpoint, parse_dtype
-from lambdasplit.llm.families import FAMILIES, Family, check_config, family_for
+from lambdasplit.llm.families import FAMILIES, Family, check_config, family_for, record_check
 from lambdasplit.llm.segments import load_body, load_head, load_tail, parse_split
 
 REAL_TEXT = Path(__file__).resolve().parents[1] / "zoo" / "data" / "kjv_slice.txt"
@@ -158,12 +161,15 @@ def run_check(model: str, splits: list[str] | None = None, dtype: str = "float32
                 fresh = (head.fork(), body.fork(), tail.fork())  # empty caches for every run
                 results.append(compare(f"{x}:{y}", name, references[name], split_decode(*fresh, ids, new_tokens),
                                        tolerance))
-    return {
+    report = {
         "model": checkpoint.name if not random_weights else f"{checkpoint.config.model_type} (random weights)",
         "model_type": checkpoint.config.model_type, "adapter": family.model_type, "dtype": dtype,
         "tolerance": tolerance, "layers": n, "exact": all(r.exact for r in results),
-        "results": [asdict(r) for r in results],
+        "results": [asdict(r) for r in results], "recorded": None,
     }
+    if report["exact"] and checkpoint.config.model_type not in FAMILIES:  # an adapter tried with --as-family
+        report["recorded"] = str(record_check(checkpoint.config, family, report))
+    return report
 
 
 def _family(config, as_family: str | None) -> Family:

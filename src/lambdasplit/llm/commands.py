@@ -53,3 +53,6 @@ def print_report(report: dict) -> None:
     console.print(table)
     console.print("exact: the split reproduces this model" if report["exact"]
                   else "[bold red]not exact: do not trust this split[/]")
+    if report.get("recorded"):
+        console.print(f"recorded in {report['recorded']}: serve, generate and gateway now accept "
+                      f"{report['model_type']} models of this architecture through the {report['adapter']} adapter")

@@ -12,12 +12,17 @@ routing, residual multipliers) is the family's own code, run where the layer run
 Families not listed here are refused at load time: we have not checked that their
 arithmetic is reproduced, so we will not run them with possibly wrong numbers.
 `lambdasplit check --model M --as-family F` measures whether an adapter reproduces a
-model the tests never saw (see llm/check.py).
+model the tests never saw (see llm/check.py); when it does, the check is recorded for that
+architecture (its config, whatever the weights) and `family_for` accepts it through that
+adapter from then on, so serve and generate can run it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -208,14 +213,64 @@ def family_for(config) -> Family:
     if model_type in REFUSED_FAMILIES:
         raise UnsupportedModelError(f"model family {model_type!r} is refused: {REFUSED_FAMILIES[model_type]}")
     if model_type not in FAMILIES:
+        checked = checked_family(config)
+        if checked is not None:
+            check_config(checked, config)
+            return checked
         raise UnsupportedModelError(
             f"model family {model_type!r} is not supported: lambdasplit only splits families whose arithmetic it "
             f"reproduces exactly ({', '.join(SUPPORTED_FAMILIES)}); running it split could give wrong numbers. "
-            f"If its forward is one of these, `lambdasplit check --model M --as-family F --random-weights` "
-            f"measures whether that adapter reproduces it"
+            f"If its forward is one of these, `lambdasplit check --model M --as-family F` measures whether that "
+            f"adapter reproduces it; once it does, serve and generate accept this model through that adapter"
         )
     check_config(FAMILIES[model_type], config)
     return FAMILIES[model_type]
+
+
+# ---------------------------------------------------------------- families made usable by `check`
+# Exactness is a property of the architecture (the config) and the adapter, not of the weights:
+# a passing `check --as-family F` is recorded under a hash of both, so changing either (a new
+# config, an edited adapter) voids the record.
+_UNSTABLE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_commit_hash")
+
+
+def architecture_key(config, family: Family) -> str:
+    described = {k: v for k, v in config.to_dict().items() if k not in _UNSTABLE_CONFIG_KEYS}
+    text = json.dumps({"config": described, "adapter": asdict(family)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def checked_records_dir() -> Path:
+    from lambdasplit.zoo.registry import cache_dir
+
+    return cache_dir() / "checked"
+
+
+def record_check(config, family: Family, report: dict) -> Path:
+    """Remember that `check` found `family`'s adapter exact on this architecture."""
+    folder = checked_records_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{config.model_type}-{architecture_key(config, family)}.json"
+    record = {"model_type": config.model_type, "adapter": family.model_type, "model": report["model"],
+              "dtype": report["dtype"], "splits": sorted({r["split"] for r in report["results"]})}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n")
+    temporary.replace(path)
+    return path
+
+
+def checked_family(config) -> Family | None:
+    """The adapter a recorded, still valid `check --as-family` found exact for this architecture."""
+    folder = checked_records_dir()
+    for path in sorted(folder.glob(f"{config.model_type}-*.json")) if folder.is_dir() else []:
+        try:
+            adapter = json.loads(path.read_text())["adapter"]
+        except (OSError, ValueError, KeyError):
+            continue
+        family = FAMILIES.get(adapter)
+        if family is not None and path.stem == f"{config.model_type}-{architecture_key(config, family)}":
+            return family
+    return None
 
 
 def check_config(family: Family, config) -> None:

@@ -9,8 +9,31 @@ import os
 import sys
 
 from lambdasplit.errors import LambdaSplitError
-from lambdasplit.server.server import BodyServer, Limits, bind_listener, check_exposure
 from lambdasplit.zoo.registry import DEFAULT_LLM
+
+
+class LimitDefault:
+    """An option's default that is `Limits()`'s field of that name, looked up only when shown or used:
+    server/server.py imports torch (through wire/frames.py), and a usage error must not wait for it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __str__(self) -> str:
+        from lambdasplit.server.server import Limits  # noqa: PLC0415
+
+        return str(getattr(Limits(), self.name))
+
+
+def limits_from_args(args):
+    """The `Limits` of the options given; the others keep their defaults."""
+    import dataclasses
+
+    from lambdasplit.server.server import Limits  # noqa: PLC0415
+
+    given = {field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)
+             if not isinstance(getattr(args, field.name, None), (LimitDefault, type(None)))}
+    return Limits(**given)
 
 
 def add_commands(subparsers) -> None:
@@ -34,7 +57,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--tls-cert", help="TLS certificate file (PEM)")
     p.add_argument("--tls-key", help="TLS private key file (PEM)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS and a token")
-    defaults = Limits()
+    defaults = argparse.Namespace(**{name: LimitDefault(name) for name in (
+        "max_sessions", "max_kv_mb", "max_pending_per_client", "max_total_sessions", "max_total_kv_mb", "max_pending",
+        "idle_timeout", "hello_timeout", "write_timeout", "max_unsent_mb", "max_frame_mb", "max_positions",
+        "queue_timeout", "max_queue", "max_batch", "prefill_chunk")})
     p.add_argument("--max-sessions", type=int, default=defaults.max_sessions,
                    help="concurrent sessions per client (an IPv4 address, an IPv6 /64, or all of loopback)")
     p.add_argument("--max-kv-mb", type=float, default=defaults.max_kv_mb,
@@ -117,14 +143,9 @@ def serve_command(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LambdaSplitError("--tls-cert and --tls-key go together")
     token = read_token(args)
-    limits = Limits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
-                    max_pending_per_client=args.max_pending_per_client, max_total_sessions=args.max_total_sessions,
-                    max_total_kv_mb=args.max_total_kv_mb, max_pending=args.max_pending,
-                    idle_timeout=args.idle_timeout, hello_timeout=args.hello_timeout,
-                    write_timeout=args.write_timeout, max_unsent_mb=args.max_unsent_mb,
-                    max_frame_mb=args.max_frame_mb, max_positions=args.max_positions,
-                    queue_timeout=args.queue_timeout, max_queue=args.max_queue, max_batch=args.max_batch,
-                    prefill_chunk=args.prefill_chunk)
+    from lambdasplit.server.server import BodyServer, bind_listener, check_exposure  # noqa: PLC0415 (torch)
+
+    limits = limits_from_args(args)
     if limits.max_batch < 1 or limits.prefill_chunk < 1:
         raise LambdaSplitError("--max-batch and --prefill-chunk must be at least 1")
     # Everything that can be refused without the model is checked first (loading takes a while).

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -124,7 +125,12 @@ def ensure_folder(cache_dir: Path) -> Path:
     if current():
         return folder
     with open(cache_dir / ".digits.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why we sit still (a build takes a few seconds, longer under load)
+            print(f"waiting for another process to finish assembling the bundled digits model into {folder} "
+                  f"(lock {lock.name})", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if current():  # another process built it while we waited
             return folder
         tmp = Path(tempfile.mkdtemp(prefix=".digits-", dir=cache_dir))
