@@ -62,7 +62,7 @@ def test_bench_ppidm_tiny(folder, capsys):
 
 def test_audit_ppidm_tiny(folder, capsys):
     assert main(["audit", "diffusion", "--protocol", "ppidm", "--model", str(folder), "--servers", "2", "--prompts", "2",
-                 "--steps", "2", "--train-images", "4", "--json"]) == 0
+                 "--steps", "2", "--train-images", "4", "--cnn-seconds", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     results = {r["attack"]: r for r in report["results"]}
     one = results["latent block: 1 server"]
