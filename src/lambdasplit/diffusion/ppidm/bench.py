@@ -37,8 +37,15 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, b
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
             norm_num_groups=32)
-# The paper's Tables VIII-X, 4 servers, MB per server per denoising step (upload total / download total).
-PAPER_N4 = {"conv": (47.03, 27.59), "attention": (18.34, 11.01), "group_norm": (85.93, 0.059)}
+# The paper's Tables VIII-X (SD at 512 px), MB per server per denoising step:
+# n -> type -> (up min, up max, up total, down min, down max, down total).
+PAPER = {2: {"conv": (0.23, 7.96, 85.23, 0.031, 5, 55.18), "attention": (0.90, 2.68, 29.36, 0.15, 2.5, 22.03),
+             "group_norm": (0.15, 7.5, 171.87, 0.0002, 0.0002, 0.059)},
+         4: {"conv": (0.15, 4.21, 47.03, 0.016, 2.5, 27.59), "attention": (0.83, 1.43, 18.34, 0.07, 1.25, 11.01),
+             "group_norm": (0.07, 3.75, 85.93, 0.0002, 0.0002, 0.059)},
+         8: {"conv": (0.11, 2.34, 27.92, 0.008, 1.25, 13.79), "attention": (0.68, 0.81, 12.83, 0.03, 0.625, 5.50),
+             "group_norm": (0.03, 1.87, 42.96, 0.0002, 0.0002, 0.059)}}
+PAPER_N4 = {kind: (v[2], v[5]) for kind, v in PAPER[4].items()}
 MB = 1e6
 
 
@@ -287,6 +294,9 @@ def paper_scale(ns: list[int], codecs=("fp32", "fp16")) -> dict:
                              "down_min_mb": v["down_min_layer_bytes"] / MB, "down_max_mb": v["down_max_layer_bytes"] / MB,
                              "down_total_mb": v["down_bytes_per_server_per_step"][0] / MB,
                              "seconds_5g": max(up_all * 8 / 81e6, down_all * 8 / 340e6), "offloaded": server / total})
+    for row in rows:
+        paper = PAPER.get(row["n"], {}).get(row["type"])
+        row["paper_mb"] = list(paper) if paper else None  # up min / max / total, down min / max / total
     return {"unet_flops": total, "rows": rows, "batched": batched, "paper_n4": PAPER_N4}
 
 
@@ -379,10 +389,13 @@ def markdown(report: dict) -> str:
         out += ["## Paper scale: SD 1.5 U-Net at 512 x 512, CFG batch 2, shapes only (meta device)", "",
                 f"U-Net: {ps['unet_flops'] / 1e12:.2f} TFLOP per call", "",
                 _table(["codec", "n", "type", "exchanges", "up MB min / max / total per server",
-                        "down MB min / max / total per server", "5G s (all servers)", "offloaded FLOPs"],
+                        "paper up", "down MB min / max / total per server", "paper down", "5G s (all servers)",
+                        "offloaded FLOPs"],
                        [[r["codec"], r["n"], r["type"], f"{r['exchanges']:g}",
                          f"{r['up_min_mb']:.3f} / {r['up_max_mb']:.2f} / {r['up_total_mb']:.2f}",
+                         " / ".join(f"{v:g}" for v in r["paper_mb"][:3]) if r.get("paper_mb") else "-",
                          f"{r['down_min_mb']:.4f} / {r['down_max_mb']:.3f} / {r['down_total_mb']:.3f}",
+                         " / ".join(f"{v:g}" for v in r["paper_mb"][3:]) if r.get("paper_mb") else "-",
                          f"{r['seconds_5g']:.2f}", f"{r['offloaded']:.1%}"] for r in ps["rows"]]), "",
                 "Paper (n = 4, MB per server per step, up / down): " + ", ".join(
                     f"{k} {u} / {d}" for k, (u, d) in ps["paper_n4"].items()), "",
