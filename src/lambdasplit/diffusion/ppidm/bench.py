@@ -93,6 +93,8 @@ def quality(args, ns: list[int]) -> list[dict]:
         judge = classifier()
     prompts = _prompts(args.model, args.prompts)
     local = Device.load(args.model, with_unet=True)
+    if args.size and tuple(args.size) != (local.info.default_size(),) * 2:
+        judge = None  # the classifier reads the model's own image size only
     steps = args.steps
     refs = [denoise(local, p, steps=steps or _default_steps(), seed=args.seed + i, guidance=_default_guidance(),
                     size=args.size) for i, (p, _) in enumerate(prompts)]

@@ -28,9 +28,10 @@ carries more than one layer where diffusers' data flow allows it (`plan_batching
                    costs no round trip and no upload, and no server learns anything new
 
 The device checks at run time that the norm's input is that output (plus the offset,
-recomputed and compared bit for bit) and falls back to a round trip if not. `Traffic` keeps, per layer type, the bytes of
-every frame sent to and received from each server, the wall time of the exchanges, and
-the FLOPs the servers did.
+recomputed and compared bit for bit) and falls back to a round trip if not. `Traffic`
+keeps, per layer type, the bytes of every frame sent to and received from each server
+(a batched frame counts as one conv exchange), the wall time of the exchanges, and the
+FLOPs the servers did.
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ class ShardedGroupNorm(nn.Module):
                 return None
         stats = []
         for s in channel_stats:
+            if tuple(s.shape) != (*out.shape[:2], 2):
+                raise LambdaSplitError(f"{self.name}: a shard returned channel statistics of shape {list(s.shape)}")
             means, variances = s[..., 0], s[..., 1]
             if offset is not None:
                 means = means + offset.double()
