@@ -168,11 +168,14 @@ def test_no_server_receives_a_whole_feature_map(folders, shard_servers):
                   captures=captures)
     for capture in captures:
         up = b"".join(data for direction, data in capture if direction == "up")
-        seen = {"conv": set(), "group_norm": 0}
+        seen = {"conv": set(), "group_norm": 0, "batched frames": 0, "conv with statistics": 0}
         for frame_type, body in split_frames(up):
             if frame_type != FrameType.STEP:
                 continue
-            for op in wire_ops.parse_ops([t for t, _, _ in parse_blobs(body, 4)]):
+            ops = wire_ops.parse_ops([t for t, _, _ in parse_blobs(body, 4)])
+            seen["batched frames"] += len(ops) > 1
+            seen["conv with statistics"] += sum(op.kind == wire_ops.CONV_STATS for op in ops)
+            for op in ops:
                 if op.kind in wire_ops.CONV_KINDS:
                     height, width = conv_sizes[op.header[0]]
                     h, w = op.tensors[0].shape[2:]
@@ -183,6 +186,7 @@ def test_no_server_receives_a_whole_feature_map(folders, shard_servers):
                     assert area * n in norm_areas  # exactly one block of n
                     seen["group_norm"] += 1
         assert seen["conv"] == set(conv_sizes) and seen["group_norm"] > 0  # every layer was offloaded, in part
+        assert seen["batched frames"] > 0 and seen["conv with statistics"] > 0  # the batched frames were checked too
 
 
 def test_maps_that_do_not_divide_are_refused_by_name(folders, services, references):
