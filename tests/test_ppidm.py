@@ -3,8 +3,9 @@
 Exact mode equals the unsplit pipeline (1e-5 fp32) for SD- and SDXL-style tiny U-Nets,
 in-process for n = 2, 4, 8 and through real `serve --component unet-shard` processes over
 the CLI for n = 2 and 4; what each server's transport received never holds a whole
-feature map of a convolution or group-norm input; maps that cannot be cut are refused by
-name; a bad request fails only its own session.
+feature map of a convolution or group-norm input; batching (several layers per round
+trip) keeps the image and cuts round trips; maps that cannot be cut are refused by name; a
+bad request fails only its own session.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def test_grid_and_halo_blocks():
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_exact_mode_equals_unsplit_in_process(kind, folders, references, services):
     device = load_device(folders[kind], mode="exact", small_maps="refuse")
+    records = {}
     for n in (2, 4, 8):
         result = imagine_ppidm(device, PROMPT, local_services=services[kind][:n], mode="exact", steps=STEPS, seed=SEED,
                                guidance=GUIDANCE)
@@ -95,9 +97,20 @@ def test_exact_mode_equals_unsplit_in_process(kind, folders, references, service
         record = result.record
         assert record["servers"] == n and record["device_local_layers"] == {}
         assert set(record["per_layer_type"]) == {"conv", "group_norm", "attention"}
+        records[n] = record
     paper = imagine_ppidm(device, PROMPT, local_services=services[kind][:4], mode="paper", steps=STEPS, seed=SEED,
                           guidance=GUIDANCE)
     assert np.abs(paper.image - references[kind]).max() > 1e-3  # local statistics are not the pipeline's
+    # batching off: one layer per round trip; on (above): skip convs ride with conv1, the norms
+    # fed by a conv get their statistics from it; fewer round trips, the same image
+    single = imagine_ppidm(device, PROMPT, local_services=services[kind][:2], steps=STEPS, seed=SEED, guidance=GUIDANCE,
+                           batching=False)
+    assert np.abs(single.image - references[kind]).max() < 1e-5
+    assert single.record["round_trips_per_step"] > records[2]["round_trips_per_step"] + 10
+    assert sum(single.record["bytes_up_per_server"]) > sum(records[2]["bytes_up_per_server"])  # the fused norms' uploads
+    unbatched = imagine_ppidm(device, PROMPT, local_services=services[kind][:4], mode="paper", steps=STEPS, seed=SEED,
+                              guidance=GUIDANCE, batching=False)
+    assert np.abs(unbatched.image - paper.image).max() < 1e-5  # the fused statistics are the blocks' own, per block
 
 
 def test_device_never_holds_convolution_weights(folders):
@@ -155,12 +168,15 @@ def test_no_server_receives_a_whole_feature_map(folders, shard_servers):
                   captures=captures)
     for capture in captures:
         up = b"".join(data for direction, data in capture if direction == "up")
-        seen = {"conv": set(), "group_norm": 0}
+        seen = {"conv": set(), "group_norm": 0, "batched frames": 0, "conv with statistics": 0}
         for frame_type, body in split_frames(up):
             if frame_type != FrameType.STEP:
                 continue
-            for op in wire_ops.parse_ops([t for t, _, _ in parse_blobs(body, 4)]):
-                if op.kind == wire_ops.CONV:
+            ops = wire_ops.parse_ops([t for t, _, _ in parse_blobs(body, 4)])
+            seen["batched frames"] += len(ops) > 1
+            seen["conv with statistics"] += sum(op.kind == wire_ops.CONV_STATS for op in ops)
+            for op in ops:
+                if op.kind in wire_ops.CONV_KINDS:
                     height, width = conv_sizes[op.header[0]]
                     h, w = op.tensors[0].shape[2:]
                     assert h * w < height * width and (h < height or w < width)
@@ -170,6 +186,7 @@ def test_no_server_receives_a_whole_feature_map(folders, shard_servers):
                     assert area * n in norm_areas  # exactly one block of n
                     seen["group_norm"] += 1
         assert seen["conv"] == set(conv_sizes) and seen["group_norm"] > 0  # every layer was offloaded, in part
+        assert seen["batched frames"] > 0 and seen["conv with statistics"] > 0  # the batched frames were checked too
 
 
 def test_maps_that_do_not_divide_are_refused_by_name(folders, services, references):

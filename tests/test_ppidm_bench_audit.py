@@ -49,20 +49,26 @@ def test_shape_only_traffic_equals_real_frames(folder):
 
 def test_bench_ppidm_tiny(folder, capsys):
     assert main(["bench", "ppidm", "--model", str(folder), "--servers", "2", "--codecs", "fp32", "--prompts", "1",
-                 "--steps", "2", "--in-thread", "--small-maps", "refuse", "--no-paper-scale", "--json"]) == 0
+                 "--steps", "2", "--in-thread", "--small-maps", "refuse", "--no-paper-scale", "--batching", "off,on",
+                 "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     rows = {(r["mode"], r["codec"]): r for r in report["quality"]}
     assert rows[("exact", "fp32")]["identical"] == 1 and rows[("exact", "fp32")]["max_abs"] < 1e-5
     assert rows[("paper", "fp32")]["identical"] == 0
-    traffic = report["traffic"][0]
-    assert traffic["round_trips_per_step"] > 0
-    assert traffic["per_layer_type"]["conv"]["up_bytes_per_server_per_step"][0] > 0
-    assert 0.5 < report["compute"][0]["offloaded"] < 1.0
+    single, batched = report["traffic"]  # the same image with one layer per round trip, then batched
+    assert not single["batching"] and batched["batching"]
+    assert single["round_trips_per_step"] > batched["round_trips_per_step"] > 0
+    assert sum(single["bytes_up_per_server"]) > sum(batched["bytes_up_per_server"])
+    assert batched["per_layer_type"]["conv"]["up_bytes_per_server_per_step"][0] > 0
+    compute = report["compute"][0]
+    assert 0.5 < compute["offloaded"] < 1.0
+    assert compute["round_trips_unbatched"] == single["round_trips_per_step"]
+    assert compute["round_trips_batched"] == batched["round_trips_per_step"]
 
 
 def test_audit_ppidm_tiny(folder, capsys):
     assert main(["audit", "diffusion", "--protocol", "ppidm", "--model", str(folder), "--servers", "2", "--prompts", "2",
-                 "--steps", "2", "--train-images", "4", "--json"]) == 0
+                 "--steps", "2", "--train-images", "4", "--cnn-seconds", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     results = {r["attack"]: r for r in report["results"]}
     one = results["latent block: 1 server"]
@@ -70,3 +76,6 @@ def test_audit_ppidm_tiny(folder, capsys):
     assert one["area"] == 0.5 and everything["area"] == 1.0
     assert everything["region_psnr"] > 30 > one["region_psnr"]  # all blocks together are the image; one block is not
     assert results["prompt from cross-attention K (1 server)"]["top1"] == 1.0  # closed world: the audited prompts
+    for attack in ("K inverter, ridge", "K+V inverter, ridge", "K+V inverter, CNN"):  # trained, run, scored
+        assert results[f"{attack} (1 server)"]["samples"] == 4 and results[f"{attack} (1 server)"]["image_psnr"] > 0
+    assert report["meta"]["cnn_inverter"]["seconds"] < 10 and report["meta"]["cnn_inverter"]["epochs"] > 0

@@ -50,6 +50,8 @@ def add_commands(subparsers) -> None:
     d.add_argument("--ppidm-mode", choices=["exact", "paper"], default="exact", help="ppidm: group-norm mode")
     d.add_argument("--train-images", type=int, default=80,
                    help="ppidm: the attacker's own generations for the learned K inverter (default %(default)s)")
+    d.add_argument("--cnn-seconds", type=float, default=120.0,
+                   help="ppidm: wall-time budget for training the CNN K/V inverter (default %(default)s)")
     d.add_argument("--local-steps", default="0,2,5,10", help="defense sweep: last K denoising steps kept on the device")
     d.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25 for zoo:digits)")
     d.add_argument("--prompts", type=int, default=10, help="sessions (one prompt per digit)")

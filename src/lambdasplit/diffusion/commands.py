@@ -26,6 +26,8 @@ def add_commands(subparsers) -> None:
                         "(each block normalized with its own statistics, as the PPIDM paper)")
     p.add_argument("--ppidm-small-maps", choices=["refuse", "local"], default="refuse",
                    help="ppidm: a layer whose map is too small to cut among the servers is refused, or run on the device")
+    p.add_argument("--ppidm-batching", choices=["on", "off"], default="on",
+                   help="ppidm: carry several layers per round trip where the data flow allows (docs/diffusion.md)")
     p.add_argument("--steps", type=int, help="denoising steps (default: 25, the digits model's setting)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale; <= 1 disables it (default 4)")

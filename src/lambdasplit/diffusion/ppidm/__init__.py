@@ -18,6 +18,7 @@ additions, up-sampling glue, the normalization arithmetic itself) stays on the d
     blocks.py   the partition: grids, halos, what is too small to cut
     ops.py      the wire format of one request and the shard-side arithmetic
     driver.py   the device side: the U-Net with proxy layers, the fan-out to n servers,
+                several layers per round trip where the data flow allows (batching),
                 traffic / time / FLOPs per layer type
     service.py  `lambdasplit serve --component unet-shard` (role "unet-shard")
     run.py      `imagine --protocol ppidm`: one image and its record

@@ -14,10 +14,12 @@ given (at most n choices; the zero padding it is asked to add gives it away for 
                      of the image, and of the whole image, and the digit classifier's verdict.
     collusion        the same with the blocks of 2 servers, and of all n (= what ONE server
                      sees in single-server Λ-Split client-latent, which sends the whole x_t).
-    K/V inverter     every server receives the FULL K and V of every self-attention layer: a
-                     linear projection of the whole feature map. A ridge regression trained on
-                     the attacker's own generations (public prompts, other seeds) maps the last
-                     step's K of the first self-attention layer to the image.
+    K/V inverters    every server receives the FULL K and V of every self-attention layer: a
+                     linear projection of the whole feature map. Trained on the attacker's own
+                     generations (public prompts, other seeds), from the last step's K (and V)
+                     of the first self-attention layer to the image: a ridge regression on K,
+                     one on K and V, and a small CNN on K and V laid out as the feature map
+                     (non-linear; its training is bounded in wall time, CNN_SECONDS).
     prompt           cross-attention's K is the text embeddings through the public to_k:
                      matched against every candidate prompt run through the public text encoder
                      and to_k (top-1 over the candidate set).
@@ -53,10 +55,12 @@ def server_view(capture: list[tuple[str, bytes]]) -> list[list[tuple[wire_ops.Op
     answers = [[t for t, _, _ in parse_blobs(body, 8)] for kind, body in split_frames(down) if kind == FrameType.RESULT]
     steps: list[list] = []
     for ops, outs in zip(requests, answers):
-        for op, out in zip(ops, outs):
-            if op.kind == wire_ops.CONV and op.header[0] == 0:
+        outs = iter(outs)
+        for op in ops:
+            out = [next(outs) for _ in range(wire_ops.results_per_op(op.kind))]
+            if op.kind in wire_ops.CONV_KINDS and op.header[0] == 0:
                 steps.append([])
-            steps[-1].append((op, out))
+            steps[-1].append((op, out[0]))
     return steps
 
 
@@ -84,8 +88,8 @@ class Attacker:
                              self.conv_in.dilation)
         for index, view in views:
             last = view[-1]
-            x = next(op.tensors[0] for op, _ in last if op.kind == wire_ops.CONV and op.header[0] == 0)
-            eps = next(out for op, out in last if op.kind == wire_ops.CONV and op.header[0] == self.conv_out_index)
+            x = next(op.tensors[0] for op, _ in last if op.kind in wire_ops.CONV_KINDS and op.header[0] == 0)
+            eps = next(out for op, out in last if op.kind in wire_ops.CONV_KINDS and op.header[0] == self.conv_out_index)
             b = blocks[index]
             # conv_out's output block is the block's own region; conv_in's input adds the halo
             top, left = b.out_rows[0] - b.in_rows[0], b.out_cols[0] - b.in_cols[0]
@@ -98,10 +102,10 @@ class Attacker:
             seen[b.out_rows[0]:b.out_rows[1], b.out_cols[0]:b.out_cols[1]] = True
         return canvas, seen
 
-    def kv_features(self, view: list) -> torch.Tensor:
-        """The last step's K of the first self-attention layer, as the server received it, flattened."""
+    def kv_features(self, view: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last step's K and V of the first self-attention layer, as the server received them."""
         attention = [op for op, _ in view[-1] if op.kind == wire_ops.ATTENTION and op.header[0] == self.first_self]
-        return attention[0].tensors[1].flatten()
+        return attention[0].tensors[1], attention[0].tensors[2]
 
     def text_keys(self, view: list) -> dict[int, torch.Tensor]:
         return {op.header[0]: op.tensors[1] for step in view[:1] for op, _ in step
@@ -114,34 +118,33 @@ class Attacker:
             key = attn.to_k(cond.prompt_embeds)
         return key.view(key.shape[0], -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
 
-    def training_pairs(self, prompts: list[str], seeds: list[int], size) -> tuple[np.ndarray, np.ndarray]:
-        """The attacker's own generations: (K of the first self-attention at the last step, image)."""
+    def training_pairs(self, prompts: list[str], seeds: list[int], size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The attacker's own generations: K and V of the first self-attention at the last step
+        ([B, heads, tokens, head dim] each, as a server receives them), and the image."""
         from lambdasplit.diffusion.client import denoise
 
         name, attn = self.attention[self.first_self]
-        keys = []
-
-        def hook(module, args, output):
-            keys.append(output.detach())
-
-        handle = attn.to_k.register_forward_hook(hook)
-        features, images = [], []
+        seen = {"k": [], "v": []}
+        handles = [attn.to_k.register_forward_hook(lambda m, a, out: seen["k"].append(out.detach())),
+                   attn.to_v.register_forward_hook(lambda m, a, out: seen["v"].append(out.detach()))]
+        keys, values, images = [], [], []
         try:
             for prompt, seed in zip(prompts, seeds):
-                keys.clear()
+                seen["k"].clear(), seen["v"].clear()
                 image = denoise(self.device, prompt, steps=self.steps, seed=seed, guidance=self.guidance, size=size)
-                key = keys[-1]
-                key = key.view(key.shape[0], -1, attn.heads, key.shape[-1] // attn.heads).transpose(1, 2)
-                features.append(key.flatten().numpy())
-                images.append(image.reshape(-1))
+                for out, into in ((seen["k"][-1], keys), (seen["v"][-1], values)):
+                    into.append(out.view(out.shape[0], -1, attn.heads, out.shape[-1] // attn.heads).transpose(1, 2)
+                                .numpy())
+                images.append(image)
         finally:
-            handle.remove()
-        return np.stack(features), np.stack(images)
+            for handle in handles:
+                handle.remove()
+        return np.stack(keys), np.stack(values), np.stack(images)
 
 
 def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None = None, seed: int = 42,
                 train_images: int = 80, mode: str = "exact", small_maps: str = "local", codec: str = "fp32",
-                progress: bool = True) -> dict:
+                cnn_seconds: float | None = None, progress: bool = True) -> dict:
     from sklearn.linear_model import RidgeCV
 
     from lambdasplit.audit.diffusion import _default_prompts, _judge
@@ -152,6 +155,7 @@ def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None
     from lambdasplit.server import BodyServer
 
     began = time.perf_counter()
+    cnn_seconds = CNN_SECONDS if cnn_seconds is None else cnn_seconds
     default_steps, guidance = default_settings()
     steps = steps or default_steps
     prompts, digits = _default_prompts(model, sessions)
@@ -162,9 +166,16 @@ def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if progress else (lambda text: None)
     # the learned K inverter: public prompts, seeds disjoint from the audited sessions'
     pool = candidates * (train_images // len(candidates) + 1)
-    say(f"ppidm audit: {train_images} attacker generations for the K inverter")
-    features, targets = attacker.training_pairs(pool[:train_images], [10_000 + i for i in range(train_images)], size)
-    inverter = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(features, targets)
+    say(f"ppidm audit: {train_images} attacker generations for the K/V inverters")
+    train_k, train_v, train_images_ = attacker.training_pairs(pool[:train_images],
+                                                              [10_000 + i for i in range(train_images)], size)
+    targets = train_images_.reshape(len(train_images_), -1)
+    alphas = np.logspace(-2, 4, 13)
+    ridge_k = RidgeCV(alphas=alphas).fit(train_k.reshape(len(targets), -1), targets)
+    ridge_kv = RidgeCV(alphas=alphas).fit(np.concatenate([train_k, train_v], 1).reshape(len(targets), -1), targets)
+    say(f"ppidm audit: training the CNN inverter (at most {cnn_seconds:.0f} s)")
+    cnn = CNNInverter.train(train_k, train_v, train_images_, latent_side=size[0] // attacker.device.pipe.vae_scale_factor,
+                            seconds=cnn_seconds)
     mean_image = targets.mean(0)
     device = load_device(model, mode=mode, small_maps=small_maps)
     service = UNetShardService(model)
@@ -194,12 +205,17 @@ def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None
                     add(f"latent block: {attack}", region_psnr=_finite(psnr(user[mask], image[mask])),
                         image_psnr=_finite(psnr(user, np.where(mask[..., None], image, mean_image.reshape(user.shape)))),
                         area=float(mask.mean()), digit=_digit(judge, image, digits[i]))
+            baseline = _finite(psnr(user, np.clip(mean_image.reshape(user.shape), 0, 1)))
             for k in range(n):
-                guess = inverter.predict(attacker.kv_features(views[k]).numpy()[None])[0].reshape(user.shape)
-                guess = np.clip(guess, 0, 1)
-                add("K/V inverter (1 server)", image_psnr=_finite(psnr(user, guess)), ssim=ssim(user, guess),
-                    digit=_digit(judge, guess, digits[i]),
-                    baseline_psnr=_finite(psnr(user, np.clip(mean_image.reshape(user.shape), 0, 1))))
+                key, value = (t.numpy()[None] for t in attacker.kv_features(views[k]))
+                guesses = {"K inverter, ridge (1 server)": ridge_k.predict(key.reshape(1, -1))[0],
+                           "K+V inverter, ridge (1 server)":
+                               ridge_kv.predict(np.concatenate([key, value], 1).reshape(1, -1))[0],
+                           "K+V inverter, CNN (1 server)": cnn.predict(key, value)[0]}
+                for attack, guess in guesses.items():
+                    guess = np.clip(guess.reshape(user.shape), 0, 1)
+                    add(attack, image_psnr=_finite(psnr(user, guess)), ssim=ssim(user, guess),
+                        digit=_digit(judge, guess, digits[i]), baseline_psnr=baseline)
                 keys = attacker.text_keys(views[k])
                 if keys:
                     slot, observed = next(iter(keys.items()))
@@ -220,11 +236,74 @@ def audit_ppidm(model: str, *, n: int = 4, sessions: int = 10, steps: int | None
 
     return {"meta": {"model": model, "servers": n, "mode": mode, "codec": codec, "steps": steps, "guidance": guidance,
                      "sessions": len(prompts), "train_images": train_images, "candidates": len(candidates),
+                     "cnn_inverter": cnn.summary,
                      "first_self_attention": kv_rank,
                      "machine": _machine(), "seconds": round(time.perf_counter() - began, 1),
                      "assumptions": "the attacker has the public weights and scheduler, the default guidance scale, "
                                     "and knows its block's place in the grid"},
             "results": results}
+
+
+CNN_SECONDS = 120.0
+
+
+class CNNInverter:
+    """A small non-linear inverter: K and V of one self-attention layer, laid out as its feature
+    map (channels = CFG half x K/V x heads x head dim), to the image. Trained with Adam on the
+    attacker's generations for at most `seconds` of wall time (or `max_epochs`)."""
+
+    def __init__(self, net, mean, std, side, shape):
+        self.net, self.mean, self.std, self.side, self.shape = net, mean, std, side, shape
+        self.summary: dict = {}
+
+    @staticmethod
+    def layout(keys: np.ndarray, values: np.ndarray, side: int) -> torch.Tensor:
+        """[N, B, heads, tokens, head dim] x 2 -> [N, B*2*heads*head dim, h, w] (tokens are row-major pixels)."""
+        x = torch.from_numpy(np.concatenate([keys, values], 2)).float()  # [N, B, 2*heads, tokens, hd]
+        n, b, h2, tokens, hd = x.shape
+        rows = math.isqrt(tokens) if math.isqrt(tokens) ** 2 == tokens else side  # square maps, else latent rows
+        return x.permute(0, 1, 2, 4, 3).reshape(n, b * h2 * hd, rows, tokens // rows)
+
+    @classmethod
+    def train(cls, keys, values, images, *, latent_side: int, seconds: float, max_epochs: int = 4000,
+              seed: int = 0) -> "CNNInverter":
+        from torch import nn
+
+        torch.manual_seed(seed)
+        x = cls.layout(keys, values, latent_side)
+        y = torch.from_numpy(images).float().permute(0, 3, 1, 2)  # [N, C, H, W]
+        mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True) + 1e-6
+        x = (x - mean) / std
+        width, layers = 64, []
+        layers += [nn.Conv2d(x.shape[1], width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+        scale = y.shape[2] // x.shape[2]
+        while scale > 1:
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1), nn.GELU()]
+            scale //= 2
+        layers += [nn.Conv2d(width, y.shape[1], 3, padding=1), nn.Upsample(size=tuple(y.shape[2:])), nn.Sigmoid()]
+        net = nn.Sequential(*layers)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-3)
+        began, epochs, batch = time.perf_counter(), 0, min(32, len(x))
+        while epochs < max_epochs and time.perf_counter() - began < seconds:
+            order = torch.randperm(len(x))
+            for start in range(0, len(x), batch):
+                pick = order[start:start + batch]
+                loss = torch.nn.functional.mse_loss(net(x[pick]), y[pick])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            epochs += 1
+        net.eval()
+        self = cls(net, mean, std, latent_side, tuple(images.shape[1:]))
+        self.summary = {"parameters": sum(p.numel() for p in net.parameters()), "epochs": epochs,
+                        "seconds": round(time.perf_counter() - began, 1), "train_mse": float(loss.detach()),
+                        "train_images": len(x)}
+        return self
+
+    def predict(self, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = (self.layout(keys, values, self.side) - self.mean) / self.std
+            return self.net(x).permute(0, 2, 3, 1).numpy()
 
 
 def _candidates(model: str, prompts: list[str]) -> list[str]:
@@ -257,7 +336,9 @@ def markdown(report: dict) -> str:
     meta = report["meta"]
     lines = [f"# audit diffusion --protocol ppidm: {meta['model']}, n = {meta['servers']} ({meta['mode']} mode)", "",
              f"machine: {meta['machine']}; {meta['sessions']} sessions, {meta['steps']} steps, "
-             f"{meta['train_images']} attacker images for the K inverter, {meta['seconds']} s", "",
+             f"{meta['train_images']} attacker images for the K/V inverters, {meta['seconds']} s", "",
+             "CNN inverter: {parameters} parameters, {epochs} epochs in {seconds} s, train MSE {train_mse:.4f}".format(
+                 **meta["cnn_inverter"]) if meta.get("cnn_inverter") else "", "",
              f"assumptions: {meta['assumptions']}", "",
              f"K inverter layer: {meta['first_self_attention']['layer']}, to_k {meta['first_self_attention']['to_k']} "
              f"of rank {meta['first_self_attention']['rank']}"
@@ -289,7 +370,8 @@ def command(args) -> int:
 
         model = str(build_tiny_pipeline(Path(tempfile.mkdtemp(prefix="lambdasplit-tiny-sd-"))))
     report = audit_ppidm(model, n=args.servers, sessions=args.prompts, steps=args.steps, codec=args.codec,
-                         train_images=args.train_images, mode=args.ppidm_mode, progress=not args.json)
+                         train_images=args.train_images, mode=args.ppidm_mode,
+                         cnn_seconds=args.cnn_seconds, progress=not args.json)
     text = markdown(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

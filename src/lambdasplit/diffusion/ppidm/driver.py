@@ -14,9 +14,24 @@ split-Q attention: equals the unsplit U-Net to float rounding) and paper (each b
 normalized with its own statistics, as the paper's PPIGN; not exact).
 
 Every exchange is one round trip, fanned out to all servers (sent to each, then each
-answer read; the servers work in parallel). `Traffic` keeps, per layer type, the bytes of
-every frame sent to and received from each server, the wall time of the exchanges, and
-the FLOPs the servers did.
+answer read; the servers work in parallel). With `batching` (the default) one round trip
+carries more than one layer where diffusers' data flow allows it (`plan_batching`):
+
+    skip conv      a resnet's 1x1 conv_shortcut reads the block's input, known before conv1:
+                   it rides in conv1's frame, its blocks beside conv1's
+    fused stats    a group norm whose input is a convolution's output, plus at most a
+                   per-channel offset (resnet norm2: conv1 + time embedding; the first
+                   norm1 after conv_in and after each downsampler: the conv's output
+                   itself): that convolution's request asks the servers for per-channel
+                   mean and variance of the output block they computed anyway (CONV_STATS),
+                   and the device derives the group statistics, offset included; the norm
+                   costs no round trip and no upload, and no server learns anything new
+
+The device checks at run time that the norm's input is that output (plus the offset,
+recomputed and compared bit for bit) and falls back to a round trip if not. `Traffic`
+keeps, per layer type, the bytes of every frame sent to and received from each server
+(a batched frame counts as one conv exchange), the wall time of the exchanges, and the
+FLOPs the servers did.
 """
 
 from __future__ import annotations
@@ -129,24 +144,62 @@ class ShardedConv(nn.Module):
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
         self.local: nn.Conv2d | None = None
+        self.feeds: ShardedGroupNorm | None = None  # batching: the norm that reads this conv's output
+        self.shortcut: tuple[ShardedConv, int] | None = None  # batching: (conv_shortcut, its resnet's id), for conv1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = self.owner[0]
-        height, width = x.shape[2:]
+        ready = owner.precomputed.pop(self.name, None)
+        if ready is not None and (ready[0] is x or _same(ready[0], x)):
+            return ready[1]  # computed in an earlier layer's round trip (batching)
         try:
-            blocks = conv_blocks(height, width, owner.pool.n, self.kernel_size, self.stride, self.padding, self.dilation,
-                                 what=self.name)
+            blocks = self.blocks(x)
         except PartitionError as error:
             return owner.run_locally(self, error, lambda: F.conv2d(x, *self._local_weights(), self.stride, self.padding,
                                                                    self.dilation, self.groups))
-        per_server = [[wire_ops.Op(wire_ops.CONV, [self.index, *b.pads],
-                                   [x[:, :, b.in_rows[0]:b.in_rows[1], b.in_cols[0]:b.in_cols[1]]], self.name)]
-                      for b in blocks]
-        out_h, out_w = blocks[-1].out_rows[1], blocks[-1].out_cols[1]
-        flops = self.flops(x.shape[0], out_h, out_w)
+        stats = owner.batching and self.feeds is not None
+        per_server = self.ops(x, blocks, wire_ops.CONV_STATS if stats else wire_ops.CONV)
+        flops = self.flops(x.shape[0], blocks[-1].out_rows[1], blocks[-1].out_cols[1])
+        carried = self.carried_shortcut(owner)
+        if carried is not None:
+            shortcut, shortcut_x, shortcut_blocks = carried
+            for ops, extra in zip(per_server, shortcut.ops(shortcut_x, shortcut_blocks, wire_ops.CONV)):
+                ops.extend(extra)
+            flops += shortcut.flops(shortcut_x.shape[0], shortcut_blocks[-1].out_rows[1], shortcut_blocks[-1].out_cols[1])
         answers = owner.pool.run(wire_ops.CONV, per_server, flops)
+        results = iter(zip(*answers))  # per op position: the n servers' tensors
+        out = self.assemble(x, blocks, next(results))
+        if stats:
+            owner.fused_stats[self.feeds.name] = (out, [piece.double() for piece in next(results)])
+        if carried is not None:
+            owner.precomputed[shortcut.name] = (shortcut_x, shortcut.assemble(shortcut_x, shortcut_blocks, next(results)))
+        return out
+
+    def blocks(self, x: torch.Tensor):
+        return conv_blocks(*x.shape[2:], self.owner[0].pool.n, self.kernel_size, self.stride, self.padding, self.dilation,
+                           what=self.name)
+
+    def ops(self, x: torch.Tensor, blocks, kind: int) -> list[list[wire_ops.Op]]:
+        return [[wire_ops.Op(kind, [self.index, *b.pads], [x[:, :, b.in_rows[0]:b.in_rows[1], b.in_cols[0]:b.in_cols[1]]],
+                             self.name)] for b in blocks]
+
+    def carried_shortcut(self, owner):
+        """The resnet's conv_shortcut and its input, if it can ride in this (conv1's) frame."""
+        if not owner.batching or self.shortcut is None:
+            return None
+        shortcut, resnet = self.shortcut
+        shortcut_x = owner.resnet_inputs.pop(resnet, None)
+        if shortcut_x is None:
+            return None
+        try:
+            return shortcut, shortcut_x, shortcut.blocks(shortcut_x)
+        except PartitionError:
+            return None  # computed (or refused) when the resnet calls it
+
+    def assemble(self, x: torch.Tensor, blocks, pieces) -> torch.Tensor:
+        out_h, out_w = blocks[-1].out_rows[1], blocks[-1].out_cols[1]
         out = x.new_empty(x.shape[0], self.out_channels, out_h, out_w)
-        for b, (piece,) in zip(blocks, answers):
+        for b, piece in zip(blocks, pieces):
             expected = (x.shape[0], self.out_channels, b.out_rows[1] - b.out_rows[0], b.out_cols[1] - b.out_cols[0])
             if tuple(piece.shape) != expected:
                 raise LambdaSplitError(f"{self.name}: a shard returned {list(piece.shape)}, expected {list(expected)}")
@@ -172,9 +225,39 @@ class ShardedGroupNorm(nn.Module):
             norm.num_groups, norm.num_channels, norm.eps, name, [owner])
         self.weight = nn.Parameter(torch.empty(norm.num_channels, device="meta"))
         self.bias = nn.Parameter(torch.empty(norm.num_channels, device="meta"))
+        self.offset_of: int | None = None  # batching: the resnet whose time embedding is added to the conv output
+
+    def fused(self, x: torch.Tensor):
+        """Block statistics [B, G, 2] derived from the feeding conv's per-channel ones, or None."""
+        owner = self.owner[0]
+        fed = owner.fused_stats.pop(self.name, None)
+        if fed is None:
+            return None
+        out, channel_stats = fed
+        if x is out:
+            offset = None
+        else:
+            offset = owner.time_offsets.get(self.offset_of) if self.offset_of is not None else None
+            if offset is None or offset.shape != out.shape[:2] or not _same(x, out + offset[:, :, None, None]):
+                return None
+        stats = []
+        for s in channel_stats:
+            if tuple(s.shape) != (*out.shape[:2], 2):
+                raise LambdaSplitError(f"{self.name}: a shard returned channel statistics of shape {list(s.shape)}")
+            means, variances = s[..., 0], s[..., 1]
+            if offset is not None:
+                means = means + offset.double()
+            means = means.reshape(x.shape[0], self.num_groups, -1)
+            variances = variances.reshape(x.shape[0], self.num_groups, -1)
+            mean = means.mean(-1)
+            stats.append(torch.stack([mean, (variances + (means - mean[..., None]) ** 2).mean(-1)], dim=-1))
+        return stats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         owner = self.owner[0]
+        stats = self.fused(x) if x.dim() == 4 else None
+        if stats is not None:
+            return self.apply_stats(x, plain_blocks(*x.shape[2:], owner.pool.n, what=self.name), stats)
         if x.dim() != 4:
             return owner.run_locally(self, PartitionError(f"{self.name}: a {x.dim()}-d input is not a feature map"),
                                      lambda: F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
@@ -187,6 +270,10 @@ class ShardedGroupNorm(nn.Module):
                       for b in blocks]
         answers = owner.pool.run(wire_ops.GROUP_NORM, per_server, 3.0 * x.numel())
         stats = [piece.double() for (piece,) in answers]  # [B, G, 2] each
+        return self.apply_stats(x, blocks, stats)
+
+    def apply_stats(self, x: torch.Tensor, blocks, stats: list[torch.Tensor]) -> torch.Tensor:
+        owner = self.owner[0]
         for piece in stats:
             if tuple(piece.shape) != (x.shape[0], self.num_groups, 2):
                 raise LambdaSplitError(f"{self.name}: a shard returned statistics of shape {list(piece.shape)}")
@@ -285,9 +372,14 @@ class ShardedAttention:
 class ShardedUNet:
     """The device's U-Net for PPIDM. `unet` is a diffusers UNet2DConditionModel whose heavy layers are proxies."""
 
-    def __init__(self, folder: Path, unet, mode: str, small_maps: str):
-        self.folder, self.unet, self.mode, self.small_maps = folder, unet, mode, small_maps
+    def __init__(self, folder: Path, unet, mode: str, small_maps: str, batching: bool = True):
+        self.folder, self.unet, self.mode, self.small_maps, self.batching = folder, unet, mode, small_maps, batching
         self.pool: ShardPool | None = None
+        # batching state, per U-Net call: results computed ahead, what the fused norms need
+        self.precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # conv -> (its input, its output)
+        self.fused_stats: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # norm -> (conv out, channel stats)
+        self.resnet_inputs: dict[int, torch.Tensor] = {}
+        self.time_offsets: dict[int, torch.Tensor] = {}
 
     @classmethod
     def load(cls, folder: Path, *, mode: str = "exact", small_maps: str = "refuse") -> "ShardedUNet":
@@ -321,7 +413,39 @@ class ShardedUNet:
         unet.set_attn_processor({f"{name}.processor": ShardedAttention(slot, name, self)
                                  for slot, name in enumerate(attention)})
         unet.eval()
+        self.plan_batching()
         return self
+
+    def plan_batching(self) -> None:
+        """Which layers ride in which round trip (module docstring); applied only while `batching` is on."""
+        from diffusers.models.resnet import ResnetBlock2D
+
+        unet = self.unet
+
+        def feeds(conv, norm, resnet=None):
+            if isinstance(conv, ShardedConv) and isinstance(norm, ShardedGroupNorm):
+                object.__setattr__(conv, "feeds", norm)  # a reference, not a submodule (no weights of its own)
+                norm.offset_of = resnet
+
+        blocks = list(unet.down_blocks)
+        if blocks and getattr(blocks[0], "resnets", None):
+            feeds(unet.conv_in, blocks[0].resnets[0].norm1)
+        for block, following in zip(blocks, blocks[1:]):
+            if getattr(block, "downsamplers", None) and getattr(following, "resnets", None):
+                feeds(getattr(block.downsamplers[0], "conv", None), following.resnets[0].norm1)
+        for module in unet.modules():
+            if not isinstance(module, ResnetBlock2D) or module.upsample is not None or module.downsample is not None:
+                continue
+            key = id(module)
+            if module.time_embedding_norm == "default":
+                feeds(module.conv1, module.norm2, key if module.time_emb_proj is not None else None)
+                if module.time_emb_proj is not None:
+                    module.time_emb_proj.register_forward_hook(
+                        lambda m, args, out, key=key: self.time_offsets.__setitem__(key, out))
+            if isinstance(module.conv_shortcut, ShardedConv) and isinstance(module.conv1, ShardedConv):
+                module.conv1.shortcut = (module.conv_shortcut, key)
+                module.register_forward_pre_hook(
+                    lambda m, args, key=key: self.resnet_inputs.__setitem__(key, args[0]) if args else None)
 
     def read_tensors(self, keys: list[str], as_dict: bool = False):
         """Only these tensors from unet/*.safetensors (the device never reads the convolution weights)."""
@@ -350,6 +474,15 @@ class ShardedUNet:
 
     def attach(self, pool: ShardPool) -> None:
         self.pool = pool
+        for state in (self.precomputed, self.fused_stats, self.resnet_inputs, self.time_offsets):
+            state.clear()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-equal (on the meta device, where bench's shape-only study runs: equal shapes)."""
+    if a.device.type == "meta" or b.device.type == "meta":
+        return a.shape == b.shape
+    return torch.equal(a, b)
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:

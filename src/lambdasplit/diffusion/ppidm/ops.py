@@ -11,6 +11,11 @@ operation's tensors in order. The RESULT carries one tensor per operation.
                                          (kv=2: q chunk only; the k, v stored under `slot`
                                          by an earlier kv=1 request: cross-attention's
                                          text K, V are the same at every step)
+    [4, conv, top, bottom, left, right]  x block (+ halo)      conv output block, and [B, C, 2]
+                                                               per-channel (mean, variance) of it
+                                         (when a group norm reads that output, plus at most a
+                                         per-channel offset: the device derives the norm's
+                                         statistics and saves it a round trip)
 
 `conv` indexes the U-Net's Conv2d modules in module order (`conv_names`), which both
 sides derive from unet/config.json (the HELLO's fingerprint pins it). Feature tensors go
@@ -26,8 +31,9 @@ import torch.nn.functional as F
 
 from lambdasplit.errors import ProtocolError
 
-CONV, GROUP_NORM, ATTENTION = 1, 2, 3
-KINDS = {CONV: "conv", GROUP_NORM: "group_norm", ATTENTION: "attention"}
+CONV, GROUP_NORM, ATTENTION, CONV_STATS = 1, 2, 3, 4
+KINDS = {CONV: "conv", GROUP_NORM: "group_norm", ATTENTION: "attention", CONV_STATS: "conv"}
+CONV_KINDS = (CONV, CONV_STATS)
 KV_SENT, KV_STORE, KV_STORED = 0, 1, 2
 MAX_OPS = 64
 MAX_SLOTS = 1024
@@ -54,6 +60,10 @@ def tensors_per_op(kind: int, kv: int) -> int:
     return 3 if kind == ATTENTION and kv != KV_STORED else 1
 
 
+def results_per_op(kind: int) -> int:
+    return 2 if kind == CONV_STATS else 1
+
+
 def parse_ops(tensors: list[torch.Tensor]) -> list[Op]:
     """The operations of one STEP frame (the inverse of header_tensor + the tensors in order)."""
     if not tensors:
@@ -67,7 +77,8 @@ def parse_ops(tensors: list[torch.Tensor]) -> list[Op]:
     for row in header.long().tolist():
         kind, values = row[0], row[1:]
         if kind not in KINDS:
-            raise ProtocolError("bad_step", f"unknown operation {kind} (1 conv, 2 group norm, 3 attention)")
+            raise ProtocolError("bad_step", f"unknown operation {kind} (1 conv, 2 group norm, 3 attention, "
+                                            "4 conv with channel statistics)")
         count = tensors_per_op(kind, values[1])
         ops.append(Op(kind, values, tensors[offset:offset + count]))
         if len(ops[-1].tensors) != count:
@@ -89,6 +100,11 @@ def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Per-group mean and (biased) variance of one block, computed in float64: [B, groups, 2]."""
     values = x.double().reshape(x.shape[0], groups, -1)
     return torch.stack([values.mean(-1), values.var(-1, unbiased=False)], dim=-1).float()
+
+
+def channel_stats(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and (biased) variance of one block, computed in float64: [B, C, 2]."""
+    return group_stats(x, x.shape[1])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ def imagine_ppidm(model, prompt: str, *, servers=None, local_services=None, mode
                   small_maps: str = "refuse", steps: int | None = None, seed: int = 42, guidance: float | None = None,
                   negative_prompt: str | None = None, size=None, codec: str = "fp32", up_codec: str = "fp32",
                   scheduler: str | None = None, token: str | None = None, tls_ca: str | None = None, link=None,
-                  captures: list[list] | None = None, on_step=None) -> ImageResult:
+                  captures: list[list] | None = None, on_step=None, batching: bool = True) -> ImageResult:
     """Make one image over n shard servers (`servers`: addresses) or n in-process `local_services`.
 
     `model` may be a Device from `load_device` (reused across images, its mode and small-maps
@@ -54,9 +54,10 @@ def imagine_ppidm(model, prompt: str, *, servers=None, local_services=None, mode
     load_began = time.perf_counter()
     device = model if isinstance(model, Device) and hasattr(model, "sharded") else \
         load_device(model, mode=mode, small_maps=small_maps, scheduler=scheduler)
-    device.sharded.mode, device.sharded.small_maps = mode, small_maps
+    device.sharded.mode, device.sharded.small_maps, device.sharded.batching = mode, small_maps, batching
     load_seconds = time.perf_counter() - load_began
     record = {"mode": "split", "protocol": "ppidm", "ppidm_mode": mode, "ppidm_small_maps": small_maps,
+              "ppidm_batching": batching,
               "prompt": prompt, "steps": steps, "seed": seed, "guidance": guidance, "codec": codec,
               "up_codec": up_codec, "local_steps": 0, "loaded": list(device.loaded), "load_seconds": load_seconds}
     shared_link = Link.parse(link)
@@ -112,6 +113,7 @@ def imagine_for_command(args):
         if local_steps or verify or keep_wire:
             raise LambdaSplitError("--local-steps, --verify-sync and --show-wire are not available with --protocol ppidm")
         return imagine_ppidm(model, prompt, servers=parse_servers(args.servers), mode=args.ppidm_mode,
-                             small_maps=args.ppidm_small_maps, **options)
+                             small_maps=args.ppidm_small_maps,
+                             batching=getattr(args, "ppidm_batching", "on") == "on", **options)
 
     return run

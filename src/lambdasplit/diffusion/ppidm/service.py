@@ -2,7 +2,8 @@
 
 It holds ONLY the U-Net's Conv2d weights (read selectively from the safetensors; group
 norm and attention need no weights on this side) and answers PPIDM requests (ops.py):
-convolve a block, give a block's group statistics, attend a chunk of queries. It keeps
+convolve a block (and, if asked, give its output's per-channel statistics), give a block's
+group statistics, attend a chunk of queries. It keeps
 nothing between requests except the cross-attention K, V a client asked it to store.
 It does not know which block of the map it was given beyond what the halo and the zero
 padding it is asked to add imply, nor the mode (exact or paper), nor the other servers.
@@ -105,6 +106,9 @@ class ShardHandler(SessionHandler):
         blobs = []
         for op in operations:
             out = self.run(op)
+            if op.kind == wire_ops.CONV_STATS:  # the output block, then its per-channel statistics
+                blobs += [encode(out, self.codec).blob, encode(wire_ops.channel_stats(out), self.stats_codec).blob]
+                continue
             codec = self.stats_codec if op.kind == wire_ops.GROUP_NORM else self.codec
             blobs.append(encode(out, codec).blob)
         compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
@@ -117,7 +121,7 @@ class ShardHandler(SessionHandler):
                                                  f"[batch, heads, tokens, head dim]), got {list(tensor.shape)}")
         try:
             with torch.no_grad():
-                if op.kind == wire_ops.CONV:
+                if op.kind in wire_ops.CONV_KINDS:
                     return self._conv(op)
                 if op.kind == wire_ops.GROUP_NORM:
                     return self._group_norm(op)

@@ -121,20 +121,24 @@ class ShapeShard:
     def send(self, ops: list[wire_ops.Op]) -> int:
         size = FRAME_HEADER.size + 4 + 1 + blob_bytes((len(ops), 6), self.stats_codec)
         size += sum(blob_bytes(tuple(t.shape), self.up_codec) for op in ops for t in op.tensors)
-        outs = []
+        outs, down = [], FRAME_HEADER.size + 8 + 1
         for op in ops:
-            if op.kind == wire_ops.CONV:
-                outs.append(wire_ops.conv_block(op.tensors[0], self.convs[op.header[0]], tuple(op.header[1:5])))
+            if op.kind in wire_ops.CONV_KINDS:
+                out = wire_ops.conv_block(op.tensors[0], self.convs[op.header[0]], tuple(op.header[1:5]))
+                outs.append(out)
+                down += blob_bytes(tuple(out.shape), self.codec)
+                if op.kind == wire_ops.CONV_STATS:
+                    outs.append(torch.empty(out.shape[0], out.shape[1], 2, device="meta"))
+                    down += blob_bytes(tuple(outs[-1].shape), self.stats_codec)
             elif op.kind == wire_ops.GROUP_NORM:
                 x = op.tensors[0]
                 outs.append(torch.empty(x.shape[0], op.header[1], 2, device="meta"))
+                down += blob_bytes(tuple(outs[-1].shape), self.stats_codec)
             else:
                 if op.header[1] == wire_ops.KV_STORE:
                     self.stored[op.header[0]] = op.tensors[1:]
                 outs.append(torch.empty_like(op.tensors[0]))
-        down = FRAME_HEADER.size + 8 + 1 + sum(
-            blob_bytes(tuple(o.shape), self.stats_codec if op.kind == wire_ops.GROUP_NORM else self.codec)
-            for op, o in zip(ops, outs))
+                down += blob_bytes(tuple(outs[-1].shape), self.codec)
         self.pending = (outs, down)
         return size
 
