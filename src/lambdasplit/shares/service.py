@@ -1,0 +1,129 @@
+"""The shares server: `lambdasplit serve --component shares --model M --share 0|1` (role "shares").
+
+It holds only the fixed-point weights of the shared layers (layers.py) and nothing else of
+the model: no embedding table for lookups, no norms, no KV cache, no state between requests.
+It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
+
+    STEP    u32 seq | u16 k | k x u16 layer index | u32 n | payload
+            share 0: payload = n x in uint64 (its share x - r, little-endian)
+            share 1: payload = a 32-byte ChaCha20 key; the server expands r itself (ring.expand)
+            k = 0:   describe: the answer is the JSON table of layers (names, shapes, input bounds)
+    RESULT  u32 seq | u32 compute microseconds | for each layer, n x out uint64 (W share (+ bias on share 0))
+
+The two servers are configured independently and never talk to each other; server 0 adds
+the biases (once). Every client mistake is a ProtocolError for that session only.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import numpy as np
+
+from lambdasplit.errors import ProtocolError, UnsupportedModelError
+from lambdasplit.llm.checkpoint import Checkpoint
+from lambdasplit.llm.families import family_for
+from lambdasplit.server.services import Service, SessionHandler, public_model_name
+from lambdasplit.shares.layers import load_fixed_layers, table_digest
+from lambdasplit.shares.ring import SEED_BYTES, expand
+from lambdasplit.wire.frames import FrameType, frame
+
+ROLE = "shares"
+MAX_LAYERS_PER_REQUEST = 16
+REQUEST_HEAD = struct.Struct("<IH")
+ROWS = struct.Struct("<I")
+RESULT_HEAD = struct.Struct("<II")
+
+
+class SharesService(Service):
+    role = ROLE
+
+    def __init__(self, model: str, share: int, lm_head: bool = True, dtype: str = "float32"):
+        if share not in (0, 1):
+            raise UnsupportedModelError(f"--share must be 0 or 1, got {share!r}")
+        if dtype != "float32":
+            raise UnsupportedModelError("shares computes in the ring Z mod 2^64; pass --dtype float32 (the default)")
+        self.share, self.lm_head = share, lm_head
+        self.checkpoint = Checkpoint(model)
+        family = family_for(self.checkpoint.config)
+        self.layers = load_fixed_layers(self.checkpoint, family, lm_head=lm_head)
+        self.table = [layer.describe() for layer in self.layers]
+        self.digest = table_digest(self.table)
+        self.fingerprint = self.checkpoint.fingerprint
+        weights = sum(layer.in_features * layer.out_features for layer in self.layers)
+        self.description = (f"{public_model_name(model, self.fingerprint)} share {share}: {len(self.layers)} linear "
+                            f"layers{' incl. the LM head' if lm_head else ''} in fixed point ({weights} weights)")
+
+    def check_hello(self, hello: dict) -> str | None:
+        share, lm_head = hello.get("share"), hello.get("lm_head", True)
+        if type(share) is not int or type(lm_head) is not bool:
+            raise ProtocolError("bad_hello", "a shares HELLO needs \"share\" (0 or 1) and \"lm_head\" (a boolean)")
+        if share != self.share:
+            return f"this server holds share {self.share}, not {share}"
+        if lm_head != self.lm_head:
+            return f"this server {'holds' if self.lm_head else 'does not hold'} the LM head"
+        return None
+
+    def open(self, hello: dict, limits) -> "SharesSession":
+        return SharesSession(self, limits)
+
+
+class SharesSession(SessionHandler):
+    def __init__(self, service: SharesService, limits):
+        self.service, self.limits = service, limits
+        self.next = 0
+
+    def handle(self, frame_type, body, emit) -> None:
+        if frame_type != FrameType.STEP:
+            raise ProtocolError("unexpected_frame", f"a shares session takes STEP frames, got {frame_type.name}")
+        began = time.perf_counter()
+        layers, rows, payload, seq = self.parse(body)
+        if not layers:
+            out = json.dumps({"digest": self.service.digest, "layers": self.service.table}).encode()
+        else:
+            shares = self.share_of(layers[0].in_features, rows, payload)
+            add_bias = self.service.share == 0
+            out = b"".join(layer.matmul(shares, add_bias).astype("<u8", copy=False).tobytes() for layer in layers)
+        compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
+        emit(frame(FrameType.RESULT, RESULT_HEAD.pack(seq, compute_us) + out))
+
+    def parse(self, body: memoryview):
+        if len(body) < REQUEST_HEAD.size:
+            raise ProtocolError("bad_frame", "shares STEP frame too short")
+        seq, count = REQUEST_HEAD.unpack_from(body, 0)
+        if seq != self.next:
+            raise ProtocolError("out_of_order", f"expected request {self.next}, got {seq}")
+        self.next += 1
+        if count > MAX_LAYERS_PER_REQUEST:
+            raise ProtocolError("bad_step", f"{count} layers in one request; the limit is {MAX_LAYERS_PER_REQUEST}")
+        offset = REQUEST_HEAD.size
+        if len(body) < offset + 2 * count + ROWS.size:
+            raise ProtocolError("bad_frame", "shares STEP frame too short for its layer list")
+        indices = struct.unpack_from(f"<{count}H", body, offset)
+        offset += 2 * count
+        (rows,) = ROWS.unpack_from(body, offset)
+        offset += ROWS.size
+        table = self.service.layers
+        for index in indices:
+            if index >= len(table):
+                raise ProtocolError("bad_step", f"layer {index} does not exist (this model has {len(table)} shared layers)")
+        layers = [table[i] for i in indices]
+        if len({layer.in_features for layer in layers}) > 1:
+            raise ProtocolError("bad_step", "the layers of one request must take the same input "
+                                            f"({', '.join(layer.name for layer in layers)} do not)")
+        if layers and not 1 <= rows <= self.limits.max_positions:
+            raise ProtocolError("too_many_positions", f"{rows} rows in one request; need 1..{self.limits.max_positions}")
+        return layers, rows, body[offset:], seq
+
+    def share_of(self, in_features: int, rows: int, payload: memoryview) -> np.ndarray:
+        if self.service.share == 1:
+            if len(payload) != SEED_BYTES:
+                raise ProtocolError("bad_step", f"share 1 takes a {SEED_BYTES}-byte seed, got {len(payload)} bytes")
+            return expand(bytes(payload), rows * in_features).reshape(rows, in_features)
+        expected = rows * in_features * 8
+        if len(payload) != expected:
+            raise ProtocolError("bad_step", f"share 0 takes {rows} x {in_features} uint64 = {expected} bytes, "
+                                            f"got {len(payload)}")
+        return np.frombuffer(payload, dtype="<u8").reshape(rows, in_features)
