@@ -2,7 +2,7 @@
 
 Every linear layer of the decoder stack (and, by default, the LM head) is computed on
 additive shares modulo 2^64: for an input x the device draws a fresh uniformly random r,
-sends x - r to server 0 and only a 32-byte ChaCha20 key to server 1, which expands r
+sends x - r to server 0; server 1 got a 32-byte ChaCha20 key once per session and expands r
 itself; each server returns W times its share; the device adds the two answers. Either
 server alone sees numbers that are uniform whatever x is. Everything non-linear
 (embedding lookup, norms, rotary, attention over the device-held KV cache, activations,

@@ -8,8 +8,9 @@ device as usual (attention over the device-held KV cache, activations, residuals
 proxy, when called, computes its layer through the two servers:
 
     x (float) -> x_int = round(x 2^FRAC_X)      O(d) on the device
-    r = ChaCha20(seed), s0 = x_int - r           O(d)
-    server 0 <- s0, server 1 <- seed             both requests sent, then both answers read
+    r = next masks of ChaCha20(key), s0 = x_int - r      O(d)
+    server 0 <- s0, server 1 <- (header only)    both requests sent, then both answers read
+                                                 (server 1 got the key once, at the session's start)
     y = decode(W s0 + W r) = W x                 O(d_out) on the device; O(d d_out) on each server
 
 Linear layers that read the same tensor (q, k, v; gate, up) go in ONE request: the first
@@ -39,7 +40,7 @@ from lambdasplit.llm.segments import LayerStack, Tail, load_head
 from lambdasplit.shares import ring
 from lambdasplit.shares.layers import in_out, is_linear, linear_names, table_digest
 from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS
-from lambdasplit.wire.frames import FrameType, frame
+from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
 
 SIBLINGS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
@@ -55,7 +56,8 @@ class SharesSession(Session):
 
     def send(self, indices: list[int], rows: int, payload: bytes | memoryview) -> int:
         head = REQUEST_HEAD.pack(self.seq, len(indices)) + struct.pack(f"<{len(indices)}H", *indices) + ROWS.pack(rows)
-        data = frame(FrameType.STEP, head + bytes(payload))
+        body = head + payload  # bytes + memoryview: one copy
+        data = FRAME_HEADER.pack(len(body) + 1, FrameType.STEP) + body
         self.transport.send(data)
         return len(data)
 
@@ -93,7 +95,9 @@ class SharePair:
             raise LambdaSplitError("the secret-shared mode takes exactly two servers")
         self.sessions, self.lm_head = sessions, lm_head
         self.costs = ShareCosts()
-        tables = [self._describe(s) for s in sessions]
+        key = ring.fresh_seed()
+        self.masks = ring.MaskStream(key)  # server 1 holds the same stream: its share of every input
+        tables = [self._describe(s, key if s.share == 1 else b"") for s in sessions]
         if tables[0]["digest"] != tables[1]["digest"]:
             raise LambdaSplitError("the two shares servers hold different layer tables (not the same model or "
                                    "fixed-point format)")
@@ -101,8 +105,8 @@ class SharePair:
         # The tighter bound of the two (a server cannot widen what the other guarantees).
         self.x_bounds = [min(a["x_bound"], b["x_bound"]) for a, b in zip(tables[0]["layers"], tables[1]["layers"])]
 
-    def _describe(self, session) -> dict:
-        session.send([], 0, b"")
+    def _describe(self, session, payload: bytes) -> dict:
+        session.send([], 0, payload)
         body, _ = session.receive()
         session.round_trips -= 1  # the handshake's describe is not a per-token round trip
         table = json.loads(bytes(body))
@@ -111,35 +115,38 @@ class SharePair:
         return table
 
     def run(self, indices: list[int], x: torch.Tensor) -> list[torch.Tensor]:
+        """W x for each listed layer (all reading x), through the two servers. Numpy throughout:
+        per request the device's own work is a few O(d) array passes, so interpreter overhead
+        is what counts (see docs/benchmarks.md, device time)."""
         began = time.perf_counter()
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.detach().reshape(-1, x.shape[-1]).numpy()
+        n = rows.shape[0]
         bound = min(self.x_bounds[i] for i in indices)
-        peak = float(rows.abs().max()) if rows.numel() else 0.0
+        peak = float(np.abs(rows).max()) if rows.size else 0.0
         if not peak <= bound:  # also catches NaN
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
-        masked, seed = ring.share(ring.encode(rows, ring.FRAC_X))
+        masked = ring.share(ring.encode(rows, ring.FRAC_X), self.masks)
         sent = time.perf_counter()
-        self.sessions[0].send(indices, rows.shape[0], masked.astype("<u8", copy=False).data)
-        self.sessions[1].send(indices, rows.shape[0], seed)
-        (a, ta), (b, tb) = self.sessions[0].receive(), self.sessions[1].receive()
+        first, second = self.sessions
+        first.send(indices, n, masked.data)
+        second.send(indices, n, b"")
+        (a, ta), (b, tb) = first.receive(), second.receive()
         answered = time.perf_counter()
+        widths = [self.table[i]["out"] for i in indices]
+        expected = 8 * n * sum(widths)
+        if len(a) != expected or len(b) != expected:
+            raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
-        values = torch.from_numpy(ring.decode(total, ring.FRAC_Y).astype(np.float32))
-        outs, offset = [], 0
-        for i in indices:
-            width = self.table[i]["out"]
-            size = rows.shape[0] * width
-            if offset + size > values.numel():
-                raise ProtocolError("bad_result", "a shares server answered fewer values than asked")
-            outs.append(values[offset:offset + size].reshape(*x.shape[:-1], width))
-            offset += size
-        if offset != values.numel():
-            raise ProtocolError("bad_result", "a shares server answered more values than asked")
+        values = ring.decode(total, ring.FRAC_Y).astype(np.float32)
+        outs, offset, lead = [], 0, tuple(x.shape[:-1])
+        for width in widths:
+            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, width))
+            offset += n * width
         costs = self.costs
         costs.requests += 1
-        costs.rows += rows.shape[0]
+        costs.rows += n
         costs.server_seconds += max(ta, tb)
         costs.wait_seconds += answered - sent
         costs.share_seconds += (time.perf_counter() - began) - (answered - sent)

@@ -29,14 +29,15 @@ FRAC_W = 20  # fractional bits of weights
 FRAC_Y = FRAC_X + FRAC_W  # of a product sum (biases are encoded with these)
 MAX_LIMB_BITS = 16
 MIN_LIMB_BITS = 8  # below this a layer is refused: too many GEMMs for too large weights
-SEED_BYTES = 32  # a ChaCha20 key; the nonce is fixed (every key is fresh and used once)
+SEED_BYTES = 32  # a ChaCha20 key; the nonce is fixed (every key is fresh, one stream per session)
 _NONCE = bytes(16)
 
 
 def encode(values: torch.Tensor | np.ndarray, frac: int) -> np.ndarray:
     """Real values -> ring elements (uint64), round(v * 2^frac) modulo 2^64."""
-    array = values.detach().to(torch.float64).numpy() if isinstance(values, torch.Tensor) else np.asarray(values, np.float64)
-    return np.rint(array * float(2 ** frac)).astype(np.int64).view(np.uint64)
+    array = values.detach().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    scaled = array.astype(np.float64) * float(2 ** frac)
+    return np.rint(scaled, out=scaled).astype(np.int64).view(np.uint64)
 
 
 def decode(ring: np.ndarray, frac: int) -> np.ndarray:
@@ -48,19 +49,28 @@ def fresh_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
 
-def expand(seed: bytes, count: int) -> np.ndarray:
-    """`count` uniformly random ring elements from a ChaCha20 keystream under `seed`."""
-    if len(seed) != SEED_BYTES:
-        raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
-    stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update(bytes(8 * count))
-    return np.frombuffer(stream, dtype="<u8")
+class MaskStream:
+    """Uniformly random ring elements from one ChaCha20 keystream, consumed in order.
+
+    The device and server 1 hold the same stream (the device drew its key from os.urandom
+    and gave it to server 1 once per session); every request takes the next elements, so
+    every mask is fresh and none is ever reused, and server 1 needs no per-request uplink.
+    """
+
+    def __init__(self, seed: bytes):
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
+        self._cipher = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
+        self.drawn = 0
+
+    def next(self, count: int) -> np.ndarray:
+        self.drawn += count
+        return np.frombuffer(self._cipher.update(bytes(8 * count)), dtype="<u8")
 
 
-def share(x_ring: np.ndarray) -> tuple[np.ndarray, bytes]:
-    """(x - r, seed of r): server 0's share and the seed server 1 expands into its own."""
-    seed = fresh_seed()
-    r = expand(seed, x_ring.size).reshape(x_ring.shape)
-    return x_ring - r, seed  # uint64 arithmetic wraps: modulo 2^64
+def share(x_ring: np.ndarray, masks: MaskStream) -> np.ndarray:
+    """x - r with r the next masks of the stream: server 0's share (server 1's is r itself)."""
+    return x_ring - masks.next(x_ring.size).reshape(x_ring.shape)  # uint64 arithmetic wraps: modulo 2^64
 
 
 def limb_bits_for(max_abs_weight: int, in_features: int) -> int:

@@ -6,8 +6,10 @@ It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
 
     STEP    u32 seq | u16 k | k x u16 layer index | u32 n | payload
             share 0: payload = n x in uint64 (its share x - r, little-endian)
-            share 1: payload = a 32-byte ChaCha20 key; the server expands r itself (ring.expand)
-            k = 0:   describe: the answer is the JSON table of layers (names, shapes, input bounds)
+            share 1: no payload: r is the next n x in elements of the session's mask stream
+            k = 0:   describe (the session's first request): the answer is the JSON table of layers
+                     (names, shapes, input bounds); to share 1 its payload is the session's
+                     32-byte ChaCha20 key (ring.MaskStream), drawn fresh by the device
     RESULT  u32 seq | u32 compute microseconds | for each layer, n x out uint64 (W share (+ bias on share 0))
 
 The two servers are configured independently and never talk to each other; server 0 adds
@@ -27,7 +29,7 @@ from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.server.services import Service, SessionHandler, public_model_name
 from lambdasplit.shares.layers import load_fixed_layers, table_digest
-from lambdasplit.shares.ring import SEED_BYTES, expand
+from lambdasplit.shares.ring import SEED_BYTES, MaskStream
 from lambdasplit.wire.frames import FrameType, frame
 
 ROLE = "shares"
@@ -74,6 +76,7 @@ class SharesSession(SessionHandler):
     def __init__(self, service: SharesService, limits):
         self.service, self.limits = service, limits
         self.next = 0
+        self.masks: MaskStream | None = None
 
     def handle(self, frame_type, body, emit) -> None:
         if frame_type != FrameType.STEP:
@@ -81,6 +84,7 @@ class SharesSession(SessionHandler):
         began = time.perf_counter()
         layers, rows, payload, seq = self.parse(body)
         if not layers:
+            self.start_masks(seq, payload)
             out = json.dumps({"digest": self.service.digest, "layers": self.service.table}).encode()
         else:
             shares = self.share_of(layers[0].in_features, rows, payload)
@@ -117,11 +121,26 @@ class SharesSession(SessionHandler):
             raise ProtocolError("too_many_positions", f"{rows} rows in one request; need 1..{self.limits.max_positions}")
         return layers, rows, body[offset:], seq
 
+    def start_masks(self, seq: int, payload: memoryview) -> None:
+        if seq != 0:
+            raise ProtocolError("bad_step", "describe is the session's first request")
+        if self.service.share == 0:
+            if len(payload):
+                raise ProtocolError("bad_step", "share 0's describe request carries no payload")
+            return
+        if len(payload) != SEED_BYTES:
+            raise ProtocolError("bad_step", f"share 1's describe request carries the {SEED_BYTES}-byte mask key, "
+                                            f"got {len(payload)} bytes")
+        self.masks = MaskStream(bytes(payload))
+
     def share_of(self, in_features: int, rows: int, payload: memoryview) -> np.ndarray:
         if self.service.share == 1:
-            if len(payload) != SEED_BYTES:
-                raise ProtocolError("bad_step", f"share 1 takes a {SEED_BYTES}-byte seed, got {len(payload)} bytes")
-            return expand(bytes(payload), rows * in_features).reshape(rows, in_features)
+            if self.masks is None:
+                raise ProtocolError("bad_step", "share 1 needs the describe request (the mask key) first")
+            if len(payload):
+                raise ProtocolError("bad_step", f"share 1 takes no payload (its share is the mask stream), got "
+                                                f"{len(payload)} bytes")
+            return self.masks.next(rows * in_features).reshape(rows, in_features)
         expected = rows * in_features * 8
         if len(payload) != expected:
             raise ProtocolError("bad_step", f"share 0 takes {rows} x {in_features} uint64 = {expected} bytes, "
