@@ -95,6 +95,7 @@ class SharePair:
             raise LambdaSplitError("the secret-shared mode takes exactly two servers")
         self.sessions, self.lm_head = sessions, lm_head
         self.costs = ShareCosts()
+        self.observer = None  # audit.py: observer(indices, x_int, y) sees the device's plain values
         key = ring.fresh_seed()
         self.masks = ring.MaskStream(key)  # server 1 holds the same stream: its share of every input
         tables = [self._describe(s, key if s.share == 1 else b"") for s in sessions]
@@ -127,7 +128,8 @@ class SharePair:
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
-        masked = ring.share(ring.encode(rows, ring.FRAC_X), self.masks)
+        x_ring = ring.encode(rows, ring.FRAC_X)
+        masked = ring.share(x_ring, self.masks)
         sent = time.perf_counter()
         first, second = self.sessions
         first.send(indices, n, masked.data)
@@ -140,6 +142,8 @@ class SharePair:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
         values = ring.decode(total, ring.FRAC_Y).astype(np.float32)
+        if self.observer is not None:
+            self.observer(indices, x_ring, total)
         outs, offset, lead = [], 0, tuple(x.shape[:-1])
         for width in widths:
             outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, width))
