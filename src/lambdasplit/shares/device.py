@@ -39,7 +39,7 @@ from lambdasplit.llm.families import family_for
 from lambdasplit.llm.segments import LayerStack, Tail, load_head
 from lambdasplit.shares import ring
 from lambdasplit.shares.layers import in_out, is_linear, linear_names, table_digest
-from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS
+from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS, SPATIAL
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
 
@@ -54,8 +54,10 @@ class SharesSession(Session):
         hello = {"role": ROLE, "model": fingerprint, "share": share, "lm_head": lm_head, "dtype": "float32"}
         super().__init__(address, hello, **options)
 
-    def send(self, indices: list[int], rows: int, payload: bytes | memoryview) -> int:
+    def send(self, indices: list[int], rows: int, payload: bytes | memoryview, spatial: tuple | None = None) -> int:
         head = REQUEST_HEAD.pack(self.seq, len(indices)) + struct.pack(f"<{len(indices)}H", *indices) + ROWS.pack(rows)
+        if spatial is not None:
+            head += SPATIAL.pack(*spatial)
         body = head + payload  # bytes + memoryview: one copy
         data = FRAME_HEADER.pack(len(body) + 1, FrameType.STEP) + body
         self.transport.send(data)
@@ -120,8 +122,15 @@ class SharePair:
         per request the device's own work is a few O(d) array passes, so interpreter overhead
         is what counts (see docs/benchmarks.md, device time)."""
         began = time.perf_counter()
-        rows = x.detach().reshape(-1, x.shape[-1]).numpy()
-        n = rows.shape[0]
+        conv = self.table[indices[0]].get("conv")
+        if conv is not None:  # [B, C, H, W]: n maps
+            rows = x.detach().contiguous().numpy()
+            n, spatial = rows.shape[0], tuple(rows.shape[2:])
+            out_hw = conv_output_size(spatial, conv)
+            lead = (n,)
+        else:
+            rows = x.detach().reshape(-1, x.shape[-1]).numpy()
+            n, spatial, out_hw, lead = rows.shape[0], None, (), tuple(x.shape[:-1])
         bound = min(self.x_bounds[i] for i in indices)
         peak = float(np.abs(rows).max()) if rows.size else 0.0
         if not peak <= bound:  # also catches NaN
@@ -132,11 +141,11 @@ class SharePair:
         masked = ring.share(x_ring, self.masks)
         sent = time.perf_counter()
         first, second = self.sessions
-        first.send(indices, n, masked.data)
-        second.send(indices, n, b"")
+        first.send(indices, n, masked.data, spatial)
+        second.send(indices, n, b"", spatial)
         (a, ta), (b, tb) = first.receive(), second.receive()
         answered = time.perf_counter()
-        widths = [self.table[i]["out"] for i in indices]
+        widths = [self.table[i]["out"] * int(np.prod(out_hw)) for i in indices]
         expected = 8 * n * sum(widths)
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
@@ -144,9 +153,9 @@ class SharePair:
         values = ring.decode(total, ring.FRAC_Y).astype(np.float32)
         if self.observer is not None:
             self.observer(indices, x_ring, total)
-        outs, offset, lead = [], 0, tuple(x.shape[:-1])
-        for width in widths:
-            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, width))
+        outs, offset = [], 0
+        for i, width in zip(indices, widths):
+            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, self.table[i]["out"], *out_hw))
             offset += n * width
         costs = self.costs
         costs.requests += 1
@@ -167,6 +176,11 @@ class SharePair:
     def close(self) -> None:
         for session in self.sessions:
             session.close()
+
+
+def conv_output_size(spatial: tuple[int, int], conv: dict) -> tuple[int, int]:
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, p, d, k, s in
+                 zip(spatial, conv["padding"], conv["dilation"], conv["kernel"], conv["stride"]))
 
 
 class _Group:
@@ -192,8 +206,8 @@ class SharedLinear(nn.Module):
             return group.pending.pop(self.index)
         pair = self.owner[0].pair
         if pair is None:
-            raise LambdaSplitError("shares: no servers attached (SharedDevice.connect)")
-        members = group.members
+            raise LambdaSplitError("shares: no servers attached (connect first)")
+        members = group.members if self is group.members[0] else [self]  # a sibling on another input: alone
         outs = pair.run([m.index for m in members], x)
         group.input = x
         group.pending = {m.index: out for m, out in zip(members, outs) if m is not self}
@@ -202,7 +216,10 @@ class SharedLinear(nn.Module):
 
 def _group_siblings(layer: nn.Module) -> None:
     for parent in layer.modules():
-        for names in SIBLINGS:
+        siblings = SIBLINGS
+        if hasattr(parent, "to_q") and hasattr(parent, "is_cross_attention"):  # diffusers Attention
+            siblings = [("to_k", "to_v")] if parent.is_cross_attention else [("to_q", "to_k", "to_v")]
+        for names in siblings:
             proxies = [getattr(parent, n, None) for n in names]
             if all(isinstance(p, SharedLinear) for p in proxies):
                 group = _Group()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lambdasplit.errors import UnsupportedModelError
-from lambdasplit.shares.ring import FRAC_W, FRAC_X, FRAC_Y, RingMatmul, limb_bits_for
+from lambdasplit.shares.ring import FRAC_W, FRAC_X, FRAC_Y, RingConv, RingMatmul, limb_bits_for
 
 MIN_INPUT_BOUND = 2.0 ** 12  # every shared layer must accept inputs up to |x| = 4096
 _RING_MAX = 2 ** 63 - 1
@@ -72,10 +72,28 @@ class FixedLinear:
     x_bound: float
     limb_bits: int
     matmul: RingMatmul
+    conv: dict | None = None  # a Conv2d's kernel, stride, padding, dilation, groups (in = channels)
 
     def describe(self) -> dict:
-        return {"name": self.name, "in": self.in_features, "out": self.out_features, "x_bound": self.x_bound,
-                "limb_bits": self.limb_bits}
+        out = {"name": self.name, "in": self.in_features, "out": self.out_features, "x_bound": self.x_bound,
+               "limb_bits": self.limb_bits}
+        if self.conv is not None:
+            out["conv"] = self.conv
+        return out
+
+
+def fixed_conv(index: int, name: str, conv: nn.Conv2d) -> FixedLinear:
+    """A Conv2d in the ring: the bounds of the [out, in/groups * kh * kw] matrix of its kernels."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise FixedPointError(f"shares: {name}: only zero-padded convolutions with integer padding are shared")
+    flat = fixed_linear(index, name, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+    w_int = torch.round(conv.weight.detach().double() * 2 ** FRAC_W).to(torch.int64).numpy()
+    bias = flat.matmul.bias.view(np.int64) if flat.matmul.bias is not None else None
+    flat.matmul = RingConv(w_int, bias, flat.limb_bits, conv)
+    flat.in_features = conv.in_channels
+    flat.conv = {"kernel": list(conv.kernel_size), "stride": list(conv.stride), "padding": list(conv.padding),
+                 "dilation": list(conv.dilation), "groups": conv.groups}
+    return flat
 
 
 def fixed_linear(index: int, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> FixedLinear:
@@ -133,3 +151,40 @@ def table_digest(table: list[dict]) -> str:
     """What both servers and the device must agree on: names, shapes, fixed-point format."""
     text = json.dumps({"frac": [FRAC_X, FRAC_W], "layers": [[t["name"], t["in"], t["out"]] for t in table]})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def unet_layer_names(unet: nn.Module) -> list[str]:
+    """A diffusers U-Net's shared layers: every Conv2d and Linear, in module order."""
+    return [name for name, m in unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def load_fixed_unet(folder) -> list[FixedLinear]:
+    """The U-Net's convolutions and linear projections in the ring (weights read selectively)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    names = unet_layer_names(unet)
+    state = {}
+    for path in sorted((folder / "unet").glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                for part in ("weight", "bias"):
+                    if f"{name}.{part}" in keys:
+                        state[f"{name}.{part}"] = f.get_tensor(f"{name}.{part}").float()
+    layers = []
+    for index, name in enumerate(names):
+        meta = unet.get_submodule(name)
+        if f"{name}.weight" not in state:
+            raise UnsupportedModelError(f"{folder}/unet: no safetensors weight for {name}")
+        module = meta.to_empty(device="cpu")
+        module.weight.data = state[f"{name}.weight"]
+        if module.bias is not None:
+            module.bias.data = state[f"{name}.bias"]
+        if isinstance(module, nn.Conv2d):
+            layers.append(fixed_conv(index, name, module))
+        else:
+            layers.append(fixed_linear(index, name, module.weight, module.bias))
+    return layers

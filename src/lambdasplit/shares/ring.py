@@ -103,3 +103,31 @@ class RingMatmul:
         if add_bias and self.bias is not None:
             out += self.bias
         return out
+
+
+class RingConv(RingMatmul):
+    """A 2-d convolution modulo 2^64, the same limb decomposition over float64 F.conv2d.
+
+    Zero padding is exact on shares: the padded zeros of both shares add up to the zeros of x.
+    """
+
+    def __init__(self, weight_int: np.ndarray, bias_int: np.ndarray | None, limb_bits: int, conv):
+        out_channels = weight_int.shape[0]
+        super().__init__(weight_int.reshape(out_channels, -1), bias_int, limb_bits)
+        self.kernel = torch.from_numpy(weight_int.astype(np.float64))  # [out, in / groups, kh, kw]
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.out_channels = out_channels
+
+    def __call__(self, shares: np.ndarray, add_bias: bool) -> np.ndarray:  # shares [B, C, H, W]
+        batch = shares.shape[0]
+        shifts = np.arange(self.limbs, dtype=np.uint64) * np.uint64(self.limb_bits)
+        limbs = (shares[None] >> shifts[:, None, None, None, None]) & self.mask  # [K, B, C, H, W]
+        x = torch.from_numpy(limbs.reshape(self.limbs * batch, *shares.shape[1:]).astype(np.float64))
+        products = torch.nn.functional.conv2d(x, self.kernel, None, self.stride, self.padding, self.dilation, self.groups)
+        parts = products.numpy().astype(np.int64).view(np.uint64).reshape(self.limbs, batch, *products.shape[1:])
+        out = parts[0].copy()
+        for k in range(1, self.limbs):
+            out += parts[k] << shifts[k]
+        if add_bias and self.bias is not None:
+            out += self.bias[None, :, None, None]
+        return out

@@ -1,10 +1,13 @@
 """The shares server: `lambdasplit serve --component shares --model M --share 0|1` (role "shares").
 
+For a language model the shared layers are the decoder's linear layers (and the LM head);
+for a diffusers pipeline (`--model zoo:digits`) the U-Net's convolutions and linear
+projections, where a request's input is [n = batch, C, H, W].
 It holds only the fixed-point weights of the shared layers (layers.py) and nothing else of
 the model: no embedding table for lookups, no norms, no KV cache, no state between requests.
 It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
 
-    STEP    u32 seq | u16 k | k x u16 layer index | u32 n | payload
+    STEP    u32 seq | u16 k | k x u16 layer index | u32 n | [u16 H | u16 W: convolutions] | payload
             share 0: payload = n x in uint64 (its share x - r, little-endian)
             share 1: no payload: r is the next n x in elements of the session's mask stream
             k = 0:   describe (the session's first request): the answer is the JSON table of layers
@@ -28,7 +31,7 @@ from lambdasplit.errors import ProtocolError, UnsupportedModelError
 from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.server.services import Service, SessionHandler, public_model_name
-from lambdasplit.shares.layers import load_fixed_layers, table_digest
+from lambdasplit.shares.layers import load_fixed_layers, load_fixed_unet, table_digest
 from lambdasplit.shares.ring import SEED_BYTES, MaskStream
 from lambdasplit.wire.frames import FrameType, frame
 
@@ -36,6 +39,7 @@ ROLE = "shares"
 MAX_LAYERS_PER_REQUEST = 16
 REQUEST_HEAD = struct.Struct("<IH")
 ROWS = struct.Struct("<I")
+SPATIAL = struct.Struct("<HH")
 RESULT_HEAD = struct.Struct("<II")
 
 
@@ -48,15 +52,22 @@ class SharesService(Service):
         if dtype != "float32":
             raise UnsupportedModelError("shares computes in the ring Z mod 2^64; pass --dtype float32 (the default)")
         self.share, self.lm_head = share, lm_head
-        self.checkpoint = Checkpoint(model)
-        family = family_for(self.checkpoint.config)
-        self.layers = load_fixed_layers(self.checkpoint, family, lm_head=lm_head)
+        pipeline = _pipeline_info(model)
+        if pipeline is not None:
+            self.lm_head = False  # a U-Net has none
+            self.layers = load_fixed_unet(pipeline.folder)
+            self.fingerprint = pipeline.fingerprint
+            what = f"{len(self.layers)} U-Net convolutions and linear projections"
+        else:
+            checkpoint = Checkpoint(model)
+            self.layers = load_fixed_layers(checkpoint, family_for(checkpoint.config), lm_head=lm_head)
+            self.fingerprint = checkpoint.fingerprint
+            what = f"{len(self.layers)} linear layers{' incl. the LM head' if lm_head else ''}"
         self.table = [layer.describe() for layer in self.layers]
         self.digest = table_digest(self.table)
-        self.fingerprint = self.checkpoint.fingerprint
-        weights = sum(layer.in_features * layer.out_features for layer in self.layers)
-        self.description = (f"{public_model_name(model, self.fingerprint)} share {share}: {len(self.layers)} linear "
-                            f"layers{' incl. the LM head' if lm_head else ''} in fixed point ({weights} weights)")
+        weights = sum(int(layer.matmul.weight_t.numel()) for layer in self.layers)
+        self.description = (f"{public_model_name(model, self.fingerprint)} share {share}: {what} in fixed point "
+                            f"({weights} weights)")
 
     def check_hello(self, hello: dict) -> str | None:
         share, lm_head = hello.get("share"), hello.get("lm_head", True)
@@ -87,9 +98,12 @@ class SharesSession(SessionHandler):
             self.start_masks(seq, payload)
             out = json.dumps({"digest": self.service.digest, "layers": self.service.table}).encode()
         else:
-            shares = self.share_of(layers[0].in_features, rows, payload)
+            shares = self.share_of(layers[0], rows, payload)
             add_bias = self.service.share == 0
-            out = b"".join(layer.matmul(shares, add_bias).astype("<u8", copy=False).tobytes() for layer in layers)
+            try:
+                out = b"".join(layer.matmul(shares, add_bias).astype("<u8", copy=False).tobytes() for layer in layers)
+            except RuntimeError as error:  # e.g. a map smaller than the kernel
+                raise ProtocolError("bad_shape", f"{layers[0].name}: {str(error).splitlines()[0]}") from None
         compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
         emit(frame(FrameType.RESULT, RESULT_HEAD.pack(seq, compute_us) + out))
 
@@ -114,11 +128,20 @@ class SharesSession(SessionHandler):
             if index >= len(table):
                 raise ProtocolError("bad_step", f"layer {index} does not exist (this model has {len(table)} shared layers)")
         layers = [table[i] for i in indices]
-        if len({layer.in_features for layer in layers}) > 1:
+        if len({(layer.in_features, layer.conv is None) for layer in layers}) > 1:
             raise ProtocolError("bad_step", "the layers of one request must take the same input "
                                             f"({', '.join(layer.name for layer in layers)} do not)")
         if layers and not 1 <= rows <= self.limits.max_positions:
             raise ProtocolError("too_many_positions", f"{rows} rows in one request; need 1..{self.limits.max_positions}")
+        self.spatial = None
+        if layers and layers[0].conv is not None:
+            if len(body) < offset + SPATIAL.size:
+                raise ProtocolError("bad_frame", "a convolution request needs its map's height and width")
+            self.spatial = SPATIAL.unpack_from(body, offset)
+            offset += SPATIAL.size
+            if min(self.spatial) < 1 or rows > 64:
+                raise ProtocolError("bad_shape", f"a convolution takes 1..64 maps of at least 1 x 1, got {rows} of "
+                                                 f"{self.spatial[0]} x {self.spatial[1]}")
         return layers, rows, body[offset:], seq
 
     def start_masks(self, seq: int, payload: memoryview) -> None:
@@ -133,16 +156,31 @@ class SharesSession(SessionHandler):
                                             f"got {len(payload)} bytes")
         self.masks = MaskStream(bytes(payload))
 
-    def share_of(self, in_features: int, rows: int, payload: memoryview) -> np.ndarray:
+    def share_of(self, layer, rows: int, payload: memoryview) -> np.ndarray:
+        shape = (rows, layer.in_features) + (tuple(self.spatial) if self.spatial else ())
+        count = int(np.prod(shape))
         if self.service.share == 1:
             if self.masks is None:
                 raise ProtocolError("bad_step", "share 1 needs the describe request (the mask key) first")
             if len(payload):
                 raise ProtocolError("bad_step", f"share 1 takes no payload (its share is the mask stream), got "
                                                 f"{len(payload)} bytes")
-            return self.masks.next(rows * in_features).reshape(rows, in_features)
-        expected = rows * in_features * 8
-        if len(payload) != expected:
-            raise ProtocolError("bad_step", f"share 0 takes {rows} x {in_features} uint64 = {expected} bytes, "
+            return self.masks.next(count).reshape(shape)
+        if len(payload) != 8 * count:
+            raise ProtocolError("bad_step", f"share 0 takes {' x '.join(map(str, shape))} uint64 = {8 * count} bytes, "
                                             f"got {len(payload)}")
-        return np.frombuffer(payload, dtype="<u8").reshape(rows, in_features)
+        return np.frombuffer(payload, dtype="<u8").reshape(shape)
+
+
+def _pipeline_info(model: str):
+    """The PipelineInfo when `model` is a diffusers pipeline (model_index.json), else None."""
+    from lambdasplit.zoo import resolve
+
+    folder = resolve(model)
+    import os
+
+    if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "model_index.json")):
+        from lambdasplit.diffusion.split import PipelineInfo
+
+        return PipelineInfo.read(model)
+    return None
