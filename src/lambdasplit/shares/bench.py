@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delay-tokens", type=int, default=3, help="tokens per prompt on the delayed links")
     p.add_argument("--delay-prompts", type=int, default=1, help="prompts on the delayed links")
     p.add_argument("--speculate", default="none,lookup", help="--speculate sources on loopback and the 20 ms link")
+    p.add_argument("--audit", action="store_true",
+                   help="instead: capture both servers' traffic over --prompts sessions (+ 4 attacker sessions "
+                        "with known text), run the attacks and the statistical tests (shares/audit.py)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (default %(default)s)")
     p.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     p.add_argument("--json", action="store_true")
@@ -84,6 +87,48 @@ def _local(local: DeviceModel, prompt: str, tokens: int):
     return result, time.process_time() - began
 
 
+ATTACKER_PROMPTS = ["Tell me a story about a dragon.", "How do plants make food?", "What is the tallest mountain?",
+                    "List four kinds of fruit."]
+
+AUDIT_COLUMNS = [
+    Column("view", "capture", numeric=False), Column("positions", "positions", "d"),
+    Column("inversion_top1", "white-box inversion top-1", lambda v: f"{100 * v:.1f}%"),
+    Column("probe_top1", "learned probe top-1", lambda v: f"{100 * v:.1f}%"),
+    Column("public_tail_top1", "public tail on the downlink top-1", lambda v: f"{100 * v:.1f}%"),
+]
+
+
+def run_audit(args, servers: list[str]) -> int:
+    from lambdasplit.shares.audit import audit_shares
+
+    device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared")
+    report = audit_shares(device, servers, prompts=PROMPTS[:max(2, args.prompts)], attacker_prompts=ATTACKER_PROMPTS,
+                          max_new_tokens=args.new_tokens)
+    rows = [{"view": view, **scores} for view, scores in report["attacks"].items()]
+    meta = {"machine": machine(), "model": args.model, "report": report}
+    chance = report["chance"]
+    stat = report["stats"]
+    notes = [f"chance: uniform {100 * chance['uniform']:.3f}%, always guessing the most common token "
+             f"{100 * chance['most_common_token']:.1f}%",
+             f"server 0's received bytes ({stat['bytes']}): chi-square vs uniform p = {stat['byte_chi2_p']:.3f}; "
+             f"two prompts' share words, two-sample KS p = {stat['two_prompts_ks_p']:.3f}; same prompt twice: "
+             f"{100 * stat['same_prompt_equal_words']:.4f}% identical words; corr(share, input) = "
+             f"{stat['share_vs_input_correlation']:.4f}",
+             describe_machine(meta["machine"])]
+    title = f"Secret-shared mode, audit: {args.model}, {report['prompts']} prompts x {report['new_tokens']} tokens"
+    if args.json:
+        import json
+
+        print(json.dumps({"rows": rows, "meta": meta}))
+    else:
+        print_table(rows, AUDIT_COLUMNS, title=title)
+        for note in notes:
+            print(note)
+    if args.out:
+        write_outputs(args.out, rows, AUDIT_COLUMNS, title=title, meta=meta, notes=notes)
+    return 0
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     from lambdasplit.server.process import ServerProcess
@@ -101,6 +146,8 @@ def run(args) -> int:
                 started.append(ServerProcess(["--model", args.model, "--component", "shares", "--share", str(share),
                                               *extra]).start())
             servers = [s.address for s in started]
+        if args.audit:
+            return run_audit(args, servers)
         device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared")
         local = DeviceModel.load(args.model)
         rows = []
