@@ -11,7 +11,10 @@ same prompts, interleaved so that the machine's load hits both alike. Per row:
     round trips / token     requests to EACH server (both get every request, in parallel)
     bytes / token           per server, up and down, every byte on the socket (handshake excluded)
     device CPU / token      this process's CPU time (time.process_time) per generated token,
-                            shared against local; the servers are other processes
+                            shared against local; the servers are other processes. Of it, the
+                            share arithmetic (encode, mask, add, decode: O(d) per layer) and the
+                            framing and socket calls (thread CPU time around them); the rest is
+                            the model's non-linear parts and the interpreter around them
     agreement               greedy tokens equal to local fp32's, position by position (loopback row)
     max |logit error|       against local fp32 (loopback row)
 
@@ -45,6 +48,8 @@ COLUMNS = [
     Column("up_b_per_token", "B up / token (kB)", lambda v: f"{v / 1e3:.2f}"),
     Column("down_b_per_token", "B down / token (MB)", megabytes),
     Column("device_cpu_ms_per_token", "device CPU / token (ms)", ".1f"),
+    Column("arithmetic_cpu_ms_per_token", "of which share arithmetic (ms)", ".2f"),
+    Column("io_cpu_ms_per_token", "of which framing + sockets (ms)", ".1f"),
     Column("local_cpu_ms_per_token", "local CPU / token (ms)", ".1f"),
     Column("device_cpu_percent_of_local", "device CPU % of local", ".0f"),
     Column("agreement", "greedy agreement", lambda v: f"{100 * v:.1f}%"),
@@ -159,7 +164,7 @@ def run(args) -> int:
         for label, link, source, which, tokens in configs:
             row = {"link": label, "speculate": source, "lm_head": args.lm_head, "tokens": 0}
             sums = dict(seconds=0.0, up_a=0, down_a=0, up_b=0, down_b=0, rt=0, cpu=0.0, local_cpu=0.0, equal=0,
-                        err=0.0)
+                        err=0.0, arithmetic=0.0, io=0.0)
             for prompt in which:
                 if not args.json:
                     print(f"bench shared: {label}, speculate {source}: {prompt!r}", flush=True)
@@ -177,6 +182,8 @@ def run(args) -> int:
                 sums["down_b"] += record["bytes_down_per_server"][1] - hs_down[1]
                 sums["rt"] += record["round_trips"]
                 sums["cpu"] += record["device_cpu_seconds"]
+                sums["arithmetic"] += record["device_arithmetic_cpu_seconds"]
+                sums["io"] += record["device_io_cpu_seconds"]
                 sums["local_cpu"] += local_cpu
                 sums["equal"] += sum(a == b for a, b in zip(record["token_ids"], reference.token_ids))
                 if "_logits" in record:
@@ -187,7 +194,8 @@ def run(args) -> int:
                 "tokens_per_second": n / sums["seconds"], "round_trips_per_token": sums["rt"] / n,
                 "up_a_per_token": sums["up_a"] / n, "down_a_per_token": sums["down_a"] / n,
                 "up_b_per_token": sums["up_b"] / n, "down_b_per_token": sums["down_b"] / n,
-                "device_cpu_ms_per_token": 1e3 * sums["cpu"] / n, "local_cpu_ms_per_token": 1e3 * sums["local_cpu"] / n,
+                "device_cpu_ms_per_token": 1e3 * sums["cpu"] / n,
+                "arithmetic_cpu_ms_per_token": 1e3 * sums["arithmetic"] / n, "io_cpu_ms_per_token": 1e3 * sums["io"] / n, "local_cpu_ms_per_token": 1e3 * sums["local_cpu"] / n,
                 "device_cpu_percent_of_local": 100 * sums["cpu"] / sums["local_cpu"],
                 "agreement": sums["equal"] / n,
                 "max_logit_error": sums["err"] if source == "none" else None,

@@ -85,7 +85,9 @@ class ShareCosts:
     rows: int = 0
     server_seconds: float = 0.0  # per request the slower server's compute, summed
     wait_seconds: float = 0.0  # wall time from the first send to the last answer
-    share_seconds: float = 0.0  # device: encode, mask, add, decode
+    share_seconds: float = 0.0  # device wall time: encode, mask, add, decode
+    arithmetic_cpu: float = 0.0  # device CPU (this thread): the O(d) share arithmetic of every request
+    io_cpu: float = 0.0  # device CPU (this thread): framing, sending, receiving (sockets, the transport)
     per_layer_requests: dict = field(default_factory=dict)
 
 
@@ -105,6 +107,7 @@ class SharePair:
             raise LambdaSplitError("the two shares servers hold different layer tables (not the same model or "
                                    "fixed-point format)")
         self.table = tables[0]["layers"]
+        self._plans: dict[tuple, tuple] = {}
         # The tighter bound of the two (a server cannot widen what the other guarantees).
         self.x_bounds = [min(a["x_bound"], b["x_bound"]) for a, b in zip(tables[0]["layers"], tables[1]["layers"])]
 
@@ -121,31 +124,35 @@ class SharePair:
         """W x for each listed layer (all reading x), through the two servers. Numpy throughout:
         per request the device's own work is a few O(d) array passes, so interpreter overhead
         is what counts (see docs/benchmarks.md, device time)."""
-        began = time.perf_counter()
-        conv = self.table[indices[0]].get("conv")
+        began, cpu_began = time.perf_counter(), time.thread_time()
+        key = tuple(indices)
+        plan = self._plans.get(key)
+        if plan is None:  # per layer group, once: its bound, output widths, convolution parameters
+            plan = self._plans[key] = (min(self.x_bounds[i] for i in indices), [self.table[i]["out"] for i in indices],
+                                       self.table[indices[0]].get("conv"))
+        bound, outs_per_layer, conv = plan
         if conv is not None:  # [B, C, H, W]: n maps
             rows = x.detach().contiguous().numpy()
             n, spatial = rows.shape[0], tuple(rows.shape[2:])
             out_hw = conv_output_size(spatial, conv)
-            lead = (n,)
+            lead, area = (n,), out_hw[0] * out_hw[1]
         else:
             rows = x.detach().reshape(-1, x.shape[-1]).numpy()
-            n, spatial, out_hw, lead = rows.shape[0], None, (), tuple(x.shape[:-1])
-        bound = min(self.x_bounds[i] for i in indices)
-        peak = float(np.abs(rows).max()) if rows.size else 0.0
+            n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x.shape[:-1]), 1
+        peak = float(max(rows.max(), -rows.min())) if rows.size else 0.0
         if not peak <= bound:  # also catches NaN
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
         x_ring = ring.encode(rows, ring.FRAC_X)
         masked = ring.share(x_ring, self.masks)
-        sent = time.perf_counter()
+        sent, cpu_sent = time.perf_counter(), time.thread_time()
         first, second = self.sessions
         first.send(indices, n, masked.data, spatial)
         second.send(indices, n, b"", spatial)
         (a, ta), (b, tb) = first.receive(), second.receive()
-        answered = time.perf_counter()
-        widths = [self.table[i]["out"] * int(np.prod(out_hw)) for i in indices]
+        answered, cpu_answered = time.perf_counter(), time.thread_time()
+        widths = [out * area for out in outs_per_layer]
         expected = 8 * n * sum(widths)
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
@@ -154,8 +161,8 @@ class SharePair:
         if self.observer is not None:
             self.observer(indices, x_ring, total)
         outs, offset = [], 0
-        for i, width in zip(indices, widths):
-            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, self.table[i]["out"], *out_hw))
+        for out, width in zip(outs_per_layer, widths):
+            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, out, *out_hw))
             offset += n * width
         costs = self.costs
         costs.requests += 1
@@ -163,6 +170,8 @@ class SharePair:
         costs.server_seconds += max(ta, tb)
         costs.wait_seconds += answered - sent
         costs.share_seconds += (time.perf_counter() - began) - (answered - sent)
+        costs.arithmetic_cpu += (time.thread_time() - cpu_answered) + (cpu_sent - cpu_began)
+        costs.io_cpu += cpu_answered - cpu_sent
         return outs
 
     @property
