@@ -9,7 +9,9 @@ same prompts, interleaved so that the machine's load hits both alike. Per row:
 
     tok/s                   wall clock, the prompt's step included
     round trips / token     requests to EACH server (both get every request, in parallel)
-    bytes / token           per server, up and down, every byte on the socket (handshake excluded)
+    bytes / token           per server, up and down, every byte on the socket (handshake excluded),
+                            the prompt's step included; "steady": a plain decoding step's requests
+                            (one position each) times the requests per step
     device CPU / token      this process's CPU time (time.process_time) per generated token,
                             shared against local; the servers are other processes. Of it, the
                             share arithmetic (encode, mask, add, decode: O(d) per layer) and the
@@ -47,6 +49,9 @@ COLUMNS = [
     Column("up_a_per_token", "A up / token (MB)", megabytes), Column("down_a_per_token", "A down / token (MB)", megabytes),
     Column("up_b_per_token", "B up / token (kB)", lambda v: f"{v / 1e3:.2f}"),
     Column("down_b_per_token", "B down / token (MB)", megabytes),
+    Column("steady_up_a", "steady A up / token (kB)", lambda v: f"{v / 1e3:.1f}"),
+    Column("steady_down_a", "steady A down / token (kB)", lambda v: f"{v / 1e3:.1f}"),
+    Column("steady_up_b", "steady B up / token (kB)", lambda v: f"{v / 1e3:.2f}"),
     Column("device_cpu_ms_per_token", "device CPU / token (ms)", ".1f"),
     Column("arithmetic_cpu_ms_per_token", "of which share arithmetic (ms)", ".2f"),
     Column("io_cpu_ms_per_token", "of which framing + sockets (ms)", ".1f"),
@@ -181,6 +186,11 @@ def run(args) -> int:
                 sums["up_b"] += record["bytes_up_per_server"][1] - hs_up[1]
                 sums["down_b"] += record["bytes_down_per_server"][1] - hs_down[1]
                 sums["rt"] += record["round_trips"]
+                single = max(1, record["single_row_requests"])
+                per_step = record["round_trips"] / max(1, record["steps"])
+                steady = [record["single_row_bytes_up_per_server"][0] / single * per_step,
+                          record["single_row_bytes_down_per_server"][0] / single * per_step,
+                          record["single_row_bytes_up_per_server"][1] / single * per_step]
                 sums["cpu"] += record["device_cpu_seconds"]
                 sums["arithmetic"] += record["device_arithmetic_cpu_seconds"]
                 sums["io"] += record["device_io_cpu_seconds"]
@@ -200,6 +210,8 @@ def run(args) -> int:
                 "agreement": sums["equal"] / n,
                 "max_logit_error": sums["err"] if source == "none" else None,
                 "prompts": len(which),
+                **({"steady_up_a": steady[0], "steady_down_a": steady[1], "steady_up_b": steady[2]}
+                   if source == "none" and n > len(which) else {}),
             })
             rows.append(row)
         memory = {"device_weight_bytes": held_bytes([device.head.embed, device.tail.norm, *device.stack.layers,

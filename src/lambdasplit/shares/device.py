@@ -88,7 +88,9 @@ class ShareCosts:
     share_seconds: float = 0.0  # device wall time: encode, mask, add, decode
     arithmetic_cpu: float = 0.0  # device CPU (this thread): the O(d) share arithmetic of every request
     io_cpu: float = 0.0  # device CPU (this thread): framing, sending, receiving (sockets, the transport)
-    per_layer_requests: dict = field(default_factory=dict)
+    single_row_requests: int = 0  # requests of one position (plain decoding's steady state)
+    single_row_up: list = field(default_factory=lambda: [0, 0])  # their bytes, per server
+    single_row_down: list = field(default_factory=lambda: [0, 0])
 
 
 class SharePair:
@@ -148,9 +150,17 @@ class SharePair:
         masked = ring.share(x_ring, self.masks)
         sent, cpu_sent = time.perf_counter(), time.thread_time()
         first, second = self.sessions
+        before = (first.bytes_up, second.bytes_up, first.bytes_down, second.bytes_down)
         first.send(indices, n, masked.data, spatial)
         second.send(indices, n, b"", spatial)
         (a, ta), (b, tb) = first.receive(), second.receive()
+        if n == 1 and conv is None:
+            costs = self.costs
+            costs.single_row_requests += 1
+            costs.single_row_up[0] += first.bytes_up - before[0]
+            costs.single_row_up[1] += second.bytes_up - before[1]
+            costs.single_row_down[0] += first.bytes_down - before[2]
+            costs.single_row_down[1] += second.bytes_down - before[3]
         answered, cpu_answered = time.perf_counter(), time.thread_time()
         widths = [out * area for out in outs_per_layer]
         expected = 8 * n * sum(widths)
