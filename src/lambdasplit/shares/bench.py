@@ -63,7 +63,8 @@ COLUMNS = [
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    p.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s; a diffusers pipeline (zoo:digits) "
+                   "measures images instead: PSNR against the unsplit pipeline, bytes and round trips per server")
     p.add_argument("--servers", metavar="A,B", help="running shares servers (default: start two on loopback)")
     p.add_argument("--lm-head", choices=["shared", "device"], default="shared",
                    help="where the LM head runs (servers started here follow it; default %(default)s)")
@@ -139,6 +140,60 @@ def run_audit(args, servers: list[str]) -> int:
     return 0
 
 
+DIGIT_PROMPTS = ["a handwritten digit seven", "a handwritten digit three", "a handwritten digit zero",
+                 "a handwritten digit five"]
+IMAGE_COLUMNS = [
+    Column("prompt", "prompt", numeric=False), Column("steps", "steps", "d"), Column("psnr_db", "PSNR vs unsplit (dB)", ".1f"),
+    Column("seconds", "seconds / image", ".2f"), Column("round_trips_per_step", "round trips / step (each server)", ".0f"),
+    Column("up_a", "A up / image (MB)", megabytes), Column("down_a", "A down / image (MB)", megabytes),
+    Column("up_b", "B up / image (kB)", lambda v: f"{v / 1e3:.1f}"), Column("down_b", "B down / image (MB)", megabytes),
+    Column("device_cpu_seconds", "device CPU (s)", ".2f"), Column("local_cpu_seconds", "local CPU (s)", ".2f"),
+]
+
+
+def run_images(args, servers: list[str]) -> int:
+    """The digits model: each prompt's image over the shares servers against the unsplit pipeline."""
+    import numpy as np
+
+    from lambdasplit.diffusion.client import imagine
+    from lambdasplit.diffusion.split import Device
+    from lambdasplit.shares.unet import imagine_shared, load_device
+
+    device = load_device(args.model)
+    local = Device.load(args.model, with_unet=True)
+    rows = []
+    for prompt in DIGIT_PROMPTS[:max(1, args.prompts)]:
+        began = time.process_time()
+        reference = imagine(local, prompt, mode="local")
+        local_cpu = time.process_time() - began
+        result = imagine_shared(device, prompt, servers=servers)
+        r = result.record
+        mse = float(np.mean((result.image - reference.image) ** 2))
+        rows.append({"prompt": prompt, "steps": r["steps"], "psnr_db": 10 * np.log10(1 / mse) if mse else float("inf"),
+                     "seconds": r["seconds"], "round_trips_per_step": r["round_trips_per_step"],
+                     "up_a": r["bytes_up_per_server"][0], "down_a": r["bytes_down_per_server"][0],
+                     "up_b": r["bytes_up_per_server"][1], "down_b": r["bytes_down_per_server"][1],
+                     "device_cpu_seconds": r["device_cpu_seconds"], "local_cpu_seconds": local_cpu})
+    meta = {"machine": machine(), "model": args.model}
+    title = f"Secret-shared U-Net: {args.model}"
+    notes = [describe_machine(meta["machine"]), "PSNR of the [0, 1] image against the unsplit pipeline, same seed"]
+    if args.json:
+        import json
+
+        print(json.dumps({"rows": rows, "meta": meta}))
+    else:
+        print_table(rows, IMAGE_COLUMNS, title=title, caption=notes[0])
+    if args.out:
+        write_outputs(args.out, rows, IMAGE_COLUMNS, title=title, meta=meta, notes=notes)
+    return 0
+
+
+def is_pipeline(model: str) -> bool:
+    from lambdasplit.shares.service import _pipeline_info
+
+    return _pipeline_info(model) is not None
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     from lambdasplit.server.process import ServerProcess
@@ -151,13 +206,15 @@ def run(args) -> int:
         if args.servers:
             servers = parse_servers(args.servers)
         else:
-            extra = ["--shares-lm-head", args.lm_head]
+            extra = [] if is_pipeline(args.model) else ["--shares-lm-head", args.lm_head]
             for share in (0, 1):
                 started.append(ServerProcess(["--model", args.model, "--component", "shares", "--share", str(share),
                                               *extra]).start())
             servers = [s.address for s in started]
         if args.audit:
             return run_audit(args, servers)
+        if is_pipeline(args.model):
+            return run_images(args, servers)
         device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared")
         local = DeviceModel.load(args.model)
         rows = []
