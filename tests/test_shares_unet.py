@@ -56,3 +56,17 @@ def test_digits_image_within_40_db_of_the_unsplit_pipeline(digits_path, hosts):
     from scipy import stats
 
     assert stats.chisquare(counts).pvalue > 1e-4
+
+
+def test_imagine_protocol_shared_cli(digits_path, hosts, tmp_path, capsys):
+    import json
+
+    from lambdasplit.cli import main
+
+    out = tmp_path / "seven.png"
+    common = ["imagine", "--model", str(digits_path), "--prompt", "a handwritten digit seven", "--steps", "2", "--json"]
+    assert main([*common, "--protocol", "shared", "--servers", ",".join(hosts), "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["protocol"] == "shared" and len(record["bytes_up_per_server"]) == 2 and out.exists()
+    assert main([*common, "--protocol", "shared", "--servers", hosts[0], "--out", str(out)]) != 0
+    assert "exactly two" in capsys.readouterr().err

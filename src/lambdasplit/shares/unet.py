@@ -149,7 +149,6 @@ def imagine_for_command(args):
         if local_steps or verify or keep_wire or codec != "fp32" or up_codec != "fp32":
             raise LambdaSplitError("--local-steps, --verify-sync, --show-wire and --codec / --up-codec are not "
                                    "available with --protocol shared (shares are exact ring elements)")
-        return imagine_shared(model, prompt, servers=args.servers, token=[args.token, args.token],
-                              tls_ca=[args.tls_ca, args.tls_ca], **options)
+        return imagine_shared(model, prompt, servers=args.servers, **options)
 
     return run
