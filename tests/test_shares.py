@@ -163,9 +163,10 @@ def test_cli_generate_shared_json(model, servers, local_device):
     assert one.returncode != 0 and "exactly two" in one.stderr and len(one.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi3", "qwen3"])
+@pytest.mark.parametrize("family", ["gpt2", "phi3", "qwen3", "gemma2", "mistral", "qwen2"])
 def test_other_families_agree(tiny_model_dir, family):
-    """Conv1D (gpt2), fused projections (phi3), q/k norms (qwen3); LM head on the device for one of them."""
+    """Conv1D (gpt2), fused projections (phi3), q/k norms (qwen3), soft-capping and sliding windows (gemma2,
+    mistral), biases (qwen2); LM head on the device for one of them."""
     path = str(tiny_model_dir(family))
     lm_head = family != "phi3"
     hosts = [BodyServer([SharesService(path, i, lm_head=lm_head)], port=0).start_in_thread() for i in (0, 1)]
