@@ -235,4 +235,21 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(servers, shared_d
         assert len(pair.run([0, 1, 2], torch.ones(1, 1, pair.table[0]["in"]))) == 3
     finally:
         pair.close()
-    assert RESULT and ERROR  # imported for readers of the raw protocol
+    assert ERROR  # (a refusal is an ERROR frame; Peer.outcome reads its code)
+
+
+def test_an_answer_beyond_the_frame_limit_is_refused_before_compute(model, shared_device):
+    """Server 1 gets no payload, so only the answer's size can bound what a request makes it allocate."""
+    from lambdasplit.server.server import Limits
+
+    fingerprint = shared_device.checkpoint.fingerprint
+    lm_head = len(shared_device.shared_names) - 1
+    host = BodyServer([SharesService(str(model), 1)], port=0, limits=Limits(max_frame_mb=1.0)).start_in_thread()
+    with Peer(host.address) as peer:
+        peer.hello({"protocol": 1, "role": "shares", "model": fingerprint, "share": 1, "lm_head": True,
+                    "dtype": "float32"})
+        peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))  # describe + key
+        assert peer.receive()[0] == RESULT
+        peer.send(frame(STEP, struct.pack("<IHH", 1, 1, lm_head) + struct.pack("<I", 8000)))
+        assert peer.outcome() == "frame_too_large"
+    host.stop()

@@ -233,7 +233,7 @@ class SharedLinear(nn.Module):
         return outs[members.index(self)]
 
 
-def _group_siblings(layer: nn.Module) -> None:
+def group_siblings(layer: nn.Module) -> None:
     for parent in layer.modules():
         siblings = SIBLINGS
         if hasattr(parent, "to_q") and hasattr(parent, "is_cross_attention"):  # diffusers Attention
@@ -271,7 +271,7 @@ class SharedDevice(DeviceModel):
         layers = [skeleton.get_submodule(f"{family.layers}.{i}") for i in range(n)]
         to_load = []
         for i, layer in enumerate(layers):
-            _group_siblings(layer)
+            group_siblings(layer)
             owners = [name for name, m in layer.named_modules() if not isinstance(m, SharedLinear) and (
                 list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)))]
             top = [o for o in owners if not any(o != p and (p == "" or o.startswith(p + ".")) for p in owners)]

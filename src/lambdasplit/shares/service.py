@@ -22,6 +22,7 @@ the biases (once). Every client mistake is a ProtocolError for that session only
 from __future__ import annotations
 
 import json
+import os
 import struct
 import time
 
@@ -88,6 +89,7 @@ class SharesSession(SessionHandler):
         self.service, self.limits = service, limits
         self.next = 0
         self.masks: MaskStream | None = None
+        self.spatial: tuple[int, int] | None = None
 
     def handle(self, frame_type, body, emit) -> None:
         if frame_type != FrameType.STEP:
@@ -142,7 +144,29 @@ class SharesSession(SessionHandler):
             if min(self.spatial) < 1 or rows > 64:
                 raise ProtocolError("bad_shape", f"a convolution takes 1..64 maps of at least 1 x 1, got {rows} of "
                                                  f"{self.spatial[0]} x {self.spatial[1]}")
+        if layers:
+            self.check_answer_size(layers, rows)
         return layers, rows, body[offset:], seq
+
+    def check_answer_size(self, layers, rows: int) -> None:
+        """An answer is never larger than the largest frame this server accepts (before anything is allocated)."""
+        area = 1
+        if self.spatial is not None:
+            conv = layers[0].conv
+            area = 1
+            for size, p, d, k, stride in zip(self.spatial, conv["padding"], conv["dilation"], conv["kernel"],
+                                             conv["stride"]):
+                side = (size + 2 * p - d * (k - 1) - 1) // stride + 1
+                if side < 1:
+                    raise ProtocolError("bad_shape", f"{layers[0].name}: a {self.spatial[0]} x {self.spatial[1]} map is "
+                                                     "smaller than its kernel")
+                area *= side
+            area = max(area, self.spatial[0] * self.spatial[1])  # the limbs of the input are as large
+        words = rows * area * max(sum(layer.out_features for layer in layers), layers[0].in_features)
+        if 8 * words > self.limits.max_frame_bytes:
+            raise ProtocolError("frame_too_large", f"{rows} rows for {', '.join(l.name for l in layers)} would be "
+                                                   f"{8 * words} bytes, above this server's {self.limits.max_frame_bytes}"
+                                                   "-byte frame limit: send fewer positions per request")
 
     def start_masks(self, seq: int, payload: memoryview) -> None:
         if seq != 0:
@@ -177,8 +201,6 @@ def _pipeline_info(model: str):
     from lambdasplit.zoo import resolve
 
     folder = resolve(model)
-    import os
-
     if os.path.isdir(folder) and os.path.exists(os.path.join(folder, "model_index.json")):
         from lambdasplit.diffusion.split import PipelineInfo
 

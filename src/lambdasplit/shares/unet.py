@@ -23,7 +23,7 @@ from torch import nn
 from lambdasplit.diffusion.client import ImageResult, _Clock, default_settings, denoise
 from lambdasplit.diffusion.split import Device
 from lambdasplit.errors import LambdaSplitError
-from lambdasplit.shares.device import SharedLinear, SharePair, SharesSession, _group_siblings
+from lambdasplit.shares.device import SharedLinear, SharePair, SharesSession, group_siblings
 from lambdasplit.shares.layers import unet_layer_names
 from lambdasplit.shares.run import parse_servers
 from lambdasplit.wire.link import Link
@@ -57,7 +57,7 @@ class SharedUNet:
                 proxy = SharedLinear(index, name, meta.in_features, meta.out_features, self)
             parent, _, child = name.rpartition(".")
             setattr(unet.get_submodule(parent) if parent else unet, child, proxy)
-        _group_siblings(unet)
+        group_siblings(unet)
         wanted = set(unet.state_dict())
         state = {}
         for path in sorted((info.folder / "unet").glob("*.safetensors")):
