@@ -14,7 +14,12 @@ residuals, sampling) runs on the device.
                 (checked at load: a layer that cannot be kept exact is refused by name)
     service.py  `lambdasplit serve --component shares --share 0|1` (role "shares")
     device.py   the device runtime: the model with every linear layer a proxy over two sessions
+    unet.py     `imagine --protocol shared`: the diffusers U-Net with its convolutions and linear
+                projections as proxies (group norm, attention, scheduler, VAE on the device)
     run.py      `generate --mode shared --servers A,B` and its record
     audit.py    captures of each server's traffic, the statistical tests, the audit's attacks on them
-    bench.py    `lambdasplit bench shared`
+    bench.py    `lambdasplit bench shared` (and `--audit`; a pipeline model measures images)
+
+Measured results and what this mode does not protect: docs/privacy.md and docs/benchmarks.md,
+"Secret-shared mode"; the wire format: docs/protocol.md.
 """
