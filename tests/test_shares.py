@@ -253,3 +253,21 @@ def test_an_answer_beyond_the_frame_limit_is_refused_before_compute(model, share
         peer.send(frame(STEP, struct.pack("<IHH", 1, 1, lm_head) + struct.pack("<I", 8000)))
         assert peer.outcome() == "frame_too_large"
     host.stop()
+
+
+def test_each_server_has_its_own_token(model, shared_device, local_device):
+    from lambdasplit.errors import RemoteError
+
+    hosts = [BodyServer([SharesService(str(model), i)], port=0, token=t).start_in_thread()
+             for i, t in ((0, "token-of-a"), (1, "token-of-b"))]
+    try:
+        addresses = [h.address for h in hosts]
+        record = run_shared(model=None, device=shared_device, prompt=PROMPTS[0], servers=addresses, max_new_tokens=3,
+                            ignore_eos=True, token=["token-of-a", "token-of-b"])
+        assert record["token_ids"] == local_device.generate(PROMPTS[0], max_new_tokens=3, ignore_eos=True).token_ids
+        with pytest.raises(RemoteError, match="unauthorized"):
+            run_shared(model=None, device=shared_device, prompt=PROMPTS[0], servers=addresses, max_new_tokens=1,
+                       token="token-of-a")
+    finally:
+        for host in hosts:
+            host.stop()
