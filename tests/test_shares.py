@@ -271,3 +271,12 @@ def test_each_server_has_its_own_token(model, shared_device, local_device):
     finally:
         for host in hosts:
             host.stop()
+
+
+def test_python_api_run_generation_shared(model, servers, local_device):
+    from lambdasplit.client.run import run_generation
+
+    record = run_generation(model=str(model), mode="shared", prompt=PROMPTS[2], server=",".join(servers),
+                            max_new_tokens=3, ignore_eos=True)
+    assert record["mode"] == "shared"
+    assert record["token_ids"] == local_device.generate(PROMPTS[2], max_new_tokens=3, ignore_eos=True).token_ids
