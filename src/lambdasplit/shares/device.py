@@ -38,7 +38,7 @@ from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.llm.segments import LayerStack, Tail, load_head
 from lambdasplit.shares import ring
-from lambdasplit.shares.layers import in_out, is_linear, linear_names, table_digest
+from lambdasplit.shares.layers import in_out, is_linear, linear_names, table_digest, tied_lm_head
 from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS, SPATIAL
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
@@ -277,10 +277,15 @@ class SharedDevice(DeviceModel):
             top = [o for o in owners if not any(o != p and (p == "" or o.startswith(p + ".")) for p in owners)]
             to_load += [f"{family.layers}.{i}" + (f".{o}" if o else "") for o in top]
         to_load += [family.norm] + ([family.rotary] if family.rotary else [])
-        if not lm_head:
-            to_load.append(family.lm_head)
-        checkpoint.load_modules(skeleton, to_load, aliases={family.lm_head: family.embed} if not lm_head and (
-            getattr(config, "tie_word_embeddings", False) or not checkpoint.has_tensor(f"{family.lm_head}.weight", skeleton)) else None)
+        checkpoint.load_modules(skeleton, to_load)
+        if not lm_head:  # the LM head on the device: with tied embeddings the head's table, not a second copy
+            head_module = skeleton.get_submodule(family.lm_head)
+            if tied_lm_head(checkpoint, family, skeleton) and getattr(head_module, "bias", None) is None:
+                head_module.to_empty(device="cpu")
+                head_module.weight = head.embed.weight
+            else:
+                checkpoint.load_modules(skeleton, [family.lm_head], aliases={family.lm_head: family.embed} if
+                                        tied_lm_head(checkpoint, family, skeleton) else None)
         for layer in layers:
             left = [name for name, p in list(layer.named_parameters()) + list(layer.named_buffers()) if p.is_meta]
             if left:
