@@ -111,6 +111,10 @@ def add_commands(subparsers) -> None:
                           add_help=False, prefix_chars="\0")
     pp.add_argument("rest", nargs=argparse.REMAINDER)
     pp.set_defaults(func=ppidm_command)
+    sh = which.add_parser("shared", help="secret-shared mode: tok/s, round trips and bytes per server, device CPU "
+                                         "vs local (options: bench shared --help)", add_help=False, prefix_chars="\0")
+    sh.add_argument("rest", nargs=argparse.REMAINDER)
+    sh.set_defaults(func=shared_command)
     w = which.add_parser("wan", help="speculative sources vs plain split decoding at several one-way delays",
                          description="tokens/s, tokens per round trip, bytes and device compute per token for each "
                                      "--speculate source against plain split decoding (docs/speculative.md)")
@@ -343,6 +347,17 @@ def ppidm_command(args) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     ppidm_bench.add_arguments(parser)
     return int(ppidm_bench.run(parser.parse_args(args.rest)) or 0)
+
+
+def shared_command(args) -> int:
+    from lambdasplit.shares import bench as shared_bench
+
+    parser = argparse.ArgumentParser(prog="lambdasplit bench shared", description=shared_bench.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    shared_bench.add_arguments(parser)
+    parsed = parser.parse_args(args.rest)
+    shared_bench.check_args(parsed)
+    return int(shared_bench.run(parsed) or 0)
 
 
 def _names(text: str, allowed: set[str]) -> tuple[str, ...]:

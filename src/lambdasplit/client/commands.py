@@ -71,7 +71,9 @@ def add_session_options(p) -> None:
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text (split, local or cloud mode)")
     p.add_argument("--model", default=DEFAULT_LLM, help="Hub id, local folder or zoo:NAME (default %(default)s)")
-    p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
+    p.add_argument("--mode", choices=["split", "local", "cloud", "shared"], default="split",
+                   help="shared: every linear layer on additive secret shares over two servers (--servers A,B; "
+                        "docs/privacy.md, Secret-shared mode)")
     p.add_argument("--split", metavar="X:Y", help="head holds layers [0, X), tail [Y, N)")
     p.add_argument("--server", metavar="HOST:PORT[,HOST:PORT...]",
                    help="the body server; in split mode a list: on failure the next one takes over by replay")
@@ -79,6 +81,11 @@ def add_commands(subparsers) -> None:
                    help="split mode: server switches allowed in one generation (default: twice around the list)")
     p.add_argument("--verify", action="store_true",
                    help="split mode: send every step to the first two --server and stop if their answers differ")
+    p.add_argument("--servers", metavar="A,B", help="--mode shared: the share-0 and share-1 servers, in that order")
+    p.add_argument("--shares-lm-head", choices=["shared", "device"], default="shared",
+                   help="--mode shared: the LM head on shares too (as the servers were started) or on the device")
+    p.add_argument("--token2", help="--mode shared: server B's own bearer token (default: --token)")
+    p.add_argument("--tls-ca2", help="--mode shared: CA file for server B (default: --tls-ca)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
@@ -136,6 +143,9 @@ def generate_command(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if args.mode == "shared":
+        return _shared_command(args, sampling, stream)
+
     record = run_generation(
         model=args.model, mode=args.mode, prompt=args.prompt, max_new_tokens=args.max_new_tokens, split=args.split,
         server=args.server, cache=args.cache, codec=args.codec, sampling=sampling, dtype=args.dtype,
@@ -153,6 +163,33 @@ def generate_command(args) -> int:
         print(f"[{record['mode']}: {record['new_tokens']} tokens in {record['seconds']:.2f} s, "
               f"{record['bytes_up']} B up, {record['bytes_down']} B down, {plural(record['round_trips'], 'round trip')}]",
               file=sys.stderr)
+    return 0
+
+
+def _shared_command(args, sampling, stream) -> int:
+    from lambdasplit.errors import LambdaSplitError
+    from lambdasplit.shares.run import run_shared
+
+    if args.server or args.split or args.defense not in (None, "", "none") or args.codec != "fp32" \
+            or args.dtype != "float32":
+        raise LambdaSplitError("--mode shared takes --servers A,B (not --server, --split, --defense, --codec or "
+                               "--dtype: shares are ring elements, computed in float32 on the device)")
+    record = run_shared(
+        model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
+        sampling=sampling, lm_head=args.shares_lm_head, token=[args.token, args.token2 or args.token],
+        tls_ca=[args.tls_ca, args.tls_ca2 or args.tls_ca], link=args.link, ignore_eos=args.ignore_eos,
+        chat=False if args.no_chat else None, on_text=None if args.json else stream, timeout=args.timeout,
+        insecure=args.insecure, speculate=args.speculate, draft_model=args.draft_model,
+        draft_tokens=_draft_tokens(args.draft_tokens), cache=args.cache,
+    )
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print()
+        up, down = record["bytes_up_per_server"], record["bytes_down_per_server"]
+        print(f"[shared: {record['new_tokens']} tokens in {record['seconds']:.2f} s, server A {up[0]} B up / "
+              f"{down[0]} B down, server B {up[1]} B up / {down[1]} B down, "
+              f"{plural(record['round_trips'], 'round trip')} to each]", file=sys.stderr)
     return 0
 
 

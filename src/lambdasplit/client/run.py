@@ -3,6 +3,8 @@
     local  the whole model in this process; nothing crosses a network
     split  head + tail here, body on a server: hidden states cross the wire
     cloud  the prompt text goes to the server, which runs the whole model
+    shared every linear layer on additive secret shares over two servers (`server="A,B"`,
+           lambdasplit.shares.run.run_shared)
 
 Time is split as the Λ-Split paper splits it, but measured: local (head + tail +
 sampling), cloud (body compute, timed by the server and reported in each RESULT),
@@ -64,8 +66,15 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
         record = _record(mode, None, cache, None, result.text, result.token_ids, len(result.prompt_ids),
                          result.seconds, result.local_seconds, 0.0, None)
         return _add_speculation(record, result, speculate, draft_tokens)
+    if mode == "shared":  # every linear layer on secret shares over two servers; `server` is "A,B"
+        from lambdasplit.shares.run import run_shared
+
+        return run_shared(model=model, prompt=prompt, servers=server, max_new_tokens=max_new_tokens,
+                          sampling=sampling, token=token, tls_ca=tls_ca, link=link, ignore_eos=ignore_eos, chat=chat,
+                          on_text=on_text, timeout=timeout, insecure=insecure, speculate=speculate,
+                          draft_model=draft_model, draft_tokens=draft_tokens, cache=cache)
     if mode != "split":
-        raise LambdaSplitError(f"mode must be split, local or cloud, not {mode!r}")
+        raise LambdaSplitError(f"mode must be split, local, cloud or shared, not {mode!r}")
     if not server or not split:
         raise LambdaSplitError("split mode needs --split X:Y and --server HOST:PORT")
     if defense is not None and getattr(defense, "name", None) != "none" and cache != "kv":

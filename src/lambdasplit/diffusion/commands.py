@@ -16,11 +16,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--mode", choices=["split", "local", "cloud"], default="split")
     p.add_argument("--server", metavar="HOST:PORT", help="`serve --component unet` (split) or `--component pipeline` (cloud)")
-    p.add_argument("--protocol", choices=["cloud-latent", "client-latent", "ppidm"], default="cloud-latent",
+    p.add_argument("--protocol", choices=["cloud-latent", "client-latent", "ppidm", "shared"], default="cloud-latent",
                    help="cloud-latent: the cloud keeps a copy of the latent and streams the noise (paper); "
                         "client-latent: x_t goes up every step, the cloud never runs the scheduler; "
-                        "ppidm: the U-Net's conv / group-norm / attention layers cut across --servers")
-    p.add_argument("--servers", metavar="A,B,...", help="ppidm: the `serve --component unet-shard` servers (n >= 2)")
+                        "ppidm: the U-Net's conv / group-norm / attention layers cut across --servers; "
+                        "shared: the U-Net's convolutions and linear layers on additive secret shares over "
+                        "--servers A,B (`serve --component shares`)")
+    p.add_argument("--servers", metavar="A,B,...", help="ppidm: the `serve --component unet-shard` servers (n >= 2); "
+                   "shared: the share-0 and share-1 servers")
     p.add_argument("--ppidm-mode", choices=["exact", "paper"], default="exact",
                    help="ppidm: exact (global group-norm statistics; equals the unsplit pipeline) or paper "
                         "(each block normalized with its own statistics, as the PPIDM paper)")
@@ -96,6 +99,10 @@ def imagine_command(args) -> int:
             from lambdasplit.diffusion.ppidm.run import imagine_for_command
 
             make_image = imagine_for_command(args)
+        if args.protocol == "shared":  # the U-Net's linear layers on secret shares over two servers
+            from lambdasplit.shares.unet import imagine_for_command as shared_for_command
+
+            make_image = shared_for_command(args)
         result = make_image(
             args.model, args.prompt, mode=args.mode, server=args.server, protocol=args.protocol, steps=args.steps,
             seed=args.seed, guidance=args.guidance, negative_prompt=args.negative_prompt, size=args.size,

@@ -44,9 +44,14 @@ def add_commands(subparsers) -> None:
     p.add_argument("--layers", action="append", default=[], metavar="X:Y",
                    help="host body layers [X, Y) (repeat to host several splits)")
     p.add_argument("--cloud", action="store_true", help="host the whole model for cloud-only mode")
-    p.add_argument("--component", choices=["unet", "pipeline", "unet-shard"],
+    p.add_argument("--component", choices=["unet", "pipeline", "unet-shard", "shares"],
                    help="host a diffusion component: unet (split), pipeline (cloud-only baseline), "
-                        "unet-shard (one of the n servers of imagine --protocol ppidm)")
+                        "unet-shard (one of the n servers of imagine --protocol ppidm); or shares: one of the "
+                        "two servers of the secret-shared mode (generate --mode shared, needs --share 0|1)")
+    p.add_argument("--share", type=int, choices=[0, 1],
+                   help="--component shares: which share this server computes on (0: x - r, 1: r from a seed)")
+    p.add_argument("--shares-lm-head", choices=["shared", "device"], default="shared",
+                   help="--component shares: hold the LM head too (shared) or leave it to the device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -112,6 +117,13 @@ def build_services(args) -> list:
         from lambdasplit.diffusion.ppidm.service import UNetShardService  # noqa: PLC0415
 
         services.append(UNetShardService(args.model, dtype=args.dtype))
+    if args.component == "shares":
+        from lambdasplit.shares.service import SharesService  # noqa: PLC0415
+
+        if args.share is None:
+            raise LambdaSplitError("--component shares needs --share 0 or --share 1")
+        services.append(SharesService(args.model, args.share, lm_head=args.shares_lm_head == "shared",
+                                      dtype=args.dtype))
     for layers in args.layers:
         services.append(BodyService(args.model, layers, dtype=args.dtype))
     if args.cloud:
