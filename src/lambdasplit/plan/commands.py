@@ -41,7 +41,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--audit", type=Path, metavar="REPORT",
                    help="leakage per split from `audit llm --out DIR` (DIR/report.json); remembered in the cache")
     p.add_argument("--quick-audit", action="store_true",
-                   help="no audit figures yet: run a small `audit llm` (2 prompts, few tokens) and cache it")
+                   help="no audit figures yet: run a small `audit llm` (1 prompt, 3 tokens) and cache it")
     p.add_argument("--leak-attack", default="worst", help="which audited attack's top-1 recovery is the leakage")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=0, help="torch threads here and in the server it starts (0: as is)")
@@ -121,6 +121,15 @@ def make_plan(args, progress: bool = True) -> dict:
     server_id = server or "loopback server started by plan"
     fingerprint = checkpoint.fingerprint
     from_cache: dict[str, bool] = {}
+    phases: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - clock[0], 3)
+        clock[0] = now
+
+    phase("load")
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as bar:
@@ -130,6 +139,7 @@ def make_plan(args, progress: bool = True) -> dict:
                 profile.cache_file(fingerprint, "device", settings, prompt_ids=prompt_ids),
                 lambda: profile.profile_device(whole, prompt_ids, settings, lambda: bar.advance(task)), args.fresh)
             bar.update(task, completed=settings.repeats * 3 + 1)
+            phase("profile_device")
             # ---- drafting (also the workload's reference tokens)
             task = bar.add_task("profile: drafting sources", total=len(sources))
             drafting, from_cache["drafting"] = profile.cached(
@@ -138,6 +148,7 @@ def make_plan(args, progress: bool = True) -> dict:
                 lambda: profile.profile_drafting(whole, prompt_ids, args.new_tokens, sources, settings,
                                                  args.draft_model, lambda: bar.advance(task)), args.fresh)
             bar.update(task, completed=len(sources))
+            phase("profile_drafting")
             for name, reason in drafting["skipped"].items():
                 notes.append(f"speculation source {name} skipped: {reason}")
             reference = drafting["sources"]["none"]["token_ids"]
@@ -151,6 +162,7 @@ def make_plan(args, progress: bool = True) -> dict:
                 process = ServerProcess(server_args(str(checkpoint.folder), splits, args.dtype, False), env=env).start()
                 server = process.address
                 bar.advance(task)
+                phase("start_server")
             task = bar.add_task("profile: server sessions", total=len(splits) * len(codecs))
             server_profile, from_cache["server"] = profile.cached(
                 profile.cache_file(fingerprint, "server", settings, f"{server_id}|{splits}|{codecs}", prompt_ids),
@@ -158,6 +170,7 @@ def make_plan(args, progress: bool = True) -> dict:
                                                device_profile["reference_tokens"], lambda: bar.advance(task)),
                 args.fresh)
             bar.update(task, completed=len(splits) * len(codecs))
+            phase("profile_server")
             for name, reason in server_profile["failures"].items():
                 notes.append(f"profile session {name} failed: {reason}")
 
@@ -179,6 +192,7 @@ def make_plan(args, progress: bool = True) -> dict:
                 leak_source = f"cached audit report {audit_cache}"
             if audit_cache.exists():
                 leakage = leakage_from_report(audit_cache, args.leak_attack)
+            phase("audit")
 
             # ---- predict
             model = Model(device_profile, server_profile, drafting, prompt_tokens=len(prompt_ids),
@@ -197,11 +211,12 @@ def make_plan(args, progress: bool = True) -> dict:
                 candidate.measured = measure(candidate, device_for(candidate.split), server, args.link,
                                              prompt_ids, args.new_tokens, reference, settings, args.draft_model)
                 bar.advance(task)
+            phase("measure")
     finally:
         if process is not None:
             process.stop()
 
-    measured = [c for c in candidates if c.measured]
+    measured = [c for c in to_measure if c.measured]  # the recommendation first
     measured_front = pareto.front(measured, measured=True)
     tolerant_front = pareto.front(measured, measured=True, speed_tie=MEASURED_SPEED_TIE)
     rows = [candidate_row(c, c in the_front, c is chosen, constraints) for c in candidates]
@@ -226,7 +241,7 @@ def make_plan(args, progress: bool = True) -> dict:
         "recommendation_on_measured_front_within_5pct": (chosen in tolerant_front) if chosen and chosen.measured
         else None,
         "profiles_from_cache": from_cache, "notes": notes,
-        "seconds": time.perf_counter() - began, "machine": machine(),
+        "seconds": time.perf_counter() - began, "phase_seconds": phases, "machine": machine(),
     }
     write_outputs(args.out, plan, candidates, the_front, chosen)
     if progress:
@@ -422,7 +437,7 @@ def write_chart(path: Path, plan: dict, candidates, the_front, chosen) -> None:
 
 
 def quick_audit(checkpoint, splits: list[str]) -> dict:
-    """A small `audit llm` at the symmetric candidate splits (2 prompts, 4 tokens, short training)."""
+    """A small `audit llm` at the symmetric candidate splits (1 prompt, 3 tokens, short training)."""
     from lambdasplit.audit.llm import LLMAuditConfig, audit_llm, default_prompts
 
     n = checkpoint.config.num_hidden_layers
@@ -430,9 +445,9 @@ def quick_audit(checkpoint, splits: list[str]) -> dict:
                      and 1 <= int(s.split(":")[0]) <= n // 2})
     if not depths:
         raise LambdaSplitError("--quick-audit audits splits X:N-X only; none is among the candidates")
-    config = LLMAuditConfig(model=str(checkpoint.folder), splits=depths, prompts=default_prompts()[:2],
-                            max_new_tokens=4, train_tokens=1500, epochs=1, sweep_budget_s=2.0, cloud_check=False,
+    config = LLMAuditConfig(model=str(checkpoint.folder), splits=depths, prompts=default_prompts()[:1],
+                            max_new_tokens=3, train_tokens=800, epochs=1, sweep_budget_s=2.0, cloud_check=False,
                             lens_sequences=8, perplexity_tokens=32)
     report = audit_llm(config, progress=False, log=lambda *a, **k: None)
-    report["meta"]["quick"] = "plan --quick-audit: 2 prompts, 4 tokens, 1500 training tokens, 1 epoch"
+    report["meta"]["quick"] = "plan --quick-audit: 1 prompt, 3 tokens, 800 training tokens, 1 epoch"
     return report
