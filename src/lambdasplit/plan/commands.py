@@ -230,6 +230,7 @@ def make_plan(args, progress: bool = True) -> dict:
         "constraints": {"device_memory_bytes": memory_limit, "max_leak": args.max_leak,
                         "min_agreement": args.min_agreement, "leak_attack": args.leak_attack},
         "leakage_source": leak_source, "codecs_in_registry": available,
+        "exchange_profile": model.exchange_summary(),
         "candidates": rows, "front": [c.label for c in the_front],
         "recommendation": chosen.label if chosen else None,
         "recommendation_reason": None if chosen else "no candidate meets the constraints",

@@ -3,8 +3,9 @@
 For a workload of P prompt tokens and M new tokens (greedy), with a speculation source that
 commits `a` tokens and sends `n` positions per round trip (a = n = 1 without one):
 
-    device(n, rows)   loop + LM head(rows) + sum of the device's layers at n positions
-    server(n)         the body's compute for n positions at that split (RESULT compute time)
+    device(n, rows)   loop + LM head(rows) + the device's layers x the median layer's time at n
+    server(n)         the body's compute for n positions: its layers x the server's compute per
+                      layer (RESULT compute time / body layers, median over all sessions)
     exchange(n)       protocol + real network per exchange (wall - server compute), per codec
     link(n)           what the emulated link adds (wire/link.py): serialization of the
                       frame's wire bytes both ways + 2 x delay (+ expected loss retransmits)
@@ -86,10 +87,15 @@ class Model:
         sessions = server["sessions"]
         self.splits = list(sessions)
         self.codecs = list(dict.fromkeys(c for by_codec in sessions.values() for c in by_codec))
-        # server compute per split and n (median over codecs and exchanges)
-        self.compute: dict[str, dict[int, float]] = {}
+        # server compute per body layer and n: the median over every exchange of every session
+        # of compute / body layers (a body's compute is its layers'; pooling all sessions is
+        # what keeps one slow moment of a shared machine from deciding a split's figure)
+        per_layer = []
         for split, by_codec in sessions.items():
-            self.compute[split] = _by_n([r for s in by_codec.values() for r in s["records"]], "compute")
+            x, y = (int(v) for v in split.split(":"))
+            per_layer += [{**r, "per_layer": r["compute"] / max(1, y - x)} for s in by_codec.values()
+                          for r in s["records"]]
+        self.compute_per_layer = _by_n(per_layer, "per_layer")
         # exchange cost, bytes up/down and handshake per codec (median over splits)
         self.exchange, self.up, self.down, self.handshake = {}, {}, {}, {}
         for codec in self.codecs:
@@ -102,6 +108,21 @@ class Model:
         self.agreement = {(split, codec): s.get("agreement") for split, by_codec in sessions.items()
                           for codec, s in by_codec.items()}
 
+    def exchange_summary(self) -> dict:
+        """Per codec, what the profile measured of the path to the server: the round trip of a
+        one-position exchange beyond the server's compute, and the effective rate between the
+        one-position and the prompt-sized exchange (protocol costs included: a lower bound of
+        the network's own rate)."""
+        out = {}
+        for codec in self.codecs:
+            exchange, up, down = self.exchange[codec], self.up[codec], self.down[codec]
+            small, large = min(exchange), max(exchange)
+            extra_bytes = (up[large] + down[large]) - (up[small] + down[small])
+            extra_seconds = exchange[large] - exchange[small]
+            out[codec] = {"round_trip_s": exchange[small],
+                          "effective_mbit_s": extra_bytes * 8 / extra_seconds / 1e6 if extra_seconds > 0 else None}
+        return out
+
     # ------------------------------------------------------------ parts
 
     def local_layers(self, split: str) -> list[int]:
@@ -110,12 +131,15 @@ class Model:
 
     def device_seconds(self, split: str | None, n: float, rows: float) -> float:
         layers = range(self.n_layers) if split is None else self.local_layers(split)
-        per_layer = self.device["layer_seconds"]
-        compute = sum(interpolate({k: v[i] for k, v in per_layer.items()}, n) for i in layers)
+        # decoder layers of one model cost the same: the median layer is the robust figure on a
+        # machine shared with other jobs (the per-layer timings stay in the profile)
+        per_layer = {k: _median(v) for k, v in self.device["layer_seconds"].items()}
+        compute = len(layers) * interpolate(per_layer, n)
         return self.device["loop_seconds"] + interpolate(self.device["lm_head_seconds"], rows) + compute
 
     def server_seconds(self, split: str, n: float) -> float:
-        return interpolate(self.compute[split], n)
+        x, y = (int(v) for v in split.split(":"))
+        return (y - x) * interpolate(self.compute_per_layer, n)
 
     def frame_bytes(self, codec: str, n: float) -> tuple[float, float]:
         return interpolate(self.up[codec], n), interpolate(self.down[codec], n)
