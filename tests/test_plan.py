@@ -41,7 +41,7 @@ def plan_run(model, tmp_path_factory):
     args = ["plan", "--model", model, "--server", server.start().address, "--link", LINK, "--new-tokens", "12",
             "--profile-tokens", "6", "--threads", "1", "--json"]
     try:
-        first = _run(args + ["--measure", "3", "--quick-audit", "--out", str(out / "first")])
+        first = _run(args + ["--measure", "3", "--measure-repeats", "2", "--quick-audit", "--out", str(out / "first")])
         second = _run(args + ["--measure", "0", "--out", str(out / "second")])
     finally:
         server.stop()
@@ -76,6 +76,7 @@ def test_plan_json_lists_predicted_and_measured(plan_run):
     for row in plan["measured"]:
         predicted, measured, error = row["predicted"], row["measured"], row["error"]
         assert measured["tokens_per_s"] > 0 and measured["ttft_s"] > 0
+        assert len(measured["runs_tokens_per_s"]) == 2 and measured["tokens_per_s"] in measured["runs_tokens_per_s"]
         assert error["tokens_per_s"] == pytest.approx(predicted["tokens_per_s"] / measured["tokens_per_s"] - 1)
         # every 2 x 5 ms round trip is paid, so no configuration beats the link's floor
         assert measured["seconds"] >= measured["round_trips"] * 2 * 0.005

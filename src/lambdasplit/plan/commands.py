@@ -38,6 +38,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="the workload's generated tokens (greedy)")
     p.add_argument("--profile-tokens", type=int, default=12, help="tokens per profiling session")
     p.add_argument("--measure", type=int, default=3, help="points measured besides the recommendation")
+    p.add_argument("--measure-repeats", type=int, default=1,
+                   help="runs per measured point, round robin; the median run is reported")
     p.add_argument("--audit", type=Path, metavar="REPORT",
                    help="leakage per split from `audit llm --out DIR` (DIR/report.json); remembered in the cache")
     p.add_argument("--quick-audit", action="store_true",
@@ -91,8 +93,9 @@ def make_plan(args, progress: bool = True) -> dict:
     began = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.new_tokens < 2 or args.profile_tokens < 2 or args.draft_tokens < 1:
-        raise UsageError("--new-tokens and --profile-tokens need at least 2, --draft-tokens at least 1")
+    if args.new_tokens < 2 or args.profile_tokens < 2 or args.draft_tokens < 1 or args.measure_repeats < 1:
+        raise UsageError("--new-tokens and --profile-tokens need at least 2, --draft-tokens and --measure-repeats "
+                         "at least 1")
     link = Link.parse(args.link)  # a bad --link fails before anything is loaded
     memory_limit = parse_size(args.device_memory)
     constraints = pareto.Constraints(memory_limit, args.max_leak, args.min_agreement)
@@ -206,11 +209,16 @@ def make_plan(args, progress: bool = True) -> dict:
 
             # ---- measure
             to_measure = measured_points(chosen, the_front, args.measure)
-            task = bar.add_task("measure over the link", total=len(to_measure))
-            for candidate in to_measure:
-                candidate.measured = measure(candidate, device_for(candidate.split), server, args.link,
-                                             prompt_ids, args.new_tokens, reference, settings, args.draft_model)
-                bar.advance(task)
+            task = bar.add_task("measure over the link", total=len(to_measure) * args.measure_repeats)
+            runs: dict[int, list[dict]] = {}
+            for _ in range(args.measure_repeats):  # round robin: a slow minute hits every point alike
+                for index, candidate in enumerate(to_measure):
+                    runs.setdefault(index, []).append(measure(
+                        candidate, device_for(candidate.split), server, args.link, prompt_ids, args.new_tokens,
+                        reference, settings, args.draft_model))
+                    bar.advance(task)
+            for index, candidate in enumerate(to_measure):
+                candidate.measured = combine_runs(candidate, runs[index])
             phase("measure")
     finally:
         if process is not None:
@@ -294,6 +302,15 @@ def measure(candidate, device, server: str, link: str | None, prompt_ids: list[i
         "round_trips": body.round_trips, "tokens_per_round_trip": result.accepted_per_step,
         "agreement": agreement, "seconds": result.seconds,
     }
+    return figures
+
+
+def combine_runs(candidate, runs: list[dict]) -> dict:
+    """The run of median speed (its figures together, not a mix of runs), with every run's speed
+    and the errors of the prediction against it."""
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    figures = dict(ordered[(len(ordered) - 1) // 2])
+    figures["runs_tokens_per_s"] = [run["tokens_per_s"] for run in runs]
     predicted = {"tokens_per_s": candidate.tokens_per_s, "ttft_s": candidate.ttft_s,
                  "bytes_per_token": candidate.bytes_per_token, "device_memory": candidate.device_memory}
     figures["error"] = {key: (predicted[key] - figures[key]) / figures[key]
