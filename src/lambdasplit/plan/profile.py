@@ -262,10 +262,9 @@ def profile_session(device, server: str, codec: str, prompt_ids: list[int], sett
                 hidden = device.head.forward(ids, length)
                 device.head.stack.truncate(length)
                 timed.forward(hidden, length)
+        remote.close()  # the CLOSE frame counts with HELLO and WELCOME: bytes outside the exchanges
         handshake = {"up": remote.bytes_up - sum(r["up"] for r in timed.records),
                      "down": remote.bytes_down - sum(r["down"] for r in timed.records)}
-        remote.close()
-        handshake = {"up": remote.bytes_up - sum(r["up"] for r in timed.records) , "down": handshake["down"]}
     tokens = list(result.token_ids)
     same = [a == b for a, b in zip(tokens, reference)]
     first = next((i for i, ok in enumerate(same) if not ok), None)
