@@ -36,7 +36,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round trip when speculating")
     p.add_argument("--prompt", help="the workload's prompt (default: a fixed question, with the chat template)")
     p.add_argument("--new-tokens", type=int, default=32, help="the workload's generated tokens (greedy)")
-    p.add_argument("--profile-tokens", type=int, default=12, help="tokens per profiling session")
+    p.add_argument("--profile-tokens", type=int, default=None,
+                   help="tokens per profiling session, over which codec agreement is measured (default: --new-tokens; "
+                        "fewer is quicker, but a codec's first divergence can come later)")
     p.add_argument("--measure", type=int, default=3, help="points measured besides the recommendation")
     p.add_argument("--measure-repeats", type=int, default=1,
                    help="runs per measured point, round robin; the median run is reported")
@@ -91,6 +93,8 @@ def make_plan(args, progress: bool = True) -> dict:
     from lambdasplit.wire.link import Link
 
     began = time.perf_counter()
+    if args.profile_tokens is None:
+        args.profile_tokens = args.new_tokens
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.new_tokens < 2 or args.profile_tokens < 2 or args.draft_tokens < 1 or args.measure_repeats < 1:
@@ -229,6 +233,12 @@ def make_plan(args, progress: bool = True) -> dict:
     tolerant_front = pareto.front(measured, measured=True, speed_tie=MEASURED_SPEED_TIE)
     rows = [candidate_row(c, c in the_front, c is chosen, constraints) for c in candidates]
     errors = [abs(c.measured["error"]["tokens_per_s"]) for c in measured]
+    for c in measured:
+        agreement = c.measured.get("agreement")
+        if c.codec not in pareto.LOSSLESS and agreement is not None and agreement < args.min_agreement:
+            notes.append(f"{c.label}: measured agreement over the workload {agreement:.0%} is below --min-agreement "
+                         f"{args.min_agreement:g} (the quick profile over {args.profile_tokens} tokens said "
+                         f"{_pct(c.agreement)})" + (": the recommendation fails it" if c is chosen else ""))
     plan = {
         "model": args.model, "fingerprint": fingerprint, "layers": n_layers, "dtype": args.dtype,
         "link": link.describe() if link else "the real link to the server (no emulation), as profiled",
@@ -246,6 +256,7 @@ def make_plan(args, progress: bool = True) -> dict:
         "max_abs_error_tokens_per_s": max(errors) if errors else None,
         "mean_abs_error_tokens_per_s": sum(errors) / len(errors) if errors else None,
         "recommendation_on_measured_front": (chosen in measured_front) if chosen and chosen.measured else None,
+        "recommendation_measured_agreement": chosen.measured.get("agreement") if chosen and chosen.measured else None,
         "measured_front": [c.label for c in measured_front],
         "recommendation_on_measured_front_within_5pct": (chosen in tolerant_front) if chosen and chosen.measured
         else None,
