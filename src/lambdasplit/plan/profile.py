@@ -38,7 +38,7 @@ from lambdasplit.bench.report import _cpu_model
 from lambdasplit.errors import LambdaSplitError
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue, and what a sunset has to do with it."
-PROFILE_VERSION = 1  # bump when what a profile holds changes (old cache entries are then ignored)
+PROFILE_VERSION = 2  # bump when what a profile holds changes (old cache entries are then ignored)
 
 
 @dataclass(frozen=True)
@@ -281,22 +281,27 @@ def profile_server(devices, server: str, splits: list[str], codecs: list[str], p
 
     `devices(split)` returns the DeviceModel (head + tail) of a split.
     """
-    sessions: dict[str, dict[str, dict]] = {}
+    sessions: dict[str, dict[str, dict]] = {split: {} for split in splits}
     failures: dict[str, str] = {}
-    for split in splits:
-        try:
-            device = devices(split)
-        except LambdaSplitError as error:
-            failures[split] = str(error)
-            continue
-        for codec in codecs:
+    # codec-major: the splits take turns, so a machine that speeds up or slows down during the
+    # profile (other jobs) shifts every split alike instead of the last ones only
+    for codec in codecs:
+        for split in splits:
+            if split in failures:
+                continue
             try:
-                sessions.setdefault(split, {})[codec] = profile_session(
-                    device, server, codec, prompt_ids, settings, reference, **options)
+                device = devices(split)
+            except LambdaSplitError as error:
+                failures[split] = str(error)
+                continue
+            try:
+                sessions[split][codec] = profile_session(device, server, codec, prompt_ids, settings, reference,
+                                                         **options)
             except LambdaSplitError as error:  # a server that lacks this split, a codec it refuses
                 failures[f"{split} {codec}"] = str(error)
             if progress:
                 progress()
+    sessions = {split: by_codec for split, by_codec in sessions.items() if by_codec}
     if not sessions:
         raise LambdaSplitError("no profiling session succeeded: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return {"sessions": sessions, "failures": failures}
