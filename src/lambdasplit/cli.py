@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "lambdasplit.gateway.commands",  # gateway (OpenAI-compatible API + web page)
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
     "lambdasplit.llm.commands",  # check
+    "lambdasplit.plan.commands",  # plan (split, codec and drafting from measured profiles)
 ]
 
 
