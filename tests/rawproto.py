@@ -49,6 +49,11 @@ def step_frame(position: int, blobs: list[bytes], seq: int = 1) -> bytes:
     return frame(STEP, struct.pack("<IIB", seq, position, len(blobs)) + b"".join(blobs))
 
 
+def diffusion_step_frame(position: int, blobs: list[bytes]) -> bytes:
+    """A diffusion STEP (the U-Net's sessions keep protocol 1's layout): u32 position, u8 count, blobs."""
+    return frame(STEP, struct.pack("<IB", position, len(blobs)) + b"".join(blobs))
+
+
 class Peer:
     """One raw connection: send bytes, read whole frames, see how the server ended it."""
 

@@ -15,7 +15,7 @@ from lambdasplit.server.server import bind_listener
 
 
 def cloud_hello(fingerprint: str) -> dict:
-    return {"protocol": 1, "role": "cloud", "model": fingerprint, "dtype": "float32"}
+    return {"protocol": rawproto.PROTOCOL, "role": "cloud", "model": fingerprint, "dtype": "float32"}
 
 
 def generate_frame(max_new_tokens: int) -> bytes:

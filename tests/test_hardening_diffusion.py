@@ -40,7 +40,7 @@ def unet_server(pipeline):
 
 
 def unet_hello(fingerprint: str, protocol: str) -> dict:
-    hello = {"protocol": 1, "role": "unet", "model": fingerprint, "dtype": "float32", "codec": "fp32",
+    hello = {"protocol": rawproto.PROTOCOL, "role": "unet", "model": fingerprint, "dtype": "float32", "codec": "fp32",
              "diffusion": protocol, "guidance": 1.0}
     if protocol == "client-latent":
         return {**hello, "timesteps": TIMESTEPS, "timestep_dtype": "int64"}
@@ -60,7 +60,7 @@ def honest_client_latent_step(address: str, fingerprint: str, channels: int, wid
         peer.hello(unet_hello(fingerprint, "client-latent"))
         latent = rawproto.fp32_blob(np.full((1, channels, 8, 8), 0.5, np.float32))
         embeds = rawproto.fp32_blob(np.full((1, 5, width), 0.1, np.float32))
-        peer.send(rawproto.step_frame(0, [latent, embeds]))
+        peer.send(rawproto.diffusion_step_frame(0, [latent, embeds]))
         got = peer.receive()
         assert got is not None and got[0] == rawproto.RESULT, got
         body = got[1]
@@ -84,7 +84,7 @@ def test_maximal_hostile_frames_cost_at_most_three_times_their_size(pipeline, un
         ("cloud-latent", [int2_blob([1, (2**28 - 2**20) // width, width]), small_latent]),  # > 1024 tokens
     ]
     for protocol, blobs in attacks:
-        step = rawproto.step_frame(0, blobs)
+        step = rawproto.diffusion_step_frame(0, blobs)
         assert FRAME_BYTES - 2**20 < len(step) - 4 <= FRAME_BYTES, len(step)
         with Peer(unet_server.address, timeout=120) as peer:
             peer.hello(unet_hello(fingerprint, protocol))
@@ -120,7 +120,7 @@ def test_hostile_diffusion_steps_get_documented_errors(pipeline, unet_server):
     for protocol, blobs, expected in cases:
         with Peer(unet_server.address, timeout=60) as peer:
             peer.hello(unet_hello(fingerprint, protocol))
-            peer.send(rawproto.step_frame(0, blobs))
+            peer.send(rawproto.diffusion_step_frame(0, blobs))
             assert peer.outcome() == expected, (protocol, len(blobs), expected)
     honest_client_latent_step(unet_server.address, fingerprint, channels, width)
 
@@ -131,7 +131,7 @@ def test_cloud_only_pipeline_refuses_an_image_size_that_would_exhaust_memory(pip
 
     folder, fingerprint, _, _ = pipeline
     with BodyServer([PipelineService(str(folder))]) as server:
-        hello = {"protocol": 1, "role": "diffusion-cloud", "model": fingerprint, "dtype": "float32"}
+        hello = {"protocol": rawproto.PROTOCOL, "role": "diffusion-cloud", "model": fingerprint, "dtype": "float32"}
         request = {"prompt": "a red cat", "steps": 1, "seed": 0, "guidance": 1.0}
         with Peer(server.address, timeout=60) as peer:
             peer.hello(hello)

@@ -26,7 +26,7 @@ from lambdasplit.shares.device import SharedDevice
 from lambdasplit.shares.layers import MIN_INPUT_BOUND, FixedPointError, fixed_linear
 from lambdasplit.shares.run import run_shared
 from lambdasplit.shares.service import SharesService
-from rawproto import ERROR, RESULT, STEP, Peer, frame
+from rawproto import ERROR, PROTOCOL, RESULT, STEP, Peer, frame
 
 PROMPTS = ["the quick brown fox", "seven birds sing in the old tree", "a lazy dog sleeps near our house"]
 ATTACKER_PROMPTS = ["over the hills and far away we go", "one two three four five six seven eight",
@@ -214,7 +214,7 @@ def test_shares_are_uniform_fresh_and_independent_of_the_prompt(audit):
 
 def test_bad_requests_are_refused_and_the_server_keeps_serving(servers, shared_device):
     fingerprint = Checkpoint(str(shared_device.checkpoint.folder)).fingerprint
-    hello = {"protocol": 1, "role": "shares", "model": fingerprint, "share": 0, "lm_head": True, "dtype": "float32"}
+    hello = {"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 0, "lm_head": True, "dtype": "float32"}
     with Peer(servers[0]) as peer:
         peer.hello(hello)
         peer.send(frame(STEP, struct.pack("<IHH", 0, 1, 60000) + struct.pack("<I", 1) + bytes(8 * 64)))
@@ -246,7 +246,7 @@ def test_an_answer_beyond_the_frame_limit_is_refused_before_compute(model, share
     lm_head = len(shared_device.shared_names) - 1
     host = BodyServer([SharesService(str(model), 1)], port=0, limits=Limits(max_frame_mb=1.0)).start_in_thread()
     with Peer(host.address) as peer:
-        peer.hello({"protocol": 1, "role": "shares", "model": fingerprint, "share": 1, "lm_head": True,
+        peer.hello({"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 1, "lm_head": True,
                     "dtype": "float32"})
         peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))  # describe + key
         assert peer.receive()[0] == RESULT
