@@ -140,6 +140,7 @@ def codecs_command(args) -> int:
     from lambdasplit.bench.report import describe_machine, print_table, write_outputs
     from lambdasplit.errors import UsageError
     from lambdasplit.llm.checkpoint import Checkpoint
+    from lambdasplit.wire.codecs import get_codec
 
     torch.set_num_threads(args.threads)
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
@@ -148,6 +149,8 @@ def codecs_command(args) -> int:
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     if not codecs or args.prompts < 1 or args.new_tokens < 1:
         raise UsageError("--codecs needs at least one codec, --prompts and --new-tokens at least 1")
+    for codec in codecs:
+        get_codec(codec)  # a bad name is refused before any model loads
     model = resolve_model(args.model)
     splits = resolve_splits(args.splits, Checkpoint(model).config.num_hidden_layers)
     weights = [w.strip() for w in args.device_weights.split(",") if w.strip()]
