@@ -25,7 +25,7 @@ from lambdasplit.errors import UsageError
 from lambdasplit.llm.lowbit import apply_device_weights, device_weight_bytes
 from lambdasplit.llm.segments import load_body, load_head
 from lambdasplit.server.process import ServerProcess
-from lambdasplit.wire.codecs import get_codec, roundtrip
+from lambdasplit.wire.codecs import encode, get_codec, roundtrip
 
 PROMPTS = ["the cat sat on the mat and", "once upon a time there was", "in the beginning the"]
 SPLIT = "2:4"
@@ -85,6 +85,14 @@ def test_a_real_session_negotiates_each_codec_and_matches_the_in_process_measure
     device = DeviceModel.load(planted, SPLIT)
     body = load_body(planted, 2, 4)
     with ServerProcess(["--model", planted, "--layers", SPLIT]) as server:
+        # hostile STEPs first, refused from their headers; the server then serves everyone as before
+        huge = rawproto.blob_header(5, 8, 1, [1, 2**20, 64]) + bytes(64)  # 67 M values declared in 80 bytes
+        wrong_width = encode(torch.randn(1, 2, 65), get_codec("adaptive")).blob
+        for blob, expected in ((huge, "bad_tensor"), (wrong_width, "bad_shape")):
+            with rawproto.Peer(server.address) as peer:
+                peer.hello(_hello(device, "adaptive"))
+                peer.send(rawproto.step_frame(0, [blob]))
+                assert peer.outcome() == expected
         for codec in ("int8+ts", "adaptive", "int8+ts+z"):
             record = run_generation(model=planted, mode="split", prompt=PROMPTS[0], max_new_tokens=12, split=SPLIT,
                                     server=server.address, codec=codec, ignore_eos=True, chat=False, device=device)
@@ -98,11 +106,14 @@ def test_a_real_session_negotiates_each_codec_and_matches_the_in_process_measure
             assert _hello_outcome(server.address, device, name) == "bad_codec", name
 
 
+def _hello(device, codec) -> dict:
+    return {"protocol": 1, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
+            "dtype": "float32", "codec": codec}
+
+
 def _hello_outcome(address, device, codec) -> str:
     with rawproto.Peer(address) as peer:
-        hello = {"protocol": 1, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
-                 "dtype": "float32", "codec": codec}
-        peer.send(rawproto.json_frame(rawproto.HELLO, hello))
+        peer.send(rawproto.json_frame(rawproto.HELLO, _hello(device, codec)))
         return peer.outcome()
 
 
