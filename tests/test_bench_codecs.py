@@ -151,3 +151,12 @@ def test_bench_codecs_cli_writes_the_table_and_chart(planted, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
     assert main(["bench", "codecs", "--model", planted, "--codecs", "int9"]) != 0
     assert "unknown codec 'int9'" in capsys.readouterr().err
+
+
+def test_generate_device_weights_int8_runs_and_cloud_mode_refuses_it(planted, capsys):
+    common = ["generate", "--model", planted, "--prompt", PROMPTS[0], "--no-chat", "--max-new-tokens", "4",
+              "--ignore-eos", "--json"]
+    assert main([*common, "--mode", "local", "--device-weights", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
+    assert main([*common, "--mode", "cloud", "--server", "127.0.0.1:9", "--device-weights", "int8"]) != 0
+    assert "cloud mode runs none" in capsys.readouterr().err

@@ -241,8 +241,11 @@ def _reference_perplexity(model: str, split: str, ids: tuple[int, ...]) -> float
 
 def run_codecs_bench(*, model: str, splits: list[str], codecs: list[str], directions: list[str],
                      prompts: list[str], new_tokens: int = 60, heldout_tokens: int = 256,
-                     device_weights: list[str] = (), progress: bool = True) -> dict:
-    """Every (split, codec, direction) row, plus a device-weights row per split and mode."""
+                     device_weights: list[str] = (), progress: bool = True, partial=None) -> dict:
+    """Every (split, codec, direction) row, plus a device-weights row per split and mode.
+
+    `partial`: a file path that gets each row as a JSON line as soon as it is measured (long runs).
+    """
     from rich.progress import Progress
 
     for codec in codecs:
@@ -257,6 +260,9 @@ def run_codecs_bench(*, model: str, splits: list[str], codecs: list[str], direct
             bar.update(task, description=f"{split} {codec} {direction} weights={weights}")
             rows.append(measure_codec(model, split, codec, prompts, direction=direction, new_tokens=new_tokens,
                                       heldout_tokens=heldout_tokens, device_weights=weights))
+            if partial is not None:
+                with open(partial, "a", encoding="utf-8") as file:
+                    file.write(json.dumps(rows[-1]) + "\n")
             bar.advance(task)
     meta = {"model": model, "splits": splits, "codecs": codecs, "directions": directions, "prompts": prompts,
             "new_tokens": new_tokens, "heldout_tokens": heldout_tokens, "seconds": time.perf_counter() - began,

@@ -132,6 +132,16 @@ def add_codecs_command(which) -> None:
     c.set_defaults(func=codecs_command)
 
 
+def _partial_rows(out: str | None):
+    """DIR/rows.partial.jsonl: rows as they are measured, so a long run interrupted keeps what it did."""
+    if not out:
+        return None
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return Path(out) / "rows.partial.jsonl"
+
+
 def codecs_command(args) -> int:
     import torch
 
@@ -156,7 +166,8 @@ def codecs_command(args) -> int:
     weights = [w.strip() for w in args.device_weights.split(",") if w.strip()]
     result = run_codecs_bench(model=model, splits=splits, codecs=codecs, directions=directions,
                               prompts=default_prompts(args.prompts), new_tokens=args.new_tokens,
-                              heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json)
+                              heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json,
+                              partial=_partial_rows(args.out))
     for row in result["rows"]:
         row["model"] = args.model  # its name, not the cache folder it resolved to
     meta = {**result["meta"], "model": args.model, "command": _command_line()}
