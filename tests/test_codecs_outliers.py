@@ -42,7 +42,7 @@ def test_round_trip_keeps_outliers_exact_and_the_bulk_within_the_step(name):
     rows = x.reshape(-1, x.shape[-1])
     center = rows.median(dim=1).values
     sigma = (rows - center[:, None]).abs().median(dim=1).values * 1.4826
-    if codec.kind == outlier_codecs.THRESHOLD_SPLIT:
+    if codec.kind == outlier_codecs.THRESHOLD_SPLIT:  # at most 8 sigma over the grid's half-levels
         step = outlier_codecs.TS_SIGMAS * sigma / (2 ** (codec.bits - 1) - 1)
     else:
         step = sigma * 12**0.5 * 2.0**-codec.bits
@@ -60,7 +60,7 @@ def test_bytes_follow_the_bits_and_beat_affine_error_at_equal_size():
     assert abs(len(split.blob) - len(affine.blob)) < 0.05 * len(affine.blob)
     error = {name: (decode(encode(x, get_codec(name)).blob)[0] - x).pow(2).mean().item() for name in ("int8", "int8+ts")}
     assert error["int8+ts"] < error["int8"] / 100
-    assert len(encode(x, get_codec("int8+ts+z")).blob) < 0.9 * len(split.blob)  # the codes compress
+    assert len(encode(x, get_codec("int8+ts+z")).blob) < 0.97 * len(split.blob)  # the codes compress a little
     sizes = [len(encode(x, get_codec(f"adaptive{k}")).blob) for k in (6, 8, 10)]
     assert sizes[0] < sizes[1] < sizes[2] < fp16  # about one byte per vector value per 8 bits of bound
     assert 0.3 < (sizes[2] - sizes[1]) / (2 * 32 * 576 / 8) < 1.2
@@ -133,3 +133,9 @@ def _threshold_codes_offset(blob: bytes) -> int:
     position = 4 + 4 * ndim + 1 + 8 * tokens
     (count,) = struct.unpack_from("<I", blob, position)
     return position + 4 + 8 * count + 4
+
+
+def test_threshold_split_is_about_as_fine_as_affine_on_a_vector_without_outliers():
+    x = torch.randn(1, 16, 256)  # Gaussian: no value beyond ~4 sigma
+    error = {name: (decode(encode(x, get_codec(name)).blob)[0] - x).pow(2).mean().item() for name in ("int8", "int8+ts")}
+    assert error["int8+ts"] <= 1.3 * error["int8"]  # a grid symmetric about the median: a little coarser

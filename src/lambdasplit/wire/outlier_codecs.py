@@ -18,8 +18,9 @@ shape` header of wire/codecs.py; granularity is always `token`; T vectors of D v
     kind 5: u32 length, low bits: k_t bits each, vector by vector (each starts on a byte)
             u32 length, high parts in unary (q ones then a zero per value, all vectors)
 
-Kind 4, `intN+ts` (threshold split): step = 8 sigma / (2^(N-1) - 1); code = round((x -
-center) / step) in N bits, so values beyond 8 sigma are the exact ones. `+z` deflates the codes.
+Kind 4, `intN+ts` (threshold split): step = span / (2^(N-1) - 1), span = the largest
+|x - center| within 8 sigma; code = round((x - center) / step) in N bits, so values beyond
+8 sigma are the exact ones. `+z` deflates the codes.
 
 Kind 5, `adaptiveK` (token-wise adaptive bits): step = sigma * sqrt(12) / 2^K, so each
 vector's rounding error is about sigma / 2^K (K = the bound, `adaptive` = `adaptive8`).
@@ -85,7 +86,10 @@ def encode_payload(tensor: torch.Tensor, kind: int, bits: int, deflate: bool) ->
     center, spread = _robust_center_spread(rows)
     deviation = rows - center[:, None]
     if kind == THRESHOLD_SPLIT:
-        step = TS_SIGMAS * spread / (2 ** (bits - 1) - 1)
+        # the grid spans the inliers: up to 8 sigma, less when the vector's tails are shorter
+        inlier = deviation.abs() <= TS_SIGMAS * spread[:, None]
+        span = (deviation.abs() * inlier).amax(dim=1)
+        step = span / (2 ** (bits - 1) - 1)
     else:
         step = spread * math.sqrt(12.0) * 2.0**-bits
     step = step.clamp_min(torch.finfo(torch.float32).tiny)
