@@ -69,7 +69,9 @@ def test_bytes_follow_the_bits_and_beat_affine_error_at_equal_size():
 def test_names_parse_strictly():
     assert get_codec("adaptive").name == "adaptive" and get_codec("adaptive8").name == "adaptive"
     assert get_codec("int8+ts+z").name == "int8+ts+z"
-    for name in LLM_CODECS:
+    from lambdasplit.bench.codecs import DEFAULT_CODECS
+
+    for name in [*LLM_CODECS, *DEFAULT_CODECS.split(",")]:
         assert get_codec(name).name.removesuffix("/token") == name
     for bad in ("int1+ts", "int17+ts", "adaptive1", "adaptive15", "adaptive+z", "int8+ts/channel", "int8+tz",
                 "adaptivex"):
