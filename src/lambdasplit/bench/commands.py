@@ -133,6 +133,89 @@ def add_commands(subparsers) -> None:
     w.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     w.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     w.set_defaults(func=wan_command)
+    add_codecs_command(which)
+
+
+def add_codecs_command(which) -> None:
+    """`bench codecs` (bench/codecs.py): agreement, perplexity and bytes per token of wire codecs."""
+    from lambdasplit.bench.codecs import DEFAULT_CODECS, DEFAULT_SPLITS
+
+    c = which.add_parser("codecs", help="wire codecs: greedy agreement with fp32, perplexity change, bytes per token",
+                         description="Each codec on the uplink, the downlink and both, at each split, in process "
+                                     "through the wire's encode/decode (lambdasplit.bench.codecs).")
+    c.add_argument("--model", default=DEFAULT_LLM, help="Hub id, folder, zoo:NAME, or planted:FAMILY (a random model "
+                   "of that family built from a config, with planted outlier channels; default %(default)s)")
+    c.add_argument("--splits", default=DEFAULT_SPLITS, help="comma-separated X:Y, N = layer count (default %(default)s)")
+    c.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated codec names (default %(default)s)")
+    c.add_argument("--directions", default="up,down,both", help="coded directions (default %(default)s)")
+    c.add_argument("--prompts", type=int, default=5, help="chat prompts from audit/data/prompts.json (default %(default)s)")
+    c.add_argument("--new-tokens", type=int, default=60, help="greedy tokens per prompt, EOS masked (default %(default)s)")
+    c.add_argument("--heldout-tokens", type=int, default=256, help="held-out text for perplexity (default %(default)s)")
+    c.add_argument("--device-weights", default="", help="also rows with the device's weights in these modes, e.g. int8")
+    c.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
+    c.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    c.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    c.set_defaults(func=codecs_command)
+
+
+def _partial_rows(out: str | None):
+    """DIR/rows.partial.jsonl: rows as they are measured, so a long run interrupted keeps what it did."""
+    if not out:
+        return None
+    from pathlib import Path
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return Path(out) / "rows.partial.jsonl"
+
+
+def codecs_command(args) -> int:
+    import torch
+
+    from lambdasplit.bench.codecs import COLUMNS, DIRECTIONS, default_prompts, resolve_model, run_codecs_bench, write_chart
+    from lambdasplit.bench.llm import resolve_splits
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.errors import UsageError
+    from lambdasplit.llm.checkpoint import Checkpoint
+    from lambdasplit.wire.codecs import get_codec
+
+    torch.set_num_threads(args.threads)
+    directions = [d.strip() for d in args.directions.split(",") if d.strip()]
+    if not directions or any(d not in DIRECTIONS for d in directions):
+        raise UsageError(f"--directions takes a comma-separated subset of {', '.join(DIRECTIONS)}")
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if not codecs or args.prompts < 1 or args.new_tokens < 1:
+        raise UsageError("--codecs needs at least one codec, --prompts and --new-tokens at least 1")
+    for codec in codecs:
+        get_codec(codec)  # a bad name is refused before any model loads
+    model = resolve_model(args.model)
+    splits = resolve_splits(args.splits, Checkpoint(model).config.num_hidden_layers)
+    weights = [w.strip() for w in args.device_weights.split(",") if w.strip()]
+    result = run_codecs_bench(model=model, splits=splits, codecs=codecs, directions=directions,
+                              prompts=default_prompts(args.prompts), new_tokens=args.new_tokens,
+                              heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json,
+                              partial=_partial_rows(args.out))
+    for row in result["rows"]:
+        row["model"] = args.model  # its name, not the cache folder it resolved to
+    meta = {**result["meta"], "model": args.model, "command": _command_line()}
+    title = (f"Wire codecs: {args.model}, {args.prompts} chat prompts x {args.new_tokens} greedy tokens, "
+             f"agreement with fp32")
+    notes = [
+        "agreement: generated tokens equal to fp32's position by position; before 1st diff: tokens before the first "
+        "difference; Δ ppl: perplexity change on held-out text against fp32; B/token: blob bytes per decode step in "
+        "each coded direction; of fp16: coded bytes / fp16 bytes for the same tensors",
+        describe_machine(meta["machine"]),
+        f"command: `{meta['command']}`",
+    ]
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:2]))
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
+        if not args.json:
+            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    return 0
 
 
 def _command_line() -> str:

@@ -89,8 +89,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
-    p.add_argument("--codec", default="fp32", help="fp32, fp16, bf16, int8 (per-token affine), or coarser int6 .. int2 "
-                   "(these change the output; a warning says so)")
+    p.add_argument("--codec", default="fp32",
+                   help="hidden states on the wire, both directions: fp32, fp16, bf16, intN (per-token affine), "
+                        "intN+ts (threshold split: outliers exact), adaptiveK (error ~ sigma/2^K, Rice-coded); "
+                        "lossy ones change the output, a warning says so; see `bench codecs`")
+    p.add_argument("--device-weights", default="float", choices=["float", "int8"],
+                   help="int8: the head's and tail's weights int8 weight-only on the device (not exact; "
+                        "`bench codecs --device-weights int8` measures the cost)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -147,7 +152,7 @@ def generate_command(args) -> int:
         return _shared_command(args, sampling, stream)
 
     record = run_generation(
-        model=args.model, mode=args.mode, prompt=args.prompt, max_new_tokens=args.max_new_tokens, split=args.split,
+        device=_device(args), model=args.model, mode=args.mode, prompt=args.prompt, max_new_tokens=args.max_new_tokens, split=args.split,
         server=args.server, cache=args.cache, codec=args.codec, sampling=sampling, dtype=args.dtype,
         token=args.token, tls_ca=args.tls_ca, link=args.link, ignore_eos=args.ignore_eos,
         chat=False if args.no_chat else None, on_text=None if args.json else stream,
@@ -191,6 +196,20 @@ def _shared_command(args, sampling, stream) -> int:
               f"{down[0]} B down, server B {up[1]} B up / {down[1]} B down, "
               f"{plural(record['round_trips'], 'round trip')} to each]", file=sys.stderr)
     return 0
+def _device(args):
+    """The device model with --device-weights applied, or None (run_generation loads it)."""
+    if getattr(args, "device_weights", "float") == "float":
+        return None
+    from lambdasplit.errors import LambdaSplitError
+
+    if args.mode == "cloud":
+        raise LambdaSplitError("--device-weights acts on the device's head and tail; cloud mode runs none")
+    from lambdasplit.client.device import DeviceModel
+    from lambdasplit.llm.lowbit import apply_device_weights
+
+    device = DeviceModel.load(args.model, args.split if args.mode == "split" else None, args.dtype)
+    apply_device_weights(device, args.device_weights)
+    return device
 
 
 def _draft_tokens(value: str):

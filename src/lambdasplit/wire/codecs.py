@@ -2,7 +2,7 @@
 
 Blob layout (little-endian), documented in docs/protocol.md:
 
-    u8 kind (0 fp32, 1 fp16, 2 bf16, 3 affine int) | u8 bits | u8 granularity | u8 ndim
+    u8 kind (0 fp32, 1 fp16, 2 bf16, 3 affine int, 4 threshold split, 5 adaptive) | u8 bits | u8 granularity | u8 ndim
     u32 x ndim shape
     affine only: f32 x G scales, then f32 x G offsets (G groups, see granularity)
     payload: ceil(numel * bits / 8) bytes (affine values bit-packed, least significant bit first)
@@ -11,6 +11,10 @@ Affine quantisation: q = round((x - min) / scale), scale = (max - min) / (2^bits
 group; decoded as q * scale + min. Granularity names the groups: `tensor` (one),
 `token` (one per vector along the last dim: the LLM hidden-state case), `channel` (one
 per index of dim 1: the diffusion case).
+
+Kinds 4 and 5 (`intN+ts`, `adaptive`: LLM hidden states with outliers) live in
+wire/outlier_codecs.py and register their header reader, decoder and encoder below.
+`LLM_CODECS` lists the names `generate --codec` and `bench codecs` offer for hidden states.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ import numpy as np
 import torch
 
 from lambdasplit.errors import ProtocolError, UsageError
+from lambdasplit.wire import outlier_codecs
 
 FLOAT_KINDS = {"fp32": (0, 32, torch.float32), "fp16": (1, 16, torch.float16), "bf16": (2, 16, torch.bfloat16)}
 AFFINE = 3
 GRANULARITIES = ("tensor", "token", "channel")
 MAX_NDIM = 8
+# Hidden-state codecs worth offering for LLMs, cheapest-to-richest within each family.
+LLM_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int4+ts", "int8+ts", "int8+ts+z", "int10+ts+z", "adaptive6",
+              "adaptive7", "adaptive", "adaptive9")
 
 
 @dataclass(frozen=True)
@@ -66,12 +74,17 @@ def get_codec(name: str, default_granularity: str = "token") -> Codec:
     if name in FLOAT_KINDS:
         kind, bits, _ = FLOAT_KINDS[name]
         return Codec(name, kind, bits)
+    parsed = outlier_codecs.parse_name(name)
+    if parsed is not None:
+        kind, bits, deflate = parsed
+        return Codec(outlier_codecs.codec_name(kind, bits, deflate), kind, bits, "token")
     base, _, granularity = name.partition("/")
     granularity = granularity or default_granularity
     if base.startswith("int") and base[3:].isdigit() and 2 <= int(base[3:]) <= 8 and granularity in GRANULARITIES:
         return Codec(f"{base}/{granularity}", AFFINE, int(base[3:]), granularity)
     raise UsageError(
-        f"unknown codec {name!r}: use fp32, fp16, bf16 or intN with N in 2..8, optionally /tensor, /token or /channel"
+        f"unknown codec {name!r}: use fp32, fp16, bf16, intN with N in 2..8 (optionally /tensor, /token or "
+        f"/channel), intN+ts[+z] with N in 2..16 or adaptive[K] with K in 2..14"
     )
 
 
@@ -129,6 +142,10 @@ def encode(tensor: torch.Tensor, codec: Codec) -> Encoded:
     granularity_id = GRANULARITIES.index(codec.granularity)
     header = struct.pack("<BBBB", codec.kind, codec.bits, granularity_id, tensor.dim())
     header += struct.pack(f"<{tensor.dim()}I", *tensor.shape)
+    if codec.kind in OUTLIER_KINDS:
+        deflate = codec.name.endswith("+z")
+        body, payload, side = outlier_codecs.encode_payload(tensor, codec.kind, codec.bits, deflate)
+        return Encoded(header + body, payload, side)
     if codec.kind != AFFINE:
         dtype = FLOAT_KINDS[codec.name][2]
         values = tensor.to(dtype).contiguous()
@@ -227,8 +244,12 @@ def _decode_affine(data: memoryview, header: BlobHeader) -> torch.Tensor:
 
 
 _UNPACK_CHUNK = 1 << 20  # values per unpacking chunk (a multiple of 8)
-HEADER_READERS = {0: _float_header, 1: _float_header, 2: _float_header, AFFINE: _affine_header}
-DECODERS = {0: _decode_float, 1: _decode_float, 2: _decode_float, AFFINE: _decode_affine}
+OUTLIER_KINDS = (outlier_codecs.THRESHOLD_SPLIT, outlier_codecs.ADAPTIVE)
+HEADER_READERS = {0: _float_header, 1: _float_header, 2: _float_header, AFFINE: _affine_header,
+                  outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.read_header,
+                  outlier_codecs.ADAPTIVE: outlier_codecs.read_header}
+DECODERS = {0: _decode_float, 1: _decode_float, 2: _decode_float, AFFINE: _decode_affine,
+            outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.decode, outlier_codecs.ADAPTIVE: outlier_codecs.decode}
 
 
 def read_header(blob: memoryview | bytes, offset: int = 0) -> BlobHeader:
