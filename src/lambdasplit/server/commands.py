@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
 from lambdasplit.errors import LambdaSplitError
+from lambdasplit.server.ops import ServerOps, configure_logging
 from lambdasplit.server.server import BodyServer, Limits, bind_listener, check_exposure
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
@@ -67,6 +67,25 @@ def add_commands(subparsers) -> None:
                    help="unread replies (MiB) beyond the one being sent before the session is dropped")
     p.add_argument("--max-frame-mb", type=float, default=defaults.max_frame_mb, help="largest frame accepted (MiB)")
     p.add_argument("--max-positions", type=int, default=defaults.max_positions, help="positions per session")
+    # Operations (server/ops.py) and scale-out on Ray (server/ray_cluster.py); docs/deploy.md.
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, help="serve /metrics (Prometheus), /healthz and /readyz on this "
+                     "port (0: a free one, printed); off by default")
+    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (plain HTTP)")
+    ops.add_argument("--log-format", choices=["text", "json"], default="text",
+                     help="logs on stderr, one line per session start and end: text or one JSON object per line")
+    ray_opts = p.add_argument_group("scale-out on Ray")
+    ray_opts.add_argument("--ray", action="store_true", help="run the body in Ray actors (replicas) behind one "
+                          "router on --host/--port; sessions go to the least-loaded live replica")
+    ray_opts.add_argument("--replicas", type=int, default=2, help="body replicas (Ray actors)")
+    ray_opts.add_argument("--ray-address", help="join this Ray cluster (`auto` after `ray start`); default: start "
+                          "a local one")
+    ray_opts.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    ray_opts.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica takes")
+    ray_opts.add_argument("--replica-timeout", type=float, default=300.0,
+                          help="seconds a replica may take to load its model and listen")
+    ray_opts.add_argument("--health-interval", type=float, default=1.0,
+                          help="seconds between checks that each replica's actor is alive")
     p.set_defaults(func=serve_command)
 
 
@@ -117,6 +136,46 @@ def serve_command(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LambdaSplitError("--tls-cert and --tls-key go together")
     token = read_token(args)
+    limits = limits_from_args(args)
+    # Everything that can be refused without the model is checked first (loading takes a while).
+    check_exposure(args.host, token, args.tls_cert, args.insecure)
+    if args.ray:
+        from lambdasplit.server.ray_cluster import serve_on_ray  # noqa: PLC0415 (Ray is an optional extra)
+
+        return serve_on_ray(args, token, limits)
+    listener = bind_listener(args.host, args.port)
+    configure_logging(args.log_format)
+    ops = ServerOps()
+    if args.metrics_port is not None:  # answers /healthz (and /readyz: not yet) while the model loads
+        try:
+            port = ops.serve_http(args.metrics_host, args.metrics_port)
+        except BaseException:
+            listener.close()
+            raise
+        print(f"metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
+    try:
+        server = BodyServer(build_services(args), host=args.host, port=args.port, token=token,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
+                            sock=listener)
+    except BaseException:
+        listener.close()
+        raise
+    ops.attach(server)
+    for service in server.services:
+        print(f"hosting {service.description}", file=sys.stderr, flush=True)
+
+    def ready(s: BodyServer) -> None:
+        ops.set_ready()
+        print(f"listening on {s.host}:{s.port}", flush=True)
+
+    try:
+        asyncio.run(server.serve_forever(on_ready=ready))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def limits_from_args(args) -> Limits:
     limits = Limits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
                     max_pending_per_client=args.max_pending_per_client, max_total_sessions=args.max_total_sessions,
                     max_total_kv_mb=args.max_total_kv_mb, max_pending=args.max_pending,
@@ -127,25 +186,5 @@ def serve_command(args) -> int:
                     prefill_chunk=args.prefill_chunk)
     if limits.max_batch < 1 or limits.prefill_chunk < 1:
         raise LambdaSplitError("--max-batch and --prefill-chunk must be at least 1")
-    # Everything that can be refused without the model is checked first (loading takes a while).
-    check_exposure(args.host, token, args.tls_cert, args.insecure)
-    listener = bind_listener(args.host, args.port)
-    logging.basicConfig(level=logging.WARNING, format="lambdasplit serve: %(levelname)s %(message)s")
-    try:
-        server = BodyServer(build_services(args), host=args.host, port=args.port, token=token,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
-                            sock=listener)
-    except BaseException:
-        listener.close()
-        raise
-    for service in server.services:
-        print(f"hosting {service.description}", file=sys.stderr, flush=True)
+    return limits
 
-    def ready(s: BodyServer) -> None:
-        print(f"listening on {s.host}:{s.port}", flush=True)
-
-    try:
-        asyncio.run(server.serve_forever(on_ready=ready))
-    except KeyboardInterrupt:
-        pass
-    return 0
