@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -107,6 +108,10 @@ def watch(router: Router, replicas: list[tuple[object, Replica]], interval: floa
                 router.mark_dead(replica, type(error).__name__)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve_on_ray(args, token: str | None, limits) -> int:
     if args.replicas < 1:
         raise LambdaSplitError("--replicas must be at least 1")
@@ -115,6 +120,7 @@ def serve_on_ray(args, token: str | None, limits) -> int:
     stop = threading.Event()
     try:
         start_ray(args.ray_address, args.ray_num_cpus)
+        signal.signal(signal.SIGTERM, _interrupt)  # after ray.init (it sets its own): shut Ray down cleanly
         replicas = start_replicas(args, token, limits, args.replicas)
         router = Router([r for _, r in replicas])
         if args.metrics_port is not None:
