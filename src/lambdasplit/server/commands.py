@@ -140,7 +140,10 @@ def serve_command(args) -> int:
     # Everything that can be refused without the model is checked first (loading takes a while).
     check_exposure(args.host, token, args.tls_cert, args.insecure)
     if args.ray:
-        from lambdasplit.server.ray_cluster import serve_on_ray  # noqa: PLC0415 (Ray is an optional extra)
+        try:
+            from lambdasplit.server.ray_cluster import serve_on_ray  # noqa: PLC0415 (Ray is an optional extra)
+        except ImportError as error:
+            raise LambdaSplitError(f"serve --ray needs Ray ({error}): pip install 'lambdasplit[ray]'") from None
 
         return serve_on_ray(args, token, limits)
     listener = bind_listener(args.host, args.port)
