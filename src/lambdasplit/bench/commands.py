@@ -99,6 +99,19 @@ def add_commands(subparsers) -> None:
     r.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     r.set_defaults(func=redundancy_command)
+    # Scale-out (ops): aggregate tokens/s through `serve --ray` with 1, 2, ... replicas (bench/replicas.py).
+    rp = which.add_parser("replicas", help="aggregate tokens/s through `serve --ray` with 1, 2, ... body replicas",
+                          description="Real `serve --ray --replicas R` processes; N client threads replay real "
+                                      "prompts' head outputs through the router (lambdasplit.bench.replicas).")
+    rp.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
+    rp.add_argument("--split", default="2:28", help="X:Y, the body is layers [X, Y) (default %(default)s)")
+    rp.add_argument("--replicas", default="1,2", help="comma-separated replica counts (default %(default)s)")
+    rp.add_argument("--clients", default="1,2,4,8", help="comma-separated session counts (default %(default)s)")
+    rp.add_argument("--new-tokens", type=int, default=16, help="tokens per session (default %(default)s)")
+    rp.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs (and torch threads) per replica")
+    rp.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
+    rp.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
+    rp.set_defaults(func=replicas_command)
 
     # The diffusion benchmark lives in lambdasplit.diffusion.bench; its options are parsed
     # only when it runs, so `bench llm` never imports diffusers (nor breaks without it).
@@ -451,3 +464,39 @@ def _names(text: str, allowed: set[str]) -> tuple[str, ...]:
     if unknown or not names:
         raise LambdaSplitError(f"expected a comma-separated subset of {', '.join(sorted(allowed))}, got {text!r}")
     return names
+
+
+def replicas_command(args) -> int:
+    from lambdasplit.bench.replicas import COLUMNS, run_replicas_bench, write_chart
+    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.errors import UsageError
+
+    try:
+        replicas = [int(c) for c in args.replicas.split(",") if c.strip()]
+        clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UsageError("--replicas and --clients take comma-separated integers") from None
+    if not replicas or not clients or min(replicas + clients) < 1 or args.new_tokens < 1:
+        raise UsageError("--replicas and --clients need counts >= 1, --new-tokens >= 1")
+    result = run_replicas_bench(model=args.model, split=args.split, replicas=replicas, clients=clients,
+                                new_tokens=args.new_tokens, replica_cpus=args.replica_cpus, progress=not args.json)
+    meta = {**result["meta"], "command": _command_line()}
+    title = (f"Scale-out: {args.model} body {meta['split']} on `serve --ray`, {args.new_tokens} tokens per session, "
+             f"{args.replica_cpus:g} CPU per replica")
+    notes = [
+        "real serve --ray processes (local Ray cluster, router on loopback); client threads in the bench process "
+        "replay precomputed head outputs; tokens/s = sessions x tokens / wall time; step latency = one STEP round "
+        "trip through the router; startup = Ray + replicas loading, until the router listens",
+        describe_machine(meta["machine"]) + " (at start)",
+        f"command: `{meta['command']}`",
+    ]
+    if args.json:
+        print(json.dumps({"rows": result["rows"], "meta": meta}))
+    else:
+        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:2]))
+    if args.out:
+        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+        write_chart(out / "chart.png", result["rows"], title)
+        if not args.json:
+            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -98,6 +97,25 @@ def add_commands(subparsers) -> None:
                    help="unread replies (MiB) beyond the one being sent before the session is dropped")
     p.add_argument("--max-frame-mb", type=float, default=defaults.max_frame_mb, help="largest frame accepted (MiB)")
     p.add_argument("--max-positions", type=int, default=defaults.max_positions, help="positions per session")
+    # Operations (server/ops.py) and scale-out on Ray (server/ray_cluster.py); docs/deploy.md.
+    ops = p.add_argument_group("operations")
+    ops.add_argument("--metrics-port", type=int, help="serve /metrics (Prometheus), /healthz and /readyz on this "
+                     "port (0: a free one, printed); off by default")
+    ops.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (plain HTTP)")
+    ops.add_argument("--log-format", choices=["text", "json"], default="text",
+                     help="logs on stderr, one line per session start and end: text or one JSON object per line")
+    ray_opts = p.add_argument_group("scale-out on Ray")
+    ray_opts.add_argument("--ray", action="store_true", help="run the body in Ray actors (replicas) behind one "
+                          "router on --host/--port; sessions go to the least-loaded live replica")
+    ray_opts.add_argument("--replicas", type=int, default=2, help="body replicas (Ray actors)")
+    ray_opts.add_argument("--ray-address", help="join this Ray cluster (`auto` after `ray start`); default: start "
+                          "a local one")
+    ray_opts.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    ray_opts.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs each replica takes")
+    ray_opts.add_argument("--replica-timeout", type=float, default=300.0,
+                          help="seconds a replica may take to load its model and listen")
+    ray_opts.add_argument("--health-interval", type=float, default=1.0,
+                          help="seconds between checks that each replica's actor is alive")
     p.set_defaults(func=serve_command)
 
 
@@ -155,6 +173,7 @@ def serve_command(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise LambdaSplitError("--tls-cert and --tls-key go together")
     token = read_token(args)
+    from lambdasplit.server.ops import ServerOps, configure_logging  # noqa: PLC0415
     from lambdasplit.server.server import BodyServer, bind_listener, check_exposure  # noqa: PLC0415 (torch)
 
     limits = limits_from_args(args)
@@ -162,8 +181,23 @@ def serve_command(args) -> int:
         raise LambdaSplitError("--max-batch and --prefill-chunk must be at least 1")
     # Everything that can be refused without the model is checked first (loading takes a while).
     check_exposure(args.host, token, args.tls_cert, args.insecure)
+    if args.ray:
+        try:
+            from lambdasplit.server.ray_cluster import serve_on_ray  # noqa: PLC0415 (Ray is an optional extra)
+        except ImportError as error:
+            raise LambdaSplitError(f"serve --ray needs Ray ({error}): pip install 'lambdasplit[ray]'") from None
+
+        return serve_on_ray(args, token, limits)
     listener = bind_listener(args.host, args.port)
-    logging.basicConfig(level=logging.WARNING, format="lambdasplit serve: %(levelname)s %(message)s")
+    configure_logging(args.log_format)
+    ops = ServerOps()
+    if args.metrics_port is not None:  # answers /healthz (and /readyz: not yet) while the model loads
+        try:
+            port = ops.serve_http(args.metrics_host, args.metrics_port)
+        except BaseException:
+            listener.close()
+            raise
+        print(f"metrics on http://{args.metrics_host}:{port}/metrics", file=sys.stderr, flush=True)
     try:
         server = BodyServer(build_services(args), host=args.host, port=args.port, token=token,
                             tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure, limits=limits,
@@ -171,10 +205,12 @@ def serve_command(args) -> int:
     except BaseException:
         listener.close()
         raise
+    ops.attach(server)
     for service in server.services:
         print(f"hosting {service.description}", file=sys.stderr, flush=True)
 
     def ready(s: BodyServer) -> None:
+        ops.set_ready()
         print(f"listening on {s.host}:{s.port}", flush=True)
 
     try:
@@ -182,3 +218,5 @@ def serve_command(args) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+

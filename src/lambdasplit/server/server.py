@@ -165,6 +165,8 @@ class Admission:
         self.grants: dict[object, int] = {}  # handler -> KV bytes granted
         self.last_active: dict[object, float] = {}  # handler -> monotonic time of its last frame
         self.waiting: list[object] = []  # new sessions waiting for server-wide KV budget, first come first
+        self.queued_at: dict[object, float] = {}  # handler -> when it joined `waiting`
+        self.on_queue_wait = None  # ops.py: called with the seconds a session waited, once granted
 
     def open(self, client: str, handler) -> None:
         limits = self.limits
@@ -201,6 +203,7 @@ class Admission:
                     del self.clients[client]
             self.grants.pop(handler, None)
             self.last_active.pop(handler, None)
+            self.queued_at.pop(handler, None)
             if handler in self.waiting:
                 self.waiting.remove(handler)
 
@@ -230,6 +233,7 @@ class Admission:
                                                            f"taken and {len(self.waiting)} sessions are waiting "
                                                            "already; retry later or on another server")
                     self.waiting.append(handler)
+                    self.queued_at[handler] = time.monotonic()
                 return False
             if nbytes + everyone > limits.max_total_kv_bytes:
                 raise ProtocolError(
@@ -239,11 +243,15 @@ class Admission:
                 )
             if handler in self.waiting:
                 self.waiting.remove(handler)
+                waited = time.monotonic() - self.queued_at.pop(handler)
+                if self.on_queue_wait is not None:
+                    self.on_queue_wait(waited)
             self.grants[handler] = nbytes
             return True
 
     def queue_timed_out(self, handler) -> ProtocolError:
         with self.lock:
+            self.queued_at.pop(handler, None)
             if handler in self.waiting:
                 self.waiting.remove(handler)
         limits = self.limits
@@ -267,6 +275,8 @@ class _Outbox:
         self.loop, self.writer, self.limits = loop, writer, limits
         self.dropped = threading.Event()
         self.reason = ""
+        self.bytes_in = self.bytes_out = self.frames_in = 0  # the session's traffic (ops.py: metrics, logs)
+        self.error: str | None = None  # the code of the ERROR frame that ended it, if one did
 
     def emit(self, frame: bytes) -> None:  # called from a compute thread
         if self.dropped.is_set():
@@ -280,6 +290,7 @@ class _Outbox:
             self.drop(f"more than {self.limits.max_unsent_mb:g} MiB of replies unread")
             return
         self.writer.write(frame)
+        self.bytes_out += len(frame)
 
     async def drain(self) -> None:
         if self.dropped.is_set():
@@ -440,6 +451,7 @@ class BodyServer:
                 self._read_frame(reader, self.limits.max_hello_bytes), self.limits.hello_timeout)
             if frame_type != FrameType.HELLO:
                 raise ProtocolError("expected_hello", f"a session starts with HELLO, got {frame_type.name}")
+            outbox.bytes_in += FRAME_HEADER.size + len(body)
             hello = parse_json(body)
             service = self._admit(hello)
             handler = service.open(hello, self.limits)
@@ -449,10 +461,11 @@ class BodyServer:
             pending = False
             session_id = next(self._ids)
             self.sessions[session_id] = handler
-            writer.write(json_frame(FrameType.WELCOME, self._welcome(service, session_id)))
+            outbox._write(json_frame(FrameType.WELCOME, self._welcome(service, session_id)))
             await outbox.drain()
             began = time.monotonic()
-            self._session_event("start", {"session": session_id, "client": client, "service": service.description})
+            self._session_event("start", {"session": session_id, "client": client, "service": service.description,
+                                          "traffic": outbox, "handler": handler})
             await self._session_loop(handler, reader, outbox)
         except ProtocolError as error:
             await self._send_error(outbox, error.code, error.message)
@@ -544,9 +557,11 @@ class BodyServer:
         pool = self.generation_executor if handler.long_running else self.executor
         while True:
             frame_type, body = await asyncio.wait_for(self._read_frame(reader), self.limits.idle_timeout)
+            outbox.bytes_in += FRAME_HEADER.size + len(body)
             self.admission.touch(handler)
             if frame_type == FrameType.CLOSE:
                 return
+            outbox.frames_in += 1
             # Handlers queue their replies (outbox.emit never blocks); only this coroutine waits for the peer.
             if handle_async is not None:
                 await handle_async(frame_type, body, outbox.emit, run)
@@ -583,10 +598,14 @@ class BodyServer:
                 log.exception("session hook failed")
 
     async def _send_error(self, outbox: _Outbox, code: str, message: str) -> None:
+        outbox.error = code
+        self._session_event("error", {"code": code})
         if outbox.dropped.is_set():
             return
         try:
-            outbox.writer.write(error_frame(code, message))
+            frame = error_frame(code, message)
+            outbox.writer.write(frame)
+            outbox.bytes_out += len(frame)
             await outbox.drain()
         except Exception:
             pass
