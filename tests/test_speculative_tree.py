@@ -164,3 +164,29 @@ def test_lossy_codec_speculation_equals_plain_with_the_same_codec(llama, codec):
     finite = torch.isfinite(lossless)  # special tokens masked to -inf in both
     assert (lossy[finite] - lossless[finite]).abs().max() > 1e-3
     torch.testing.assert_close(torch.stack(spec.logits), torch.stack(plain.logits), atol=2e-3, rtol=0)
+
+
+def test_bench_wan_tiny_eagle_tree(capsys, tiny_model_dir, tmp_path):
+    """`bench wan` with the eagle sources (an untrained head saved for the tiny model) and the tree oracle."""
+    import json
+
+    from lambdasplit.cli import main
+
+    folder = str(tiny_model_dir("llama"))
+    device = DeviceModel.load(folder)
+    head_dir = tmp_path / "head"
+    _head(device).save(head_dir, {"target": folder, "target_fingerprint": device.checkpoint.fingerprint})
+    out = tmp_path / "wan"
+    assert main(["bench", "wan", "--model", folder, "--delays", "5", "--presets", "", "--prompts", "1",
+                 "--new-tokens", "8", "--sources", "eagle,eagle-tree", "--draft-model", str(head_dir),
+                 "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["speculate"] for r in rows] == ["none", "eagle", "eagle-tree"]
+    assert all(r["same_ids"] is True and r["drafted_positions"] > 0 for r in rows[1:])
+    tree = json.loads((out / "tree.json").read_text())
+    assert printed["tree"] == tree and tree["rounds"] > 0 and tree["nodes_per_tree"] > tree["depth"]
+    # the path sent and the greedy chain are paths of the tree: the whole tree accepts at least as much
+    assert tree["tokens_per_round_trip_tree"] >= max(tree["tokens_per_round_trip_path"],
+                                                     tree["tokens_per_round_trip_chain"]) >= 1.0
+    assert "eagle-tree" in (out / "table.md").read_text()

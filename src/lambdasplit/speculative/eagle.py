@@ -150,12 +150,12 @@ class Tree:
 
 
 class EagleSource:
-    name = "eagle"
 
     def __init__(self, head: EagleHead, embed, tail, width: int = 1, branch: int = 1):
         """width = branch = 1: a greedy chain; wider: EAGLE-2's tree, verified along its best path."""
         self.head, self.embed, self.tail = head, embed, tail
         self.width, self.branch = max(1, width), max(1, branch)
+        self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
         self.trees: list[tuple[int, Tree, list[int]]] | None = None  # set to [] to record (length, tree, path sent)
         self.cache = DynamicCache(config=head.config)
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
