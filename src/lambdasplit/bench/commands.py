@@ -134,7 +134,7 @@ def add_commands(subparsers) -> None:
     w.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
     w.add_argument("--split", help="X:Y (default 2:N-2)")
     w.add_argument("--sources", default="lookup,lookahead", help="comma-separated --speculate sources besides none "
-                   "(lookup, lookahead, draft, eagle; default %(default)s)")
+                   "(lookup, lookahead, draft, eagle, eagle-tree; default %(default)s)")
     w.add_argument("--draft-model", help="for the draft and eagle sources")
     w.add_argument("--draft-tokens", default="auto", help="K or auto (default %(default)s)")
     w.add_argument("--delays", default="5,20,40,80", help="one-way delays in ms (default %(default)s)")
@@ -402,7 +402,7 @@ def wan_command(args) -> int:
     from lambdasplit.bench.wan import COLUMNS, run_wan, write_chart
     from lambdasplit.speculative.adaptive import parse_draft_tokens
 
-    sources = list(_names(args.sources, {"none", "lookup", "lookahead", "draft", "eagle"}))
+    sources = list(_names(args.sources, {"none", "lookup", "lookahead", "draft", "eagle", "eagle-tree"}))
     result = run_wan(model=args.model, split=args.split, sources=sources, delays=args.delays, presets=args.presets,
                      new_tokens=args.new_tokens, prompts=args.prompts, codec=args.codec, draft_model=args.draft_model,
                      draft_tokens=parse_draft_tokens(args.draft_tokens), threads=args.threads, progress=not args.json)
@@ -415,12 +415,18 @@ def wan_command(args) -> int:
              "greedy token ids equal plain split decoding's on that link",
              describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
     if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
+        print(json.dumps({"rows": result["rows"], "meta": meta, "tree": result.get("tree")}))
     else:
         print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
     if args.out:
         out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
         write_chart(out / "chart.png", result["rows"], title)
+        if result.get("tree"):  # eagle-tree: what verifying the whole tree in one step would add
+            (out / "tree.json").write_text(json.dumps(result["tree"], indent=1) + "\n")
+            with open(out / "table.md", "a") as handle:
+                handle.write("\n## eagle-tree: tokens per round trip if verified as\n\n" + "\n".join(
+                    f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in result["tree"].items())
+                    + "\n")
     return 0
 
 

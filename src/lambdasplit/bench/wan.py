@@ -90,7 +90,7 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
         def generate(prompt: str, source: str, link: str | None) -> dict:
             return run_generation(model=checkpoint, mode="split", prompt=prompt, max_new_tokens=new_tokens,
                                   split=split, server=server.address, codec=codec, link=link, device=device,
-                                  speculate=source, draft_model=draft_model if source in ("draft", "eagle") else None,
+                                  speculate=source, draft_model=draft_model if source in ("draft", "eagle", "eagle-tree") else None,
                                   draft_tokens=draft_tokens)
 
         generate(chosen[0][1], "none", None)  # warm-up: first-call costs stay out of the table
@@ -113,6 +113,8 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
                 for r in rows:
                     if r["link"] == link:
                         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
+        tree = tree_oracle(device, server.address, [p for _, p in chosen], new_tokens, codec,
+                           draft_model) if "eagle-tree" in sources else None
     meta = {
         "model": model, "split": split, "num_layers": n, "hidden_size": checkpoint.config.hidden_size,
         "codec": codec, "new_tokens": new_tokens, "prompts": [{"kind": k, "prompt": p} for k, p in chosen],
@@ -121,7 +123,54 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
         "server": "lambdasplit serve subprocess on loopback", "seconds": time.perf_counter() - began,
         "machine": machine(),
     }
-    return {"rows": rows, "meta": meta}
+    return {"rows": rows, "meta": meta, "tree": tree}
+
+
+def tree_oracle(device, address: str, prompts: list[str], new_tokens: int, codec: str,
+                draft_model: str | None, depth: int = 6) -> dict:
+    """What verifying EAGLE's whole tree in one step (protocol v2's `parents`) would add over the best path
+    sent as a chain: for every round of an `eagle-tree` run with a fixed depth, the tokens the target accepts
+    from the path sent (then +1 for its own token) vs from the best path in the whole tree (greedy: the
+    deepest path matching the target's own continuation), and what the greedy chain alone would get."""
+    from lambdasplit.client import RemoteBody
+    from lambdasplit.speculative import make_source
+
+    sums = {"rounds": 0, "chain": 0, "path": 0, "tree": 0, "nodes": 0}
+    for prompt in prompts:
+        source = make_source("eagle-tree", device, draft_model=draft_model)  # fresh head cache per prompt
+        source.trees = []
+        prompt_ids = device.encode(prompt)
+        with RemoteBody.for_device(device, address, codec=codec) as body:
+            result = device.generate(prompt_ids, body=body, max_new_tokens=new_tokens, speculate=source,
+                                     draft_tokens=depth)
+        for length, tree, path in source.trees:
+            truth = result.token_ids[length - len(prompt_ids):]
+            chain = _greedy_chain(tree)
+            sums["rounds"] += 1
+            sums["nodes"] += len(tree.tokens)
+            sums["path"] += _matched([tree.tokens[i] for i in path], truth)
+            sums["chain"] += _matched(chain, truth)
+            sums["tree"] += tree.accepted_by(truth)
+    rounds = max(1, sums["rounds"])
+    return {"depth": depth, "rounds": sums["rounds"], "nodes_per_tree": sums["nodes"] / rounds,
+            **{f"tokens_per_round_trip_{k}": 1 + sums[k] / rounds for k in ("chain", "path", "tree")}}
+
+
+def _greedy_chain(tree) -> list[int]:
+    node, tokens = -1, []
+    while True:
+        children = [i for i, p in enumerate(tree.parents) if p == node]
+        if not children:
+            return tokens
+        node = max(children, key=lambda i: tree.scores[i])
+        tokens.append(tree.tokens[node])
+
+
+def _matched(draft: list[int], truth: list[int]) -> int:
+    n = 0
+    while n < len(draft) and n < len(truth) and draft[n] == truth[n]:
+        n += 1
+    return n
 
 
 def summarize(link: str, source: str, records: list[dict]) -> dict:

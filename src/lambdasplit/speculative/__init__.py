@@ -8,7 +8,7 @@ positions from every cache, the server's included (see client.generation.StepMod
     sources.py     the DraftSource interface and `make_source`; lookup (prompt lookup)
     lookahead.py   lookahead decoding: Jacobi iteration with an n-gram pool (chain form)
     draft_model.py a small Hugging Face causal LM on the device sharing the tokenizer
-    eagle.py       the EAGLE-style feature-level draft head (model, source, loading)
+    eagle.py       the EAGLE-style feature-level draft head (model, source, loading; chain or EAGLE-2 tree)
     acceptance.py  verification: greedy, and the speculative-sampling acceptance rule
     adaptive.py    the draft length chosen from measured acceptance and step costs
     decode.py      the speculative generation loop over the one step API

@@ -12,13 +12,21 @@ trained (zoo/draft_train.py, `lambdasplit zoo train smollm2-draft`); the embeddi
 and LM head are the device's, so the head adds a few MB to the device, nothing to the
 server, and sees nothing the device does not already hold.
 
-Drafting is a chain (k tokens, verified by an ordinary step). EAGLE's tree of candidates
-needs a STEP carrying a tree attention mask (docs/speculative.md): not in protocol v1.
+Drafting builds EAGLE-2's tree on the device (`draft_tree`: at each depth the `width`
+nodes of highest cumulative draft probability are expanded into their `branch` most likely
+children, all in one forward of the head with a tree attention mask over its own cache),
+then sends the one root-to-node path that maximizes the expected accepted length (the sum
+of its prefixes' draft probabilities) as an ordinary chain step: protocol v1 verifies
+chains, and a whole tree in one round trip needs the STEP `parents` field specified in
+docs/speculative.md. `tree_oracle` says what that would add (what the target accepts from
+the best path of the tree vs from the chain sent), which `bench wan` measures.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -101,18 +109,61 @@ def default_head_folder() -> Path | None:
     return None
 
 
-class EagleSource:
-    name = "eagle"
+@dataclass
+class Tree:
+    """Drafted candidates, flattened parents-first: node i is `tokens[i]` after node `parents[i]` (-1: after
+    the committed sequence), at depth `depths[i]` (1 for the roots), with draft log-probability `scores[i]`
+    of its whole path."""
 
-    def __init__(self, head: EagleHead, embed, tail):
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def path(self, node: int) -> list[int]:
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def best_path(self) -> list[int]:
+        """Node indices of the path maximizing the expected accepted length: sum of exp(score) over its nodes."""
+        if not self.tokens:
+            return []
+        value = []
+        for i, parent in enumerate(self.parents):
+            value.append(math.exp(self.scores[i]) + (value[parent] if parent >= 0 else 0.0))
+        return self.path(max(range(len(value)), key=value.__getitem__))
+
+    def accepted_by(self, truth: list[int]) -> int:
+        """How many tokens of `truth` (the target's own continuation) the deepest matching path covers:
+        what verifying the whole tree in one step would accept (greedy)."""
+        node, depth = -1, 0
+        children: dict[int, dict[int, int]] = {}
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
+            children.setdefault(parent, {}).setdefault(token, i)
+        while depth < len(truth) and truth[depth] in children.get(node, {}):
+            node = children[node][truth[depth]]
+            depth += 1
+        return depth
+
+
+class EagleSource:
+
+    def __init__(self, head: EagleHead, embed, tail, width: int = 1, branch: int = 1):
+        """width = branch = 1: a greedy chain; wider: EAGLE-2's tree, verified along its best path."""
         self.head, self.embed, self.tail = head, embed, tail
+        self.width, self.branch = max(1, width), max(1, branch)
+        self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
+        self.trees: list[tuple[int, Tree, list[int]]] | None = None  # set to [] to record (length, tree, path sent)
         self.cache = DynamicCache(config=head.config)
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
         self.features: dict[int, torch.Tensor] = {}  # target features of committed positions not yet fed
         self.last_prediction: torch.Tensor | None = None  # the head's output at the last fed pair
 
     @classmethod
-    def load(cls, folder: str | None, device) -> "EagleSource":
+    def load(cls, folder: str | None, device, width: int = 1, branch: int = 1) -> "EagleSource":
         path = Path(folder) if folder else default_head_folder()
         if path is None or not (path / WEIGHTS).exists():
             raise UsageError("no EAGLE draft head for this model: train one with `lambdasplit zoo train smollm2-draft` "
@@ -121,7 +172,7 @@ class EagleSource:
         if device is not None and meta.get("target_fingerprint") not in (None, device.checkpoint.fingerprint):
             raise UsageError(f"the draft head in {path} was trained for another model "
                              f"({meta.get('target')}); train one for this model")
-        return cls(head, device.head.embed, device.tail)
+        return cls(head, device.head.embed, device.tail, width=width, branch=branch)
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         tail = self.tail
@@ -144,17 +195,84 @@ class EagleSource:
             predicted = self.head(feats, self.embed(tokens), self.fed, self.cache)[:, -1:]
             self.fed = last + 1
             self.last_prediction = predicted
-        predicted = self.last_prediction
-        if predicted is None:
+        if self.last_prediction is None:
             return Draft()
-        drafts = []
+        if self.width == 1 and self.branch == 1:
+            drafts = self._chain(k)
+        else:
+            tree = self.draft_tree(k)
+            path = tree.best_path()
+            if self.trees is not None:
+                self.trees.append((len(sequence), tree, path))
+            drafts = [tree.tokens[i] for i in path]
+        self._cut(self.fed)
+        return Draft(drafts)
+
+    def _chain(self, k: int) -> list[int]:
+        predicted, drafts = self.last_prediction, []
         for i in range(k):
             token = int(torch.argmax(self._logits(predicted)[0, -1]))
             drafts.append(token)
             if i + 1 < k:
                 predicted = self.head(predicted, self.embed(torch.tensor([[token]])), self.fed + i, self.cache)
-        self._cut(self.fed)
-        return Draft(drafts)
+        return drafts
+
+    def draft_tree(self, depth: int) -> Tree:
+        """EAGLE-2's dynamic tree, `depth` levels: expand the `width` best nodes of each level into their
+        `branch` best children; one head forward per level (tree mask over the head's cache)."""
+        tree = Tree()
+        frontier = [-1]  # nodes whose children are drafted next; -1 is the committed sequence
+        predicted = self.last_prediction[0, -1:]  # [len(frontier), D]: each frontier node's predicted features
+        for level in range(depth):
+            log_probs = torch.log_softmax(self._logits(predicted).float(), -1)
+            top = torch.topk(log_probs, self.branch, dim=-1)
+            candidates = []
+            for row, parent in enumerate(frontier):
+                base = tree.scores[parent] if parent >= 0 else 0.0
+                for lp, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                    candidates.append((base + lp, parent, token, row))
+            candidates.sort(key=lambda c: -c[0])
+            kept = candidates[:self.width * self.branch] if level else candidates  # every root child
+            new, rows = [], []
+            for score, parent, token, row in kept:
+                new.append(len(tree.tokens))
+                rows.append(row)
+                tree.tokens.append(token)
+                tree.parents.append(parent)
+                tree.depths.append(level + 1)
+                tree.scores.append(score)
+            if level + 1 == depth:
+                break
+            frontier = sorted(new, key=lambda i: -tree.scores[i])[:self.width]
+            # the head's cache holds the committed pairs (fed) and the tree nodes fed so far, in tree order
+            past = self.fed
+            inputs = predicted[[rows[new.index(i)] for i in frontier]]
+            embeddings = self.embed(torch.tensor([[tree.tokens[i] for i in frontier]]))
+            predicted = self._tree_forward(tree, frontier, inputs[None], embeddings, past)[0]
+        return tree
+
+    def _tree_forward(self, tree: Tree, nodes: list[int], features, embeddings, past: int):
+        """The head over tree `nodes` (each at position fed + depth - 1), seeing its ancestors among the
+        nodes already in the head's cache (self._slots) and itself."""
+        if past == self.cache.get_seq_length():
+            self._slots = {}
+        slots = self._slots
+        start = self.cache.get_seq_length()
+        for i, node in enumerate(nodes):
+            slots[node] = start + i
+        mask = torch.full((len(nodes), start + len(nodes)), float("-inf"))
+        mask[:, :past] = 0.0
+        for row, node in enumerate(nodes):
+            while node >= 0:
+                if node in slots:
+                    mask[row, slots[node]] = 0.0
+                node = tree.parents[node]
+        hidden = self.head.fc(torch.cat([embeddings, features], dim=-1))
+        positions = torch.tensor([[past + tree.depths[n] - 1 for n in nodes]])
+        out = self.head.layer(hidden, attention_mask=mask[None, None], position_ids=positions,
+                              past_key_values=self.cache, use_cache=True,
+                              position_embeddings=self.head.rotary(hidden, positions))
+        return out[0] if isinstance(out, tuple) else out
 
     def observe(self, sequence: list[int], step: Step) -> None:
         processed = len(sequence) - 1  # positions now committed in the target's caches

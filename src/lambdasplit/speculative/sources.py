@@ -10,7 +10,8 @@ model's cache, the lookahead n-gram pool, the EAGLE head's cache) can follow.
                the sequence's last n-gram (n = 3, 2, 1), in the prompt or the output
     lookahead  Jacobi iteration with an n-gram pool (lookahead.py)
     draft      a small causal LM sharing the tokenizer (draft_model.py, --draft-model)
-    eagle      the feature-level draft head (eagle.py, --draft-model or the bundled one)
+    eagle      the feature-level draft head (eagle.py, --draft-model or the bundled one): a greedy chain
+    eagle-tree the same head drafting EAGLE-2's tree on the device, verified along its best path
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from lambdasplit.errors import UsageError
 
-SOURCES = ("none", "lookup", "lookahead", "draft", "eagle")
+SOURCES = ("none", "lookup", "lookahead", "draft", "eagle", "eagle-tree")
+TREE = (4, 4)  # eagle-tree: width (nodes expanded per level) x branch (children per node)
 
 
 @dataclass
@@ -103,4 +105,5 @@ def make_source(name: str, device=None, *, draft_model: str | None = None, sampl
         return DraftModelSource.load(draft_model, device, sampling=sampling)
     from lambdasplit.speculative.eagle import EagleSource
 
-    return EagleSource.load(draft_model, device)
+    width, branch = TREE if name == "eagle-tree" else (1, 1)
+    return EagleSource.load(draft_model, device, width=width, branch=branch)
