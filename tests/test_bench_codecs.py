@@ -107,7 +107,7 @@ def test_a_real_session_negotiates_each_codec_and_matches_the_in_process_measure
 
 
 def _hello(device, codec) -> dict:
-    return {"protocol": 1, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
+    return {"protocol": rawproto.PROTOCOL, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
             "dtype": "float32", "codec": codec}
 
 
@@ -160,3 +160,15 @@ def test_generate_device_weights_int8_runs_and_cloud_mode_refuses_it(planted, ca
     assert json.loads(capsys.readouterr().out)["new_tokens"] == 4
     assert main([*common, "--mode", "cloud", "--server", "127.0.0.1:9", "--device-weights", "int8"]) != 0
     assert "cloud mode runs none" in capsys.readouterr().err
+
+
+def test_the_cli_defaults_are_the_modules_defaults():
+    """bench/commands.py spells the defaults out (it must not import torch); they must not drift."""
+    import argparse
+
+    from lambdasplit.bench.commands import add_codecs_command
+
+    parser = argparse.ArgumentParser()
+    add_codecs_command(parser.add_subparsers())
+    args = parser.parse_args(["codecs"])
+    assert (args.codecs, args.splits) == (bench_codecs.DEFAULT_CODECS, bench_codecs.DEFAULT_SPLITS)

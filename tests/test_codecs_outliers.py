@@ -138,6 +138,7 @@ def _threshold_codes_offset(blob: bytes) -> int:
 
 
 def test_threshold_split_is_about_as_fine_as_affine_on_a_vector_without_outliers():
-    x = torch.randn(1, 16, 256)  # Gaussian: no value beyond ~4 sigma
+    # Gaussian: no value beyond ~4 sigma. Seeded: over 200 seeds the ratio below was 1.08-1.30 (mean 1.18).
+    x = torch.randn(1, 16, 256, generator=torch.Generator().manual_seed(0))
     error = {name: (decode(encode(x, get_codec(name)).blob)[0] - x).pow(2).mean().item() for name in ("int8", "int8+ts")}
     assert error["int8+ts"] <= 1.3 * error["int8"]  # a grid symmetric about the median: a little coarser

@@ -55,8 +55,6 @@ def test_every_usage_error_exits_2_without_importing_torch():
     assert [(argv, heavy) for argv, _, heavy in report if heavy] == []
 
 
-@pytest.mark.xfail(strict=True, reason="diffusion/ppidm/bench.py (the ppidm area) imports torch at module level "
-                                       "and `bench ppidm` parses its options with it")
 def test_bench_ppidm_usage_error_without_importing_torch():
     [(argv, code, heavy)] = probe([["bench", "ppidm", "--bad-flag"]])
     assert code == 2 and heavy == []

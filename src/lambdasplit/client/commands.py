@@ -90,7 +90,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--cache", choices=["kv", "none"], default="kv", help="none: resend and recompute everything each step")
     p.add_argument("--codec", default="fp32",
-                   help="hidden states on the wire, both directions: fp32, fp16, bf16, intN (per-token affine), "
+                   help="hidden states on the wire, both directions: fp32, fp16, bf16, int8 .. int2 (per-token affine), "
                         "intN+ts (threshold split: outliers exact), adaptiveK (error ~ sigma/2^K, Rice-coded); "
                         "lossy ones change the output, a warning says so; see `bench codecs`")
     p.add_argument("--device-weights", default="float", choices=["float", "int8"],

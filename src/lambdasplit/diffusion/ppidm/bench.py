@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -141,6 +140,8 @@ def _scores(refs, images, prompts, judge) -> dict:
 
 
 def traffic(args, ns: list[int]) -> list[dict]:
+    import torch  # noqa: PLC0415 (lazy: `bench ppidm --help` and usage errors must not load torch)
+
     from lambdasplit.diffusion.client import default_settings
     from lambdasplit.diffusion.ppidm.run import imagine_ppidm, load_device
     from lambdasplit.diffusion.ppidm.service import UNetShardService
@@ -207,6 +208,8 @@ def _start_servers(args, n: int, service_class):
 
 def compute(args, ns: list[int]) -> list[dict]:
     """FLOPs of one U-Net call, and the servers' share, on the model itself."""
+    import torch  # noqa: PLC0415 (lazy: `bench ppidm --help` and usage errors must not load torch)
+
     from torch.utils.flop_counter import FlopCounterMode
 
     from lambdasplit.diffusion.client import default_settings
@@ -250,6 +253,8 @@ def compute(args, ns: list[int]) -> list[dict]:
 
 def paper_scale(ns: list[int], codecs=("fp32", "fp16")) -> dict:
     """SD 1.5's U-Net at 512 px on the meta device: bytes per layer type per server per step, FLOPs."""
+    import torch  # noqa: PLC0415 (lazy: `bench ppidm --help` and usage errors must not load torch)
+
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -303,6 +308,8 @@ def paper_scale(ns: list[int], codecs=("fp32", "fp16")) -> dict:
 
 
 def machine() -> str:
+    import torch  # noqa: PLC0415 (lazy: `bench ppidm --help` and usage errors must not load torch)
+
     import os
 
     cpu = "?"
