@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 
 from lambdasplit.client.generation import Sampling
 from lambdasplit.client.run import run_generation
-from lambdasplit.errors import RemoteError
+from lambdasplit.errors import NetworkError, RemoteError
 from lambdasplit.server import BodyServer, BodyService
 from lambdasplit.server.process import ServerProcess
 
@@ -125,3 +126,63 @@ def test_verify_passes_honest_servers_and_names_both_on_a_mismatch(model):
             run_generation(server=f"{a.address},{c.address}", verify=True, **common)
         assert a.address in str(error.value) and c.address in str(error.value)
         assert "\n" not in str(error.value)
+
+
+class RendezvousService(BodyService):
+    """A real body service whose every STEP, once received, waits for the other server's STEP.
+
+    Two of them share a barrier: a step proceeds only when both servers hold it, so a client
+    that waits for one answer before sending to the other server never gets one (the barrier
+    times out and the server answers internal_error). Not a timing assertion: a deadlock.
+    """
+
+    def __init__(self, model, layers, barrier: threading.Barrier):
+        super().__init__(model, layers)
+        self.barrier, self.met = barrier, 0
+
+    def open(self, hello, limits):
+        session = super().open(hello, limits)
+        decode = session.decode
+
+        def decode_when_both_hold_the_step(body, header):
+            self.barrier.wait()  # in the server's worker thread: its event loop keeps serving
+            self.met += 1
+            return decode(body, header)
+
+        session.decode = decode_when_both_hold_the_step
+        return session
+
+
+def test_verify_has_the_step_in_flight_on_both_servers_at_once(model):
+    barrier = threading.Barrier(2, timeout=30)
+    a_service, b_service = RendezvousService(model, SPLIT, barrier), RendezvousService(model, SPLIT, barrier)
+    with BodyServer([a_service]) as a, BodyServer([b_service]) as b:
+        record = run_generation(server=f"{a.address},{b.address}", verify=True, model=model, mode="split",
+                                split=SPLIT, prompt="the quick brown fox", max_new_tokens=4, sampling=Sampling(),
+                                ignore_eos=True)
+    assert record["verified_by"] == [a.address, b.address] and len(record["token_ids"]) == 4
+    assert a_service.met == b_service.met == record["round_trips"] == 4  # the prompt's step and three decodes
+
+
+def test_verify_names_a_server_that_is_down_or_dies_mid_generation(model, backup):
+    common = dict(model=model, mode="split", split=SPLIT, prompt="the quick brown fox", max_new_tokens=NEW_TOKENS,
+                  sampling=Sampling(), ignore_eos=True)
+    dead = "127.0.0.1:9"  # the discard port: nothing listens there
+    with pytest.raises(NetworkError) as error:
+        run_generation(server=f"{backup.address},{dead}", verify=True, **common)
+    assert dead in str(error.value) and "\n" not in str(error.value)
+    with ServerProcess(["--model", model, "--layers", SPLIT]) as victim:
+        pieces = []
+
+        def kill_mid_generation(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                victim.process.send_signal(signal.SIGKILL)
+                victim.process.wait(30)
+
+        with pytest.raises(NetworkError) as error:
+            run_generation(server=f"{victim.address},{backup.address}", verify=True, on_text=kill_mid_generation,
+                           **common)
+    message = str(error.value)
+    assert victim.address in message and backup.address not in message and "\n" not in message, message
+    assert len(pieces) >= 3, "the server died before the generation started"

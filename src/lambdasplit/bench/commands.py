@@ -96,6 +96,7 @@ def add_commands(subparsers) -> None:
     r.add_argument("--codec", default="fp32", help="default %(default)s")
     r.add_argument("--repeats", type=int, default=3, help="runs of each row, the median kept (default %(default)s)")
     r.add_argument("--threads", type=int, default=1, help="torch threads per process (default %(default)s)")
+    r.add_argument("--link", help="emulated link for every session, e.g. wan or delay=40ms (default: loopback as is)")
     r.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
     r.set_defaults(func=redundancy_command)
@@ -297,10 +298,10 @@ def redundancy_command(args) -> int:
 
     result = run_redundancy_bench(model=args.model, split=args.split, prompt=args.prompt, new_tokens=args.new_tokens,
                                   codec=args.codec, kill_after=args.kill_after, repeats=args.repeats,
-                                  threads=args.threads, progress=not args.json)
+                                  threads=args.threads, link=args.link, progress=not args.json)
     meta = {**result["meta"], "command": _command_line()}
     title = (f"Redundancy: {args.model} body {meta['split']}, {args.new_tokens} greedy tokens, codec {args.codec}, "
-             f"median of {args.repeats}")
+             f"median of {args.repeats}" + (f", link {args.link}" if args.link else ""))
     notes = [f"verify tolerance {meta['verify_tolerance']:g} (max |a - b| / max(1, max |a|) per step); failover: "
              f"the first server killed (SIGKILL) after {args.kill_after} tokens; MB = 10^6 socket bytes, all servers",
              describe_machine(meta["machine"]) + " (at start)", f"command: `{meta['command']}`"]

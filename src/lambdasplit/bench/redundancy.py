@@ -9,7 +9,8 @@ body in `lambdasplit serve` processes on loopback):
                  over with one replay STEP of everything sent so far
 
 Each row reports wall seconds, tokens/s, socket bytes up and down, round trips, the
-failovers, and whether its token ids equal the one-server row's.
+failovers, and whether its token ids equal the one-server row's. `link` (wire/link.py, e.g.
+"wan") emulates a network on every session, so round trips cost what they would over it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ COLUMNS = [
 
 
 def run_redundancy_bench(*, model: str, split: str, prompt: str, new_tokens: int, codec: str, kill_after: int,
-                         repeats: int, threads: int, progress: bool = True) -> dict:
+                         repeats: int, threads: int, link: str | None = None, progress: bool = True) -> dict:
     import torch
 
     from lambdasplit.client.device import DeviceModel
@@ -53,7 +54,7 @@ def run_redundancy_bench(*, model: str, split: str, prompt: str, new_tokens: int
     device = DeviceModel.load(model, split)
     serve_args = ["--model", model, "--layers", f"{device.split[0]}:{device.split[1]}"]
     common = dict(model=model, mode="split", split=split, prompt=prompt, max_new_tokens=new_tokens,
-                  sampling=Sampling(), codec=codec, ignore_eos=True, device=device)
+                  sampling=Sampling(), codec=codec, ignore_eos=True, device=device, link=link)
     say = print if progress else (lambda *a, **k: None)
     runs: dict[str, list[dict]] = {"one server": [], "verify": [], "failover": []}
     with ServerProcess(serve_args, env=env) as a, ServerProcess(serve_args, env=env) as b:
@@ -98,7 +99,7 @@ def run_redundancy_bench(*, model: str, split: str, prompt: str, new_tokens: int
             "seconds_all": [r["seconds"] for r in records],
         })
     meta = {"model": model, "split": f"{device.split[0]}:{device.split[1]}", "new_tokens": new_tokens,
-            "codec": codec, "kill_after": kill_after, "repeats": repeats, "prompt": prompt, "machine": machine(),
+            "codec": codec, "link": link, "kill_after": kill_after, "repeats": repeats, "prompt": prompt, "machine": machine(),
             "verify_tolerance": runs["verify"][0].get("verify_tolerance")}
     return {"rows": rows, "meta": meta}
 

@@ -136,8 +136,16 @@ class RemoteBody(Session):
 
     def send_step(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """One STEP of exactly `sent` (after any defense) and its RESULT's tensor."""
+        self.post_step(sent, start)
+        return self.read_result(sent, start)
+
+    def post_step(self, sent: torch.Tensor, start: int) -> None:
+        """The STEP half of send_step: written, not yet answered (VerifiedBody posts to both servers first)."""
         self.seq += 1
         self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq))
+
+    def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
+        """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""
         seq, position, compute_us, tensors = parse_result_seq(self.expect(FrameType.RESULT))
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
@@ -356,7 +364,7 @@ def verify_tolerance(codec_name: str) -> float:
 
 
 class VerifiedBody:
-    """Integrity by redundancy: every step to two servers, answers compared, a mismatch ends the run.
+    """Integrity by redundancy: every step to two servers at once, answers compared, a mismatch ends the run.
 
     Both get exactly the same bytes (the defense is applied once). The comparison is
     `max |a - b| <= tolerance * max(1, max |a|)` with `verify_tolerance(codec)`.
@@ -382,7 +390,12 @@ class VerifiedBody:
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         sent = self.defense.apply(hidden) if self.defense is not None else hidden
-        first, second = (body.send_step(sent, start) for body in self.bodies)
+        # Both STEPs go up before either answer is read, so the servers compute at the same time
+        # and a step costs the slower round trip, not the sum (blocking sockets: the kernel buffers
+        # each answer until it is read). A failure of either is that server's one-line error.
+        for body in self.bodies:
+            body.post_step(sent, start)
+        first, second = (body.read_result(sent, start) for body in self.bodies)
         scale = max(1.0, float(first.float().abs().max()))
         difference = float((first.float() - second.float()).abs().max()) / scale
         self.max_difference = max(self.max_difference, difference)
