@@ -59,8 +59,10 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
             result.first_step_tokens = len(result.token_ids)
         result.drafted += len(draft.tokens)
         result.accepted += accepted
-        length.update(len(inputs), t2 - t1, len(draft.tokens), accepted, draft_seconds)
         processed = len(sequence) - 1  # the last committed token is not in the caches yet
         source.observe(sequence, Step(start=start, inputs=inputs, draft=draft, logits=logits,
                                       features=model.features, committed=committed))
+        # the whole round's wall time: what a drafted position really costs includes verifying and observing
+        length.update(len(inputs), t2 - t1, len(draft.tokens), accepted, draft_seconds,
+                      round_seconds=time.perf_counter() - t0)
     return result

@@ -1,0 +1,79 @@
+"""`--draft-tokens auto`'s cost model, fed the measured costs of simulated links and sources.
+
+Each round costs plain + (position + drafting) * k seconds; a draft is accepted with
+probability alpha. The prompt's round is a batched prefill: cheap per position, which
+the old rule's fit took as the cost of one more decode position (issue #12).
+"""
+
+import random
+
+from lambdasplit.speculative.adaptive import DraftLength
+
+
+def drive(length, rounds, *, plain, position, drafting, alpha, seed=0, prompt=(30, 0.030), outside=0.0):
+    """Rounds through `length`; returns the k chosen each round. `prompt` is (positions, seconds) or None;
+    `outside`: seconds per drafted token spent in the round outside the step and `propose` (verify, observe)."""
+    rng = random.Random(seed)
+    if prompt is not None:
+        length.update(prompt[0], prompt[1], 0, 0, 0.0, round_seconds=prompt[1])
+    chosen = []
+    for _ in range(rounds):
+        k = length.choose(100)
+        accepted = 0
+        while accepted < k and rng.random() < alpha:
+            accepted += 1
+        step = plain + position * k
+        length.update(k + 1, step, k, accepted, drafting * k, round_seconds=step + (drafting + outside) * k)
+        chosen.append(k)
+    return chosen
+
+
+def committed_per_second(plain, position, drafting, alpha, k):
+    expected = sum(alpha ** i for i in range(k + 1))
+    return expected / (plain + (position + drafting) * k)
+
+
+FAST = dict(plain=0.050, position=0.015, drafting=0.007, alpha=0.35)  # 5 ms link: drafting loses
+SLOW = dict(plain=0.200, position=0.015, drafting=0.007, alpha=0.35)  # long WAN: drafting pays
+
+
+def test_the_scenarios_are_what_they_say():
+    assert max(committed_per_second(**FAST, k=k) for k in range(1, 9)) < committed_per_second(**FAST, k=0)
+    assert max(committed_per_second(**SLOW, k=k) for k in range(1, 9)) > 1.1 * committed_per_second(**SLOW, k=0)
+
+
+def test_a_fast_link_decodes_plainly_despite_the_cheap_prompt():
+    # The old rule fitted w(n) with the prompt's 30 positions at 1 ms each and drafted on every round here.
+    chosen = drive(DraftLength("auto"), 120, **FAST)
+    late = chosen[20:]
+    assert sum(k > 0 for k in late) <= 5, late  # plain rounds, but for a few probes with growing gaps
+    gaps = [i for i, k in enumerate(late) if k > 0]
+    assert all(b - a >= 16 for a, b in zip(gaps, gaps[1:])), gaps
+
+
+def test_drafting_pays_on_a_long_link_and_comes_back_when_the_link_slows():
+    assert min(drive(DraftLength("auto"), 60, **SLOW)[-20:]) >= 1
+    length = DraftLength("auto")
+    drive(length, 60, **FAST)
+    back = drive(length, 120, **SLOW, prompt=None, seed=1)
+    assert sum(k > 0 for k in back[-40:]) >= 30, back  # a probe turned it back on; noise in alpha may flicker
+
+
+def test_the_drafting_cost_is_the_measured_one():
+    # Same link, a source twice as slow to draft: the chosen k falls, then drafting stops.
+    link = dict(plain=0.200, position=0.005, alpha=0.6)
+    cheap = drive(DraftLength("auto"), 60, **link, drafting=0.005)[-20:]
+    dear = drive(DraftLength("auto"), 60, **link, drafting=0.150)[-20:]
+    assert sum(cheap) / 20 >= 2 and sum(k > 0 for k in dear) <= 2, (cheap, dear)
+
+
+def test_the_whole_round_is_counted():
+    # Step and propose look cheap, but each drafted token costs 40 ms more elsewhere in the round.
+    link = dict(plain=0.100, position=0.002, drafting=0.002, alpha=0.3)
+    assert max(drive(DraftLength("auto"), 60, **link)[-20:]) >= 1
+    assert sum(k > 0 for k in drive(DraftLength("auto"), 60, **link, outside=0.040)[-20:]) <= 2
+
+
+def test_a_fixed_k_is_fixed_and_capped():
+    fixed = DraftLength(3)
+    assert fixed.choose(10) == 3 and fixed.choose(1) == 1 and fixed.choose(0) == 0
