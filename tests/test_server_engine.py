@@ -99,24 +99,22 @@ def test_concurrent_socket_sessions_equal_their_solo_runs_and_share_forwards(fam
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(f"{name}: {error}")
 
-    threads = [threading.Thread(target=run, args=(name,)) for name in SESSIONS]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors, errors
-    for name, (_, _, new_tokens, speculate) in SESSIONS.items():
-        ids, logits = results[name]
-        alone_ids, alone_logits = drive(p["body"].fork().forward,
-                                        client(p["head"], p["tail"], prompts[name], new_tokens, speculate))
-        assert ids == alone_ids, f"{family} session {name}: ids differ from its solo run"
-        positions = sorted(alone_logits)
-        assert sorted(logits) == positions
-        torch.testing.assert_close(torch.stack([logits[i] for i in positions]),
-                                   torch.stack([alone_logits[i] for i in positions]), atol=1e-4, rtol=0)
-    assert max(len(ids) for ids, _ in results.values()) > 16 + 8  # past the sliding window
+    # Whether two sessions' steps meet in one forward depends on timing (on a loaded 2-core machine the
+    # clients' own head/tail compute can keep them apart), so the concurrent run is repeated up to 3 times
+    # until they do; isolation is checked on every run.
+    for attempt in range(3):
+        results.clear()
+        threads = [threading.Thread(target=run, args=(name,)) for name in SESSIONS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        _check_isolation(family, p, prompts, results)
+        if engine.metrics.value("lambdasplit_engine_shared_rows_total") > rows_before:
+            break
     shared = engine.metrics.value("lambdasplit_engine_shared_rows_total") - rows_before
-    assert shared > 0, "no two sessions' steps ever shared a forward"
+    assert shared > 0, "no two sessions' steps ever shared a forward (3 concurrent runs)"
     assert engine.metrics.value("lambdasplit_engine_batch_rows_bucket", le="4.0") == \
         engine.metrics.value("lambdasplit_engine_batches_total")  # --max-batch 4 held
     assert rawproto_wait(lambda: not server.clients)
@@ -188,3 +186,17 @@ def test_concurrent_cloud_sessions_equal_local_mode(tiny_model_dir):
         assert not errors, errors
         assert [got[i] for i in range(len(prompts))] == expected
         assert service.engine.metrics.value("lambdasplit_engine_rows_total") >= sum(10 for _ in prompts)
+
+
+def _check_isolation(family, p, prompts, results):
+    """Every session's ids equal its solo run's and its logits agree to 1e-4."""
+    for name, (_, _, new_tokens, speculate) in SESSIONS.items():
+        ids, logits = results[name]
+        alone_ids, alone_logits = drive(p["body"].fork().forward,
+                                        client(p["head"], p["tail"], prompts[name], new_tokens, speculate))
+        assert ids == alone_ids, f"{family} session {name}: ids differ from its solo run"
+        positions = sorted(alone_logits)
+        assert sorted(logits) == positions
+        torch.testing.assert_close(torch.stack([logits[i] for i in positions]),
+                                   torch.stack([alone_logits[i] for i in positions]), atol=1e-4, rtol=0)
+    assert max(len(ids) for ids, _ in results.values()) > 16 + 8  # past the sliding window
