@@ -5,12 +5,16 @@ include TLS records and handshakes, exactly what a packet capture of the payload
 show. TLS is driven through `ssl.MemoryBIO` for that reason: the TLS layer never touches
 the socket itself, we move its records and count them.
 
-Frames are read exactly: the header first, then the body, never past the current frame,
-so no frame waits in a buffer of ours. With a Link (wire/link.py), the socket asks the
-kernel for receive timestamps (SO_TIMESTAMPNS), because the link model needs the time a
-frame's first byte really arrived, not the time we got round to reading it: a streamed
-TOKEN frame that arrived while the client was holding back the previous one must not be
-charged the delay again. Where stamps are unavailable, the read time stands in.
+With a Link (wire/link.py), the socket asks the kernel for receive timestamps
+(SO_TIMESTAMPNS), because the link model needs the time a frame's first byte really
+arrived, not the time we got round to reading it: a streamed TOKEN frame that arrived
+while the client was holding back the previous one must not be charged the delay again.
+Small reads go through a buffer: one recvmsg takes whatever the kernel holds (up to 64 KiB)
+with its stamp, and every frame cut from those bytes keeps that stamp. Reading each frame
+by itself instead would ask the kernel for a stamp in the middle of a segment, which some
+kernels do not give (CI saw every frame of one coalesced segment charged again). Large
+bodies are read straight into their own buffer. Where stamps are unavailable, the read
+time stands in.
 
 A frame header announcing more than `max_frame_bytes` (default 256 MiB) is refused with
 a ProtocolError before anything is allocated, so a hostile server cannot make the
@@ -45,6 +49,7 @@ if _SO_TIMESTAMPNS is None and sys.platform == "linux" and platform.machine() in
 _TIMESPEC = struct.Struct("@qq")  # struct timespec on 64-bit Linux: seconds, nanoseconds (CLOCK_REALTIME)
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
 _READ_CHUNK = 1 << 20
+_SMALL_READ = 1 << 16  # reads below this go through the stamped buffer (module doc)
 
 
 class Transport:
@@ -81,6 +86,9 @@ class Transport:
                 pass
         self._tls = None
         self._tls_arrived = 0.0  # arrival time of the last socket chunk fed to TLS
+        self._buffer = memoryview(bytearray(_SMALL_READ))
+        self._buffered = memoryview(b"")  # received, not yet handed out: a tail of _buffer
+        self._buffered_arrived = 0.0  # when the kernel got those bytes
         if tls or tls_ca:
             context = ssl.create_default_context(cafile=tls_ca)
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -181,7 +189,7 @@ class Transport:
         a record can straddle two chunks).
         """
         if self._tls is None:
-            return self._sock_read(view)
+            return self._plain_read(view)
         while True:
             try:
                 return self._tls.read(len(view), view), self._tls_arrived
@@ -192,6 +200,20 @@ class Transport:
                 return 0, 0.0
             except ssl.SSLError as error:
                 raise NetworkError(f"server {self.server}: TLS failure: {error.reason or error}") from None
+
+    def _plain_read(self, view: memoryview) -> tuple[int, float]:
+        """Plain bytes into `view`, small reads cut from the stamped buffer (module doc)."""
+        if not self._buffered:
+            if len(view) >= _SMALL_READ:
+                return self._sock_read(view)
+            count, self._buffered_arrived = self._sock_read(self._buffer)
+            if not count:
+                return 0, 0.0
+            self._buffered = self._buffer[:count]
+        count = min(len(view), len(self._buffered))
+        view[:count] = self._buffered[:count]
+        self._buffered = self._buffered[count:]
+        return count, self._buffered_arrived
 
     def _read_exactly(self, nbytes: int) -> tuple[bytearray, float]:
         """Exactly `nbytes` of the stream, and the arrival time of the first of them."""
