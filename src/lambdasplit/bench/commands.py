@@ -189,7 +189,7 @@ def codecs_command(args) -> int:
 
     from lambdasplit.bench.codecs import COLUMNS, DIRECTIONS, default_prompts, resolve_model, run_codecs_bench, write_chart
     from lambdasplit.bench.llm import resolve_splits
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
     from lambdasplit.errors import UsageError
     from lambdasplit.llm.checkpoint import Checkpoint
     from lambdasplit.wire.codecs import get_codec
@@ -222,15 +222,8 @@ def codecs_command(args) -> int:
         describe_machine(meta["machine"]),
         f"command: `{meta['command']}`",
     ]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:2]))
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
-        if not args.json:
-            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:2]),
+           json_mode=args.json, out_dir=args.out, chart=write_chart)
     return 0
 
 
@@ -240,7 +233,7 @@ def _command_line() -> str:
 
 def llm_command(args) -> int:
     from lambdasplit.bench.llm import COLUMNS, run_table, write_chart
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
 
     result = run_table(
         model=args.model, splits=args.splits, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
@@ -260,21 +253,14 @@ def llm_command(args) -> int:
         describe_machine(meta["machine"]),
         f"command: `{meta['command']}`",
     ]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[2:-1]))
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
-        if not args.json:
-            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[2:-1]),
+           json_mode=args.json, out_dir=args.out, chart=write_chart)
     return 0
 
 
 def overhead_command(args) -> int:
     from lambdasplit.bench.overhead import COLUMNS, run_overhead
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
 
     result = run_overhead(model=args.model, split=args.split, wide_hidden=args.wide_hidden,
                           wide_layers=args.wide_layers, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -283,18 +269,14 @@ def overhead_command(args) -> int:
     title = f"Framework overhead: {args.new_tokens} tokens, codec {args.codec}, median of {args.repeats}"
     notes = ["tokens/s: median over interleaved repeats; bytes/token: steady state, both directions",
              describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption=notes[1])
-    if args.out:
-        write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
+    report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption=notes[1],
+           json_mode=args.json, out_dir=args.out)
     return 0
 
 
 def redundancy_command(args) -> int:
     from lambdasplit.bench.redundancy import COLUMNS, run_redundancy_bench, write_chart
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
 
     result = run_redundancy_bench(model=args.model, split=args.split, prompt=args.prompt, new_tokens=args.new_tokens,
                                   codec=args.codec, kill_after=args.kill_after, repeats=args.repeats,
@@ -305,13 +287,8 @@ def redundancy_command(args) -> int:
     notes = [f"verify tolerance {meta['verify_tolerance']:g} (max |a - b| / max(1, max |a|) per step); failover: "
              f"the first server killed (SIGKILL) after {args.kill_after} tokens; MB = 10^6 socket bytes, all servers",
              describe_machine(meta["machine"]) + " (at start)", f"command: `{meta['command']}`"]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption=" | ".join(notes))
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
+    report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption=" | ".join(notes),
+           json_mode=args.json, out_dir=args.out, chart=write_chart)
     return 0
 
 
@@ -353,8 +330,8 @@ def _serve_process_rows(args) -> None:
 
 
 def serve_command(args) -> int:
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
-    from lambdasplit.bench.report import markdown_table
+    from lambdasplit.bench.report import describe_machine, report
+    from lambdasplit.bench.report import markdown_table, print_table
     from lambdasplit.bench.serve import BREAKDOWN_COLUMNS, COLUMNS, run_serve_bench, write_chart
     from lambdasplit.errors import UsageError
 
@@ -385,23 +362,19 @@ def serve_command(args) -> int:
     ]
     breakdown = result["breakdown"]
     breakdown_title = "Where one decode forward of N rows spends its time (torch.profiler; ms)"
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta, "breakdown": breakdown}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
-        if breakdown:
-            print_table(breakdown, BREAKDOWN_COLUMNS, title=breakdown_title)
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
-        if breakdown:
-            (out / "breakdown.json").write_text(json.dumps(breakdown, indent=1) + "\n")
-            with open(out / "table.md", "a") as handle:
-                handle.write(f"\n## {breakdown_title}\n\n" + markdown_table(breakdown, BREAKDOWN_COLUMNS))
-        if not args.json:
-            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    out = report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:3]),
+                 json_mode=args.json, out_dir=args.out, chart=write_chart, extra={"breakdown": breakdown})
+    if breakdown and not args.json:
+        print_table(breakdown, BREAKDOWN_COLUMNS, title=breakdown_title)
+    if out is not None and breakdown:
+        (out / "breakdown.json").write_text(json.dumps(breakdown, indent=1) + "\n")
+        with open(out / "table.md", "a") as handle:
+            handle.write(f"\n## {breakdown_title}\n\n" + markdown_table(breakdown, BREAKDOWN_COLUMNS))
+    return 0
+
+
 def wan_command(args) -> int:
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
     from lambdasplit.bench.wan import COLUMNS, run_wan, write_chart
     from lambdasplit.speculative.adaptive import parse_draft_tokens
 
@@ -417,19 +390,14 @@ def wan_command(args) -> int:
              "socket byte both ways (rejected positions included) per generated token; ids = none: every prompt's "
              "greedy token ids equal plain split decoding's on that link",
              describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta, "tree": result.get("tree")}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:3]))
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
-        if result.get("tree"):  # eagle-tree: what verifying the whole tree in one step would add
-            (out / "tree.json").write_text(json.dumps(result["tree"], indent=1) + "\n")
-            with open(out / "table.md", "a") as handle:
-                handle.write("\n## eagle-tree: tokens per round trip if verified as\n\n" + "\n".join(
-                    f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in result["tree"].items())
-                    + "\n")
+    out = report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:3]),
+                 json_mode=args.json, out_dir=args.out, chart=write_chart, extra={"tree": result.get("tree")})
+    if out is not None and result.get("tree"):  # eagle-tree: what verifying the whole tree in one step would add
+        (out / "tree.json").write_text(json.dumps(result["tree"], indent=1) + "\n")
+        with open(out / "table.md", "a") as handle:
+            handle.write("\n## eagle-tree: tokens per round trip if verified as\n\n" + "\n".join(
+                f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in result["tree"].items())
+                + "\n")
     return 0
 
 
@@ -477,7 +445,7 @@ def _names(text: str, allowed: set[str]) -> tuple[str, ...]:
 
 def replicas_command(args) -> int:
     from lambdasplit.bench.replicas import COLUMNS, run_replicas_bench, write_chart
-    from lambdasplit.bench.report import describe_machine, print_table, write_outputs
+    from lambdasplit.bench.report import describe_machine, report
     from lambdasplit.errors import UsageError
 
     try:
@@ -499,13 +467,6 @@ def replicas_command(args) -> int:
         describe_machine(meta["machine"]) + " (at start)",
         f"command: `{meta['command']}`",
     ]
-    if args.json:
-        print(json.dumps({"rows": result["rows"], "meta": meta}))
-    else:
-        print_table(result["rows"], COLUMNS, title=title, caption="\n".join(notes[:2]))
-    if args.out:
-        out = write_outputs(args.out, result["rows"], COLUMNS, title=title, meta=meta, notes=notes)
-        write_chart(out / "chart.png", result["rows"], title)
-        if not args.json:
-            print(f"wrote {out}/table.md, table.csv, table.json, run.json, chart.png")
+    report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:2]),
+           json_mode=args.json, out_dir=args.out, chart=write_chart)
     return 0

@@ -127,3 +127,27 @@ def write_outputs(out_dir: str | Path, rows: list[dict], columns: list[Column], 
     run.setdefault("machine", machine())  # a benchmark may have taken it during its run
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     return out
+
+
+def report(rows: list[dict], columns: list[Column], *, title: str, meta: dict, notes: list[str], caption: str,
+           json_mode: bool, out_dir: str | Path | None, chart: Callable | None = None,
+           extra: dict | None = None) -> Path | None:
+    """What every bench sub-command does with its rows: the table (or one JSON line), then with --out the files.
+
+    `extra` adds keys to the JSON line; `chart(path, rows, title)` draws out/chart.png. Returns the
+    output folder (None without --out) so a command can add files of its own.
+    """
+    if json_mode:
+        print(json.dumps({"rows": rows, "meta": meta, **(extra or {})}))
+    else:
+        print_table(rows, columns, title=title, caption=caption)
+    if not out_dir:
+        return None
+    out = write_outputs(out_dir, rows, columns, title=title, meta=meta, notes=notes)
+    written = "table.md, table.csv, table.json, run.json"
+    if chart is not None:
+        chart(out / "chart.png", rows, title)
+        written += ", chart.png"
+    if not json_mode:
+        print(f"wrote {out}/{written}")
+    return out
