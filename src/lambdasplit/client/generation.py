@@ -149,6 +149,7 @@ class GenerationResult:
     drafted: int = 0  # speculative positions drafted and sent for verification
     accepted: int = 0  # of those, accepted
     speculate: str = "none"
+    rounds: list[dict] = field(default_factory=list)  # speculative runs: one record per round (adaptive.py)
 
     @property
     def accepted_per_step(self) -> float:

@@ -27,13 +27,19 @@ fast link pays for few probes.
 
 from __future__ import annotations
 
+from statistics import median
+
 from lambdasplit.errors import UsageError
 
 MAX_AUTO_TOKENS = 8
 DECAY = 0.97  # older rounds weigh less: acceptance and costs drift with the text and the load
-WARMUP_TOKENS = 3  # drafted on the first drafting round and on each probe
+WARMUP_TOKENS = 2  # drafted on the first drafting round
+MARGIN = 1.05  # draft only when the model expects it to beat plain decoding by 5%: a marginal gain is within
+# the noise of the fitted costs, while a wrong "draft" costs every round until the fit corrects it
 PROBE_EVERY = 8  # plain rounds before the first re-probe; doubled after each probe that does not pay
 MAX_PROBE_EVERY = 64
+RECENT = 9  # costs are the median of the latest rounds: one stalled round (a loaded machine) moves nothing,
+# and a link that slows is tracked within a few rounds
 
 
 def parse_draft_tokens(value) -> int | str:
@@ -53,13 +59,15 @@ class DraftLength:
         self.setting = parse_draft_tokens(setting)
         self.max_tokens = max_tokens
         self.drafted, self.accepted = 2.0, 1.0  # trials and successes; prior alpha = 0.5, worth two drafts
-        self.sums = [0.0] * 5  # decode rounds, weighted: 1, k, k^2, r, k*r (r = round - drafting seconds)
-        self.slope: float | None = None
+        self.plain: list[float] = []  # round - drafting seconds of the latest plain decode rounds
+        self.extra: list[float] = []  # extra seconds per drafted position of the latest drafting rounds
         self.draft_seconds, self.draft_count = 0.0, 0.0
         self.observed = 0
         self.plain_rounds = self.drafting_rounds = 0  # decode rounds timed, by whether they drafted
         self.plain_streak = 0
         self.probe_every = PROBE_EVERY
+        self.trace: list[dict] | None = None  # set to [] to record every round (generate --trace-rounds)
+        self._last_choice: dict = {}
 
     @property
     def acceptance(self) -> float:
@@ -67,14 +75,10 @@ class DraftLength:
 
     def cost(self) -> tuple[float, float, float]:
         """(a, s, d): seconds of a plain round, extra seconds per drafted position, drafting seconds per token."""
-        s1, sk, skk, sr, skr = self.sums
-        mean_k, mean_r = sk / s1, sr / s1
-        var = skk / s1 - mean_k ** 2
-        if var > 0.25:
-            self.slope = max(0.0, (skr / s1 - mean_k * mean_r) / var)
-        slope = self.slope if self.slope is not None else 0.0
+        a = median(self.plain) if self.plain else 0.0
+        s = median(self.extra) if self.extra else 0.0
         d = self.draft_seconds / self.draft_count if self.draft_count else 0.0
-        return max(1e-9, mean_r - slope * mean_k), slope, d
+        return max(1e-9, a), s, d
 
     def rates(self, limit: int) -> list[float]:
         """Expected committed tokens per second for k = 0 .. min(K, limit) drafts."""
@@ -88,24 +92,35 @@ class DraftLength:
 
     def choose(self, limit: int) -> int:
         """Tokens to draft now; never more than `limit` (the room left before max_new_tokens)."""
+        k, why = self._choose(limit)
+        if self.trace is not None:
+            self._last_choice = {"k": k, "why": why}
+            if self.plain_rounds and self.drafting_rounds:
+                a, s, d = self.cost()
+                self._last_choice.update(a=a, s=s, d=d, alpha=self.acceptance)
+        return k
+
+    def _choose(self, limit: int) -> tuple[int, str]:
         if self.setting != "auto":
-            return max(0, min(self.setting, limit))
+            return max(0, min(self.setting, limit)), "fixed"
         warm = max(0, min(WARMUP_TOKENS, limit))
+        if self.observed and not self.plain_rounds:
+            return 0, "warm-up"  # the first decode round is plain: it prices a plain round
         if not self.drafting_rounds:
-            return warm
-        if not self.plain_rounds:
-            return 0
+            return warm, "warm-up"  # the prompt's round, and the first drafting decode round
         rates = self.rates(limit)
-        best = max(range(len(rates)), key=rates.__getitem__)
-        if best:
+        best = max(range(1, len(rates)), key=rates.__getitem__) if len(rates) > 1 else 0
+        if best and rates[best] > MARGIN * rates[0]:
             self.plain_streak, self.probe_every = 0, PROBE_EVERY
-            return best
+            return best, "model"
         self.plain_streak += 1
-        if self.plain_streak > self.probe_every:
+        if best and self.plain_streak > self.probe_every:
+            # a probe drafts what the model would draft (1 when drafting looks poor): the cheapest
+            # round that still measures the acceptance and the cost of a drafted position
             self.plain_streak = 0
             self.probe_every = min(MAX_PROBE_EVERY, self.probe_every * 2)
-            return warm
-        return 0
+            return best, "probe"
+        return 0, "model"
 
     def update(self, positions: int, step_seconds: float, drafted: int, accepted: int, draft_seconds: float,
                round_seconds: float | None = None) -> None:
@@ -115,6 +130,10 @@ class DraftLength:
         self.observed += 1
         if round_seconds is None:
             round_seconds = step_seconds + draft_seconds
+        if self.trace is not None:
+            self.trace.append({**self._last_choice, "drafted": drafted, "accepted": accepted, "positions": positions,
+                               "step_s": step_seconds, "draft_s": draft_seconds, "round_s": round_seconds})
+            self._last_choice = {}
         if drafted:
             # Drafts after the first rejection are never tested: the trials are the accepted drafts
             # plus that rejection (the maximum-likelihood estimate of a per-draft acceptance rate).
@@ -125,11 +144,13 @@ class DraftLength:
             self.draft_count = self.draft_count * DECAY + drafted
         if self.observed == 1:
             return  # the prompt's round: batched prefill says nothing about one more decode position
+        rest = max(0.0, round_seconds - draft_seconds)
         if drafted:
             self.drafting_rounds += 1
+            # what each drafted position added over a plain round of now (not a least-squares slope
+            # over all rounds: when the link's delay drifts, a drifting intercept biases that slope)
+            a, _, _ = self.cost()
+            self.extra = [*self.extra, max(0.0, rest - a) / drafted][-RECENT:]
         else:
             self.plain_rounds += 1
-        rest = max(0.0, round_seconds - draft_seconds)
-        self.sums = [v * DECAY for v in self.sums]
-        for i, value in enumerate((1.0, drafted, drafted ** 2, rest, drafted * rest)):
-            self.sums[i] += value
+            self.plain = [*self.plain, rest][-RECENT:]

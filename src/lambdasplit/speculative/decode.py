@@ -25,6 +25,7 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
                          on_token=None, keep_logits: bool = False) -> GenerationResult:
     result = GenerationResult(token_ids=[], prompt_ids=list(prompt_ids), speculate=source.name)
     length = DraftLength(draft_tokens)
+    length.trace = result.rounds = []  # per round: the k chosen, why, the fitted costs, what it measured
     sequence = list(prompt_ids)
     processed = 0  # positions every cache holds that are committed
     done = max_new_tokens == 0
