@@ -30,6 +30,7 @@ class ScriptedTree:
     path is never a prefix of the flattened order), with every `wrong`-th true token replaced."""
 
     name = "scripted-tree"
+    verify_trees = True
 
     def __init__(self, prompt_len: int, truth: list[int], wrong: int = 3, vocab: int = 100):
         self.prompt_len, self.truth, self.wrong, self.vocab = prompt_len, truth, wrong, vocab

@@ -35,7 +35,7 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
     length.trace = result.rounds = []  # per round: the k chosen, why, the fitted costs, what it measured
     # Whole-tree verification (a source with `propose_tree`, eagle-tree): greedy only, since the
     # speculative-sampling rule here is the chain's; with sampling such a source drafts its best path.
-    trees = getattr(source, "propose_tree", None) is not None and sampler.greedy and model.tree_steps
+    trees = getattr(source, "verify_trees", False) and sampler.greedy and model.tree_steps
     sequence = list(prompt_ids)
     processed = 0  # positions every cache holds that are committed
     keep = None  # after a tree step: its offsets to keep (the accepted path), sent with the next step

@@ -167,6 +167,9 @@ class EagleSource:
         self.head, self.embed, self.tail = head, embed, tail
         self.width, self.branch = max(1, width), max(1, branch)
         self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
+        # a tree is verified whole where the decoding allows (greedy, a server taking tree steps);
+        # False: only its best path, as a chain
+        self.verify_trees = self.name == "eagle-tree"
         self.trees: list[tuple[int, Tree, list[int]]] | None = None  # set to [] to record (length, tree, path sent)
         self.cache = DynamicCache(config=head.config)
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
