@@ -130,3 +130,19 @@ def test_probes_are_cheap_on_a_fast_link():
     # When plain wins, a probe drafts what the model would (1 here), not a fixed warm-up length.
     chosen = drive(DraftLength("auto"), 200, **FAST)
     assert max(chosen[10:]) == 1 and sum(chosen[10:]) <= 5, chosen
+
+
+def test_trace_rounds_records_every_round(tiny_model_dir):
+    # generate --json --trace-rounds: per round the k chosen, why, the fitted costs and what it measured
+    from lambdasplit.client.run import run_generation
+
+    record = run_generation(model=str(tiny_model_dir("llama")), mode="local", prompt="the quick brown fox the quick",
+                            max_new_tokens=12, ignore_eos=True, speculate="lookup", trace_rounds=True)
+    rounds = record["rounds"]
+    assert len(rounds) == record["steps"] and rounds[0]["why"] == "warm-up" and rounds[1]["k"] == 0
+    assert sum(r["drafted"] for r in rounds) == record["drafted_positions"]
+    assert all(r["round_s"] >= r["draft_s"] >= 0 for r in rounds)
+    assert {r["why"] for r in rounds} <= {"warm-up", "model", "probe"}
+    assert all({"a", "s", "d", "alpha"} <= set(r) for r in rounds if r["why"] != "warm-up")  # the fitted costs
+    assert "rounds" not in run_generation(model=str(tiny_model_dir("llama")), mode="local", prompt="x y z",
+                                          max_new_tokens=3, speculate="lookup")

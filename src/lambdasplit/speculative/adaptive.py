@@ -1,28 +1,35 @@
 """How many tokens to draft: a fixed k, or `auto`, chosen each round from measurements.
 
 `auto` compares expected committed tokens per second with and without drafting, from
-what this generation has measured so far (the old rule fitted the step time with the
-prompt's long step in the fit: batched prefill pinned the per-position cost far below
-what one more decode position costs, and the source's cost outside `propose` was never
-counted, so on a fast link it kept drafting at 0.7-0.8x of plain decoding):
+what this generation has measured so far:
 
 - a: the wall time of a plain round (one position: head, body with its round trip and
-  the link's serialization, tail, sampling), and s: the extra wall time per drafted
-  position outside drafting (server time per position, bytes on the wire, verifying),
-  fitted by least squares over the decode rounds only (never the prompt's) on
-  round seconds - drafting seconds = a + s * k;
+  the link's serialization, tail, sampling): the median of the latest plain decode rounds;
+- s: the extra wall time per drafted position outside drafting (server time per position,
+  bytes on the wire, the tail's LM head over one more row, verifying, the source's
+  `observe`): per drafting round, (round - drafting seconds - a) / k, and the median of
+  the latest such rounds;
 - d: the device's drafting seconds per drafted token, measured around `propose` as it
   runs (a source's catch-up work after plain rounds included);
 - alpha: the acceptance of a draft (measured, prior 0.5 worth two drafts).
 
 A round drafting k tokens commits E(k) = 1 + alpha + ... + alpha^k tokens on average in
-a + (s + d) * k seconds; `auto` picks the k in [0, K] maximizing that rate, k = 0 being
-plain decoding (1 / a). Until both a plain and a drafting decode round have been timed,
-it drafts WARMUP_TOKENS once, then steps plainly once. When plain wins, it re-probes with
-WARMUP_TOKENS drafts after PROBE_EVERY plain rounds, doubling that gap after each probe
-that does not pay (up to MAX_PROBE_EVERY), so a slow link, a source whose acceptance
+a + (s + d) * k seconds; `auto` drafts the best k in [1, K] only when its rate beats plain
+decoding's (1 / a) by MARGIN. The prompt's round drafts WARMUP_TOKENS (it is never timed),
+the first decode round is plain, the second drafts WARMUP_TOKENS. When plain wins, it
+probes after PROBE_EVERY plain rounds with the k the model would draft (1 when drafting
+looks poor: the cheapest round that still measures acceptance and cost), doubling the gap
+after each probe (up to MAX_PROBE_EVERY), so a slow link, a source whose acceptance
 improves, or one that learns only while drafting (lookahead) switches back on, while a
-fast link pays for few probes.
+fast link pays for few, cheap probes.
+
+Why this rule (issue #12): the previous one fitted round - drafting = a + s * k by least
+squares over all decode rounds. When plain rounds dominate, a drifts (the link, the load)
+and the few drafting rounds are confounded with that drift, so the slope swung from 0 to
+several times the real cost; its probes drafted 3 tokens at 20-30 ms each on this CPU
+(the LM head over 49k tokens is ~17 ms per row here under load). Medians of recent rounds
+are robust to one stalled round on a loaded machine and track a changed link within a
+few rounds (tests/test_speculative_adaptive.py).
 """
 
 from __future__ import annotations
