@@ -77,3 +77,72 @@ def test_the_whole_round_is_counted():
 def test_a_fixed_k_is_fixed_and_capped():
     fixed = DraftLength(3)
     assert fixed.choose(10) == 3 and fixed.choose(1) == 1 and fixed.choose(0) == 0
+
+
+def primed(plain, per_token, alpha, rounds=12):
+    """A DraftLength that has timed `rounds` plain and drafting decode rounds at exactly these costs
+    (`per_token`: the extra seconds a drafted position costs, drafting + verifying), acceptance `alpha`."""
+    length = DraftLength("auto")
+    length.update(30, 0.03, 0, 0, 0.0, round_seconds=0.03)  # the prompt's round
+    for _ in range(rounds):
+        length.update(1, plain, 0, 0, 0.0, round_seconds=plain)
+        length.update(3, plain, 2, 1, per_token, round_seconds=plain + 2 * per_token)  # half of it drafting
+    length.drafted, length.accepted = 1.0, alpha
+    return length
+
+
+def test_the_rule_decodes_plainly_exactly_when_drafting_costs_more_than_it_saves():
+    # Exact costs, no noise: k = 0 iff no k commits more tokens per second than plain decoding (by MARGIN).
+    from lambdasplit.speculative.adaptive import MARGIN
+
+    checked = {"plain": 0, "draft": 0}
+    for plain in (0.03, 0.07, 0.15, 0.30):
+        for per_token in (0.002, 0.01, 0.03, 0.08):
+            for alpha in (0.05, 0.2, 0.35, 0.6, 0.85):
+                length = primed(plain, per_token, alpha)
+                a, s, d = length.cost()
+                assert abs(a - plain) < 1e-9 and abs(s + d - per_token) < 1e-9, (a, s, d)
+                rates = [committed_per_second(plain, per_token, 0.0, alpha, k) for k in range(9)]
+                best = max(range(1, 9), key=rates.__getitem__)
+                k = length.choose(100)
+                if rates[best] > MARGIN * rates[0]:
+                    assert k == best, (plain, per_token, alpha, k, best)
+                    checked["draft"] += 1
+                else:
+                    assert k == 0, (plain, per_token, alpha, k)  # drafting + verifying would not pay
+                    checked["plain"] += 1
+    assert min(checked.values()) >= 20, checked  # both sides of the rule are exercised
+
+
+def test_one_stalled_round_does_not_flip_the_decision():
+    # A loaded machine stalls a round now and then (0.5 s for a 70 ms round): the costs are medians.
+    length = primed(0.070, 0.030, 0.2)
+    assert length.choose(100) == 0
+    length.update(1, 0.5, 0, 0, 0.0, round_seconds=0.5)
+    assert length.choose(100) == 0
+    length = primed(0.070, 0.030, 0.2)
+    length.update(3, 0.07, 2, 0, 0.06, round_seconds=0.07 + 2 * 0.2)  # a stalled drafting round
+    a, s, d = length.cost()
+    assert s + d < 0.06, (a, s, d)
+
+
+def test_probes_are_cheap_on_a_fast_link():
+    # When plain wins, a probe drafts what the model would (1 here), not a fixed warm-up length.
+    chosen = drive(DraftLength("auto"), 200, **FAST)
+    assert max(chosen[10:]) == 1 and sum(chosen[10:]) <= 5, chosen
+
+
+def test_trace_rounds_records_every_round(tiny_model_dir):
+    # generate --json --trace-rounds: per round the k chosen, why, the fitted costs and what it measured
+    from lambdasplit.client.run import run_generation
+
+    record = run_generation(model=str(tiny_model_dir("llama")), mode="local", prompt="the quick brown fox the quick",
+                            max_new_tokens=12, ignore_eos=True, speculate="lookup", trace_rounds=True)
+    rounds = record["rounds"]
+    assert len(rounds) == record["steps"] and rounds[0]["why"] == "warm-up" and rounds[1]["k"] == 0
+    assert sum(r["drafted"] for r in rounds) == record["drafted_positions"]
+    assert all(r["round_s"] >= r["draft_s"] >= 0 for r in rounds)
+    assert {r["why"] for r in rounds} <= {"warm-up", "model", "probe"}
+    assert all({"a", "s", "d", "alpha"} <= set(r) for r in rounds if r["why"] != "warm-up")  # the fitted costs
+    assert "rounds" not in run_generation(model=str(tiny_model_dir("llama")), mode="local", prompt="x y z",
+                                          max_new_tokens=3, speculate="lookup")

@@ -390,6 +390,10 @@ def wan_command(args) -> int:
              "socket byte both ways (rejected positions included) per generated token; ids = none: every prompt's "
              "greedy token ids equal plain split decoding's on that link",
              describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
+    if meta.get("plain_again"):
+        notes.insert(2, "noise: plain decoding run again after the sources gave " + ", ".join(
+            f"{v['again']:.2f} tokens/s at {link} ({v['ratio']:.2f}x its first run)"
+            for link, v in meta["plain_again"].items()) + "; a \"x none\" closer to 1 than that is within the noise")
     out = report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:3]),
                  json_mode=args.json, out_dir=args.out, chart=write_chart, extra={"tree": result.get("tree")})
     if out is not None and result.get("tree"):  # eagle-tree: what verifying the whole tree in one step would add

@@ -50,6 +50,7 @@ COLUMNS = [
     Column("round_trips", "round trips", "d"),
     Column("bytes_per_token", "bytes / token", ".0f"),
     Column("device_ms_per_token", "device ms / token", ".1f"),
+    Column("drafting_share", "rounds drafting", ".2f"),
     Column("same_ids", "ids = none", numeric=False),
 ]
 
@@ -85,17 +86,18 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
     device = DeviceModel.load(checkpoint, split)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     rows = []
+    noise: dict[str, dict] = {}
     began = time.perf_counter()
     with ServerProcess(["--model", model, "--layers", split], env=env) as server:
         def generate(prompt: str, source: str, link: str | None) -> dict:
             return run_generation(model=checkpoint, mode="split", prompt=prompt, max_new_tokens=new_tokens,
                                   split=split, server=server.address, codec=codec, link=link, device=device,
                                   speculate=source, draft_model=draft_model if source in ("draft", "eagle", "eagle-tree") else None,
-                                  draft_tokens=draft_tokens)
+                                  draft_tokens=draft_tokens, trace_rounds=True)
 
         generate(chosen[0][1], "none", None)  # warm-up: first-call costs stay out of the table
         with Progress(disable=not progress) as bar:
-            task = bar.add_task("bench wan", total=len(link_list) * len(sources) * len(chosen))
+            task = bar.add_task("bench wan", total=len(link_list) * len(sources) * len(chosen))  # + plain again
             for link in link_list:
                 reference = None
                 for source in sources:
@@ -109,7 +111,12 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
                         reference = records
                     row["same_ids"] = all(a["token_ids"] == b["token_ids"] for a, b in zip(records, reference))
                     rows.append(row)
+                # plain decoding once more after the sources: how far two runs of the same thing differ
+                # on this (shared, loaded) machine is the noise every "x none" figure carries
+                again = summarize(link, "none", [generate(prompt, "none", link) for _, prompt in chosen])
                 base = next(r for r in rows if r["link"] == link and r["speculate"] == "none")
+                noise[link] = {"first": base["tokens_per_s"], "again": again["tokens_per_s"],
+                               "ratio": again["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0}
                 for r in rows:
                     if r["link"] == link:
                         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0
@@ -121,7 +128,7 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
         "links": link_list, "sources": sources, "draft_tokens": draft_tokens, "draft_model": draft_model,
         "sampling": "greedy", "eos_rule": "stops at EOS (the token is kept)",
         "server": "lambdasplit serve subprocess on loopback", "seconds": time.perf_counter() - began,
-        "machine": machine(),
+        "machine": machine(), "plain_again": noise,
     }
     return {"rows": rows, "meta": meta, "tree": tree}
 
@@ -139,6 +146,7 @@ def tree_oracle(device, address: str, prompts: list[str], new_tokens: int, codec
     for prompt in prompts:
         source = make_source("eagle-tree", device, draft_model=draft_model)  # fresh head cache per prompt
         source.trees = []
+        source.verify_trees = False  # the oracle compares the path sent as a chain with the whole tree
         prompt_ids = device.encode(prompt)
         with RemoteBody.for_device(device, address, codec=codec) as body:
             result = device.generate(prompt_ids, body=body, max_new_tokens=new_tokens, speculate=source,
@@ -188,7 +196,14 @@ def summarize(link: str, source: str, records: list[dict]) -> dict:
         "device_ms_per_token": 1e3 * sum(r["local_seconds"] for r in records) / tokens if tokens else 0.0,
         "rejected_positions": sum(r["rejected_positions"] for r in records),
         "drafted_positions": sum(r["drafted_positions"] for r in records),
+        "drafting_share": _drafting_share(records),
     }
+
+
+def _drafting_share(records: list[dict]) -> float:
+    """Of the decode rounds (the prompt's excluded), the share that sent drafts (speculative runs only)."""
+    rounds = [x for r in records for x in (r.get("rounds") or [])[1:]]
+    return sum(x["drafted"] > 0 for x in rounds) / len(rounds) if rounds else 0.0
 
 
 def write_chart(path, rows: list[dict], title: str) -> None:

@@ -114,6 +114,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--draft-model", help="--speculate draft: a causal LM sharing the tokenizer; eagle: a draft head folder")
     p.add_argument("--draft-tokens", default="auto", help="tokens drafted per step, or auto (default: chosen from "
                    "the measured acceptance and step costs)")
+    p.add_argument("--trace-rounds", action="store_true", help="--json adds `rounds`: per speculative round the "
+                   "draft length chosen, why, and the costs --draft-tokens auto fitted")
     add_session_options(p)
     p.set_defaults(func=generate_command)
 
@@ -159,7 +161,7 @@ def generate_command(args) -> int:
         defense=_defense(args.defense, args.defense_seed, args.mode),
         timeout=args.timeout, insecure=args.insecure,
         speculate=args.speculate, draft_model=args.draft_model, draft_tokens=_draft_tokens(args.draft_tokens),
-        verify=args.verify, max_failovers=args.max_failovers,
+        verify=args.verify, max_failovers=args.max_failovers, trace_rounds=args.trace_rounds,
     )
     if args.json:
         print(json.dumps(record))

@@ -101,17 +101,31 @@ class StepModel:
         self.steps = 0
         self.positions = 0  # positions sent through the body, rejected ones included
         self.features: torch.Tensor | None = None
+        self.last_start = 0  # where the last step started: a `keep` refers to it
+
+    @property
+    def tree_steps(self) -> bool:
+        """Whether `step` may carry a tree: always in local mode, else if the body's server takes them."""
+        return self.body is None or bool(getattr(self.body, "tree_steps", False))
 
     @torch.inference_mode()
-    def step(self, start: int, token_ids: list[int], last: int | None = None) -> torch.Tensor:
+    def step(self, start: int, token_ids: list[int], last: int | None = None, parents: list[int] | None = None,
+             keep: list[int] | None = None) -> torch.Tensor:
+        """`parents`: a tree step (llm/tree.py; rows in flattened order). `keep`: the offsets of the previous
+        step to keep first (its accepted path), in every cache: here, and the body's on the server."""
         t0 = time.perf_counter()
-        hidden = self.head.forward(torch.tensor([token_ids]), start)
+        if keep is not None:
+            for stack in (self.head.stack, self.tail.stack):
+                stack.compact(self.last_start, keep)
+        hidden = self.head.forward(torch.tensor([token_ids]), start, parents)
         t1 = time.perf_counter()
         if self.body is not None:
-            hidden = self.body.forward(hidden, start)
+            tree_fields = {} if parents is None and keep is None else {"parents": parents, "keep": keep}
+            hidden = self.body.forward(hidden, start, **tree_fields)
         t2 = time.perf_counter()
         tail = self.tail
-        self.features = tail.stack.forward(hidden, start)[0]  # every row: a draft head may need the prompt's
+        self.last_start = start
+        self.features = tail.stack.forward(hidden, start, parents)[0]  # every row: a draft head may need the prompt's
         rows = self.features[-last:] if last is not None else self.features
         logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(rows)))
         self.local_seconds += (t1 - t0) + (time.perf_counter() - t2)
@@ -149,6 +163,7 @@ class GenerationResult:
     drafted: int = 0  # speculative positions drafted and sent for verification
     accepted: int = 0  # of those, accepted
     speculate: str = "none"
+    rounds: list[dict] = field(default_factory=list)  # speculative runs: one record per round (adaptive.py)
 
     @property
     def accepted_per_step(self) -> float:

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 import time
 
 import torch
 
 from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
 from lambdasplit.wire.codecs import get_codec
+from lambdasplit.llm import tree
 from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
+    tensors_body,
 )
 from lambdasplit.wire.link import Link
 from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
@@ -130,19 +133,33 @@ class RemoteBody(Session):
         return cls(address, fingerprint=device.checkpoint.fingerprint, split=device.split,
                    dtype=device.dtype_name, **options)
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        sent = self.defense.apply(hidden) if self.defense is not None else hidden
-        return self.send_step(sent, start).to(hidden.dtype)
+    @property
+    def tree_steps(self) -> bool:
+        """Whether the server takes tree STEPs (parents, keep: docs/protocol.md)."""
+        return bool((self.welcome.get("capabilities") or {}).get("tree_steps"))
 
-    def send_step(self, sent: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None,
+                keep: list[int] | None = None) -> torch.Tensor:
+        sent = self.defense.apply(hidden) if self.defense is not None else hidden
+        return self.send_step(sent, start, parents, keep).to(hidden.dtype)
+
+    def send_step(self, sent: torch.Tensor, start: int, parents=None, keep=None) -> torch.Tensor:
         """One STEP of exactly `sent` (after any defense) and its RESULT's tensor."""
-        self.post_step(sent, start)
+        self.post_step(sent, start, parents, keep)
         return self.read_result(sent, start)
 
-    def post_step(self, sent: torch.Tensor, start: int) -> None:
-        """The STEP half of send_step: written, not yet answered (VerifiedBody posts to both servers first)."""
+    def post_step(self, sent: torch.Tensor, start: int, parents=None, keep=None) -> None:
+        """The STEP half of send_step: written, not yet answered (VerifiedBody posts to both servers first).
+        `parents` / `keep`: a tree step, the kept path of the previous one (llm/tree.py)."""
         self.seq += 1
-        self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq))
+        if parents is None and keep is None:
+            self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq))
+            return
+        if not self.tree_steps:
+            raise UsageError("this server does not take tree steps (its WELCOME has no tree_steps capability)")
+        word, sections = tree.encode_fields(start, keep, parents)
+        prefix = struct.pack("<II", self.seq, word) + sections
+        self.transport.send(frame(FrameType.STEP, tensors_body(prefix, [sent], self.codec, self.stats)))
 
     def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""
@@ -228,6 +245,12 @@ class _Uplink:
     def upto(self, end: int) -> torch.Tensor:
         return self.buffer[:, :end]
 
+    def compact(self, start: int, keep: list[int]) -> None:
+        """After a tree step at `start`: only its rows at offsets `keep`, as the caches keep them."""
+        rows = self.buffer[:, [start + i for i in keep]].clone()
+        self.buffer[:, start:start + len(keep)] = rows
+        self.length = start + len(keep)
+
 
 class FailoverBody:
     """A RemoteBody that survives its server: on failure, a new session elsewhere and one replay step.
@@ -249,6 +272,7 @@ class FailoverBody:
         self.session_args = dict(fingerprint=fingerprint, split=split, dtype=dtype, codec=codec, **options)
         self.max_failovers = 2 * (len(self.addresses) - 1) if max_failovers is None else max_failovers
         self.uplink = _Uplink()
+        self.last_start = 0  # where the last step started (a keep refers to it)
         self.failovers = 0
         self.servers: list[str] = []  # which served, in order (an address again after a failover back)
         self.failures: list[str] = []  # one line per failover
@@ -283,8 +307,11 @@ class FailoverBody:
             raise NetworkError(f"no body server left after {self.failovers} failover(s) ({tried})") from None
         self.failovers += 1
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None,
+                keep: list[int] | None = None) -> torch.Tensor:
         sent = self.defense.apply(hidden) if self.defense is not None else hidden
+        if keep is not None:
+            self.uplink.compact(self.last_start, keep)
         if start > self.uplink.length:
             raise LambdaSplitError(f"a step at position {start} after only {self.uplink.length} positions")
         replay = False
@@ -293,9 +320,12 @@ class FailoverBody:
                 if replay:  # everything the lost session held, and this step, in one STEP from position 0
                     history = torch.cat([self.uplink.upto(start), sent.to(self.uplink.buffer.dtype)], dim=1) \
                         if start else sent
-                    out = self.live.send_step(history, 0)[:, start:]
+                    # a tree step's roots hang off the history's last position, now in the same step
+                    shifted = None if parents is None else \
+                        list(range(-1, start - 1)) + [p + start if p >= 0 else start - 1 for p in parents]
+                    out = self.live.send_step(history, 0, shifted)[:, start:]
                 else:
-                    out = self.live.send_step(sent, start)
+                    out = self.live.send_step(sent, start, parents, keep)
                 break
             except (NetworkError, RemoteError, ProtocolError) as error:  # ProtocolError: a garbled answer
                 address = self.servers[-1]
@@ -304,6 +334,7 @@ class FailoverBody:
                 self._open()
                 replay = True
         self.uplink.put(start, sent)
+        self.last_start = start
         return out.to(hidden.dtype)
 
     def _retire(self) -> None:
@@ -314,6 +345,10 @@ class FailoverBody:
 
     def _sessions(self) -> list[RemoteBody]:
         return self._done + ([self.live] if self.live is not None else [])
+
+    @property
+    def tree_steps(self) -> bool:
+        return self.live is not None and self.live.tree_steps
 
     @property
     def bytes_up(self) -> int:
@@ -388,13 +423,14 @@ class VerifiedBody:
         return cls(servers, fingerprint=device.checkpoint.fingerprint, split=device.split,
                    dtype=device.dtype_name, **options)
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None,
+                keep: list[int] | None = None) -> torch.Tensor:
         sent = self.defense.apply(hidden) if self.defense is not None else hidden
         # Both STEPs go up before either answer is read, so the servers compute at the same time
         # and a step costs the slower round trip, not the sum (blocking sockets: the kernel buffers
         # each answer until it is read). A failure of either is that server's one-line error.
         for body in self.bodies:
-            body.post_step(sent, start)
+            body.post_step(sent, start, parents, keep)
         first, second = (body.read_result(sent, start) for body in self.bodies)
         scale = max(1.0, float(first.float().abs().max()))
         difference = float((first.float() - second.float()).abs().max()) / scale
@@ -406,6 +442,10 @@ class VerifiedBody:
                                                  f"difference {difference:.3g} > tolerance {self.tolerance:g} "
                                                  f"({self.codec.name})")
         return first.to(hidden.dtype)
+
+    @property
+    def tree_steps(self) -> bool:
+        return all(body.tree_steps for body in self.bodies)
 
     @property
     def bytes_up(self) -> int:

@@ -27,7 +27,7 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    device: DeviceModel | None = None, on_text=None, capture: list | None = None,
                    defense=None, timeout: float | None = None, insecure: bool = False, speculate: str = "none",
                    draft_model: str | None = None, draft_tokens: int | str = "auto", verify: bool = False,
-                   max_failovers: int | None = None) -> dict:
+                   max_failovers: int | None = None, trace_rounds: bool = False) -> dict:
     """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights.
 
     `speculate` names a draft source (lambdasplit.speculative: none, lookup, lookahead, draft,
@@ -37,6 +37,8 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
     `server` may list several body servers, "A,B,...": split mode fails over to the next
     (client/remote.py FailoverBody; the record adds `failovers` and `servers`, which served);
     with `verify`, every step goes to the first two and their answers must agree (VerifiedBody).
+    `trace_rounds` adds `rounds`: per speculative round, the draft length chosen, why, and the costs
+    `--draft-tokens auto` fitted (speculative/adaptive.py).
     """
     sampling = sampling or Sampling()
     if speculate not in (None, "none") and mode == "cloud":
@@ -65,7 +67,7 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                                  draft_tokens=draft_tokens)
         record = _record(mode, None, cache, None, result.text, result.token_ids, len(result.prompt_ids),
                          result.seconds, result.local_seconds, 0.0, None)
-        return _add_speculation(record, result, speculate, draft_tokens)
+        return _add_speculation(record, result, speculate, draft_tokens, trace_rounds)
     if mode == "shared":  # every linear layer on secret shares over two servers; `server` is "A,B"
         from lambdasplit.shares.run import run_shared
 
@@ -104,7 +106,7 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
             record["verified_by"] = body.addresses
             record["verify_max_difference"] = body.max_difference
             record["verify_tolerance"] = body.tolerance
-    return _add_speculation(record, result, speculate, draft_tokens)
+    return _add_speculation(record, result, speculate, draft_tokens, trace_rounds)
 
 
 def _source(speculate, device, draft_model, sampling):
@@ -113,7 +115,7 @@ def _source(speculate, device, draft_model, sampling):
     return make_source(speculate, device, draft_model=draft_model, sampling=sampling)
 
 
-def _add_speculation(record: dict, result, speculate, draft_tokens) -> dict:
+def _add_speculation(record: dict, result, speculate, draft_tokens, trace_rounds: bool = False) -> dict:
     """accepted_per_round_trip: tokens committed by the steps after the prompt's, per such step."""
     record.update({
         "speculate": speculate or "none", "draft_tokens": draft_tokens if speculate not in (None, "none") else 0,
@@ -121,6 +123,8 @@ def _add_speculation(record: dict, result, speculate, draft_tokens) -> dict:
         "drafted_positions": result.drafted, "accepted_positions": result.accepted,
         "rejected_positions": result.drafted - result.accepted,
     })
+    if trace_rounds:
+        record["rounds"] = result.rounds
     return record
 
 

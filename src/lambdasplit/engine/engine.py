@@ -8,7 +8,9 @@
 A step is the only operation: decode (n = 1), prefill (n = prompt length), a
 speculative verify of k positions, a replay after failover (n = everything sent so far),
 and a cut-back (start < the session's length: the cache is cut back to `start` first,
-as `LayerStack.forward` does). Steps of one session run in the order submitted; a step
+as `LayerStack.forward` does). A tree step (`parents`, llm/tree.py) verifies a whole draft
+tree: it runs unchunked with its tree mask, and the next step names the path to keep
+(`keep`), which compacts the cache before that step runs. Steps of one session run in the order submitted; a step
 may start anywhere up to where the session's previous steps will have left it.
 
 The step loop (one thread) repeatedly takes the pending steps of all sessions and runs
@@ -40,6 +42,7 @@ from lambdasplit.engine.admission import EngineError, KVBudget
 from lambdasplit.engine.metrics import EngineMetrics
 from lambdasplit.engine.packed import PackedStack, Row
 from lambdasplit.errors import LambdaSplitError
+from lambdasplit.llm import tree
 from lambdasplit.llm.segments import LayerStack
 
 
@@ -54,10 +57,13 @@ def kv_bytes_per_position(stack: LayerStack) -> int:
 
 
 class _Step:
-    __slots__ = ("session", "start", "hidden", "done", "pieces", "future", "submitted", "waiting_since")
+    __slots__ = ("session", "start", "hidden", "parents", "keep", "done", "pieces", "future", "submitted",
+                 "waiting_since")
 
-    def __init__(self, session, start: int, hidden: torch.Tensor):
+    def __init__(self, session, start: int, hidden: torch.Tensor, parents=None, keep=None):
         self.session, self.start, self.hidden = session, start, hidden
+        self.parents = parents  # a tree step (llm/tree.py); it runs whole, never chunked
+        self.keep = keep  # (start, offsets): the previous step's entries to keep before this one runs
         self.done = 0  # positions already run (chunked prefill)
         self.pieces: list[torch.Tensor] = []
         self.future: Future = Future()
@@ -78,10 +84,16 @@ class EngineSession:
         self.length = 0  # where the steps submitted so far leave the cache
         self.closed = False
         self.pending: list[_Step] = []  # engine lock
+        self.last: tuple[int, int, list[int] | None] | None = None  # the last step submitted: start, n, parents
 
-    def submit(self, start: int, hidden: torch.Tensor) -> Future:
-        """Run hidden states [1, n, D] for positions start..start+n-1; a Future of the outputs [1, n, D]."""
-        return self.engine._submit(self, start, hidden)
+    def submit(self, start: int, hidden: torch.Tensor, parents: list[int] | None = None,
+               keep: list[int] | None = None) -> Future:
+        """Run hidden states [1, n, D] for positions start..start+n-1; a Future of the outputs [1, n, D].
+
+        `parents`: a tree step (llm/tree.py). `keep`: first keep only these offsets of the previous
+        step (a root-to-node path of its tree), at its start onwards: the cut-back after a tree step.
+        """
+        return self.engine._submit(self, start, hidden, parents, keep)
 
     def step(self, start: int, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         return self.submit(start, hidden).result(timeout)
@@ -188,7 +200,7 @@ class Engine:
         future.set_exception(EngineError(reason, message))
         return future
 
-    def _submit(self, session: EngineSession, start: int, hidden: torch.Tensor) -> Future:
+    def _submit(self, session: EngineSession, start: int, hidden: torch.Tensor, parents=None, keep=None) -> Future:
         d = self.packed.hidden_size
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != 1 \
                 or hidden.shape[1] < 1 or hidden.shape[2] != d:
@@ -201,14 +213,31 @@ class Engine:
             if len(session.pending) >= self.max_pending_steps:
                 return self._refuse("too_many_pending", f"this session already has {len(session.pending)} steps "
                                                         f"waiting; the limit is {self.max_pending_steps}")
-            if not 0 <= start <= session.length:
+            problem = tree.parents_problem(parents, n) if parents is not None else None
+            kept_length = session.length
+            if keep is not None and problem is None:
+                if session.last is None:
+                    problem = "keep names entries of a previous step, and there is none"
+                else:
+                    problem = tree.keep_problem(keep, session.last[2], session.last[1])
+                    kept_length = session.last[0] + len(keep)
+            elif session.last is not None and session.last[2] is not None and problem is None:
+                last_start, _, last_parents = session.last
+                if start > last_start and not tree.is_chain(last_parents[:start - last_start]):
+                    problem = (f"after a tree step, a step at {start} would keep offsets 0..{start - last_start - 1}"
+                               f" of it, which are not one path: name the kept path with keep")
+            if problem is not None:
+                return self._refuse("bad_step", problem)
+            if not 0 <= start <= kept_length:
                 return self._refuse("gap", f"step starts at position {start} but the session's steps so far "
-                                           f"reach position {session.length}")
+                                           f"reach position {kept_length}")
             if start + n > session.max_positions:
                 return self._refuse("reservation_exceeded",
                                     f"positions up to {start + n} exceed the {session.max_positions} this session "
                                     f"reserved")
-            step = _Step(session, start, hidden.to(self.dtype))
+            step = _Step(session, start, hidden.to(self.dtype), parents,
+                         (session.last[0], keep) if keep is not None else None)
+            session.last = (start, n, parents)
             session.length = start + n
             session.pending.append(step)
             if len(session.pending) == 1:
@@ -223,7 +252,12 @@ class Engine:
         for step in heads:
             if len(batch) == self.max_batch:
                 break
-            take = min(step.remaining, self.prefill_chunk, self.max_positions_per_batch - positions)
+            if step.parents is not None:  # a tree step runs whole: its mask spans all its positions
+                take = step.remaining
+                if batch and positions + take > self.max_positions_per_batch:
+                    continue
+            else:
+                take = min(step.remaining, self.prefill_chunk, self.max_positions_per_batch - positions)
             if take < 1:
                 break
             batch.append((step, take))
@@ -268,14 +302,17 @@ class Engine:
         failed: dict[int, BaseException] = {}
         for i, (step, _take) in enumerate(batch):
             start, stack = step.start + step.done, step.session.stack
-            if start != stack.length:
-                try:
+            try:
+                if step.keep is not None and step.done == 0:
+                    stack.compact(*step.keep)  # after a tree step: its kept path only
+                if start != stack.length:
                     stack.truncate(start)
-                except LambdaSplitError as cut:
-                    failed[i] = EngineError("bad_step", str(cut))
+            except LambdaSplitError as cut:
+                failed[i] = EngineError("bad_step", str(cut))
         live = [i for i in range(len(batch)) if i not in failed]
         rows = [Row(batch[i][0].session.stack, batch[i][0].start + batch[i][0].done,
-                    batch[i][0].hidden[:, batch[i][0].done:batch[i][0].done + batch[i][1]]) for i in live]
+                    batch[i][0].hidden[:, batch[i][0].done:batch[i][0].done + batch[i][1]], batch[i][0].parents)
+                for i in live]
         began = time.perf_counter()
         outputs: dict[int, torch.Tensor] = {}
         if rows:

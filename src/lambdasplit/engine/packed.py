@@ -21,7 +21,8 @@ embeddings are per token). Attention is the only per-session part:
 * rows of one position (decodes) are attended together in one call of that function,
   their keys padded to the longest and the padding masked: such a query sees all the
   keys its cache returns, so the padding mask is its whole mask. Longer rows (prefill
-  chunks, verify steps) keep their own call and the family's mask.
+  chunks, verify steps) keep their own call and the family's mask; a tree step's row
+  (`Row.parents`) gets its tree positions and mask (llm/tree.py) instead.
 
 Why packed, not padded ([B, max_n, D] with 4-D masks over a batch cache assembled
 from per-session storage): SARATHI-style batches mix a prefill chunk of many positions
@@ -49,6 +50,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from lambdasplit.errors import LambdaSplitError
+from lambdasplit.llm import tree
 from lambdasplit.llm.segments import LayerStack
 
 PACKED_PREFIX = "lambdasplit_packed_"
@@ -61,6 +63,7 @@ class Row:
     stack: LayerStack
     start: int
     hidden: torch.Tensor
+    parents: list[int] | None = None  # a tree step (llm/tree.py): its own positions and mask
 
     @property
     def n(self) -> int:
@@ -195,9 +198,11 @@ class PackedStack:
             spans.append((offset, offset + row.n))
             offset += row.n
         hidden = torch.cat([row.hidden for row in rows], dim=1)
-        position_ids = torch.cat([torch.arange(row.start, row.start + row.n) for row in rows]).unsqueeze(0)
+        position_ids = torch.cat([tree.position_ids(row.start, row.parents)[0] if row.parents is not None
+                                  else torch.arange(row.start, row.start + row.n) for row in rows]).unsqueeze(0)
         # Each row's masks exactly as its solo forward builds them, against its own cache.
         masks = [
+            tree.masks(row.stack, row.hidden, row.start, row.parents) if row.parents is not None else
             stack.family.masks(stack.config, row.hidden, row.stack.cache, position_ids[:, a:b], stack.layer_indices)
             for row, (a, b) in zip(rows, spans)
         ]

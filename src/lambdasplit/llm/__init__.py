@@ -3,6 +3,7 @@
     families.py    how each transformers family is assembled around its layer stack
     checkpoint.py  selective safetensors loading and the model fingerprint
     segments.py    Head, Body and Tail: layer ranges with their own KV caches
+    tree.py        tree steps: tree positions and attention masks, cache compaction to the kept path
     check.py       `lambdasplit check`: does a split reproduce the unsplit model? (commands.py: the CLI)
 """
 

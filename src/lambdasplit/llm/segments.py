@@ -17,6 +17,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from lambdasplit.errors import LambdaSplitError, SplitError
+from lambdasplit.llm import tree
 from lambdasplit.llm.checkpoint import Checkpoint, parse_dtype
 from lambdasplit.llm.families import Family, family_for
 
@@ -103,17 +104,26 @@ class LayerStack:
                     total += tensor.numel() * tensor.element_size()
         return total
 
+    def compact(self, start: int, keep: list[int]) -> None:
+        """After a tree step at `start`: keep only its entries at offsets `keep` (llm/tree.py)."""
+        tree.compact(self, start, keep)
+
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None) -> torch.Tensor:
+        """`parents`: a tree step (llm/tree.py): tree positions and attention instead of a causal chain."""
         if start != self.length:
             self.truncate(start)  # raises if start is beyond what is cached (a gap)
         n = hidden.shape[1]
         if not self.layers:
             self.length = start + n
             return hidden
-        position_ids = torch.arange(start, start + n).unsqueeze(0)
+        if parents is not None:
+            position_ids = tree.position_ids(start, parents)
+            masks = tree.masks(self, hidden, start, parents)
+        else:
+            position_ids = torch.arange(start, start + n).unsqueeze(0)
+            masks = self.family.masks(self.config, hidden, self.cache, position_ids, self.layer_indices)
         rotations = self.family.position_embeddings(self.rotary, self.config, hidden, position_ids, self.layer_indices)
-        masks = self.family.masks(self.config, hidden, self.cache, position_ids, self.layer_indices)
         for layer_idx, layer in zip(self.layer_indices, self.layers):
             kind = self.family.layer_type(self.config, layer_idx)
             hidden = self.family.call_layer(
@@ -134,12 +144,13 @@ class Head:
         return Head(self.embed, self.position_embed, self.stack.fork())
 
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, start: int, parents: list[int] | None = None) -> torch.Tensor:
         hidden = self.stack.family.scale_embeddings(self.stack.config, self.embed(token_ids))
         if self.position_embed is not None:
-            positions = torch.arange(start, start + token_ids.shape[1]).unsqueeze(0)
+            positions = tree.position_ids(start, parents) if parents is not None else \
+                torch.arange(start, start + token_ids.shape[1]).unsqueeze(0)
             hidden = hidden + self.position_embed(positions)
-        return self.stack.forward(hidden, start)
+        return self.stack.forward(hidden, start, parents)
 
 
 class Body:
@@ -151,8 +162,8 @@ class Body:
     def fork(self) -> "Body":
         return Body(self.stack.fork())
 
-    def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        return self.stack.forward(hidden, start)
+    def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None) -> torch.Tensor:
+        return self.stack.forward(hidden, start, parents)
 
 
 class Tail:

@@ -585,6 +585,7 @@ class BodyServer:
                                                          "prefill_chunk": engine.prefill_chunk},
                 "codecs": [*FLOAT_KINDS, *(f"int{b}/{g}" for b in range(2, 9) for g in ("tensor", "token", "channel"))],
                 "resume": False,
+                "tree_steps": getattr(service, "tree_steps", False),  # STEP parents / keep (docs/protocol.md)
             },
         }
 

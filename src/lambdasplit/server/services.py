@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import struct
 import time
 
 import torch
@@ -27,8 +28,9 @@ from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
-    FrameType, json_frame, parse_json, parse_step_headers, result_frame, token_frame,
+    FrameType, json_frame, parse_headers, parse_json, result_frame, token_frame,
 )
+from lambdasplit.llm import tree
 
 
 class Service:
@@ -165,6 +167,8 @@ class BodyService(EngineService):
 
     role = "body"
 
+    tree_steps = True  # STEPs may carry parents and keep (llm/tree.py)
+
     def __init__(self, model: str, layers: str, dtype: str = "float32"):
         self.checkpoint = Checkpoint(model)
         self.x, self.y = parse_split(layers, self.checkpoint.config.num_hidden_layers)
@@ -209,6 +213,7 @@ class BodySession(SessionHandler):
     def __init__(self, service: BodyService, session, codec, limits):
         self.service, self.session, self.codec, self.limits = service, session, codec, limits
         self.seq = 0  # the last STEP's sequence number
+        self.tree: tuple = (None, None)  # the checked STEP's (parents, keep): llm/tree.py
 
     @property
     def body(self):
@@ -227,7 +232,7 @@ class BodySession(SessionHandler):
         hidden = await run(self.decode, body, header)
         began = time.perf_counter()
         try:
-            out = await asyncio.wrap_future(self.session.submit(position, hidden))
+            out = await asyncio.wrap_future(self.session.submit(position, hidden, *self.tree))
         except EngineError as error:
             raise protocol_error(error) from None
         compute_us = int((time.perf_counter() - began) * 1e6)
@@ -240,7 +245,7 @@ class BodySession(SessionHandler):
         hidden = self.decode(body, header)
         began = time.perf_counter()
         try:
-            out = self.session.submit(position, hidden).result()
+            out = self.session.submit(position, hidden, *self.tree).result()
         except EngineError as error:
             raise protocol_error(error) from None
         emit(self.result(seq, position, int((time.perf_counter() - began) * 1e6), out))
@@ -258,7 +263,7 @@ class BodySession(SessionHandler):
         """Everything about a STEP that its headers tell, before anything is decoded or allocated."""
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a body session takes STEP frames, got {frame_type.name}")
-        seq, position, headers = parse_step_headers(body)
+        seq, position, headers, parents, keep = parse_body_step(body)
         if seq != self.seq + 1:
             raise ProtocolError("bad_sequence", f"STEP sequence number {seq}; this session expects {self.seq + 1} "
                                                 "(numbered from 1, one more each STEP)")
@@ -275,10 +280,33 @@ class BodySession(SessionHandler):
             raise ProtocolError("too_many_positions", f"a step of {shape[1]} positions; the limit is "
                                                       f"{self.limits.max_positions} per session")
         cached = self.session.length
+        last = self.session.last  # (start, n, parents) of the previous STEP
+        if parents is not None and (problem := tree.parents_problem(parents, shape[1])):
+            raise ProtocolError("bad_step", f"bad tree step: {problem}")
+        if keep is not None:
+            if last is None:
+                raise ProtocolError("bad_step", "bad keep: this session has no previous step to keep entries of")
+            if problem := tree.keep_problem(keep, last[2], last[1]):
+                raise ProtocolError("bad_step", f"bad keep: {problem}")
+            cached = last[0] + len(keep)
+        elif last is not None and last[2] is not None and position > last[0] \
+                and not tree.is_chain(last[2][:position - last[0]]):
+            raise ProtocolError("bad_step", f"after a tree step, a STEP at position {position} must name the "
+                                            "kept path with keep")
         if position > cached:
             raise ProtocolError("out_of_order", f"step starts at position {position} but only {cached} positions are cached")
         self.seq = seq
+        self.tree = (parents, keep)
         return seq, position, header
+
+
+def parse_body_step(body: memoryview):
+    """(seq, position, blob headers, parents, keep) of a body STEP, tree sections included (llm/tree.py)."""
+    if len(body) < 8:
+        raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
+    seq, word = struct.unpack_from("<II", body, 0)
+    position, keep, parents, offset = tree.parse_fields(body, word, 8)
+    return seq, position, parse_headers(body, offset), parents, keep
 
 
 def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:

@@ -1,39 +1,52 @@
 """How many tokens to draft: a fixed k, or `auto`, chosen each round from measurements.
 
 `auto` compares expected committed tokens per second with and without drafting, from
-what this generation has measured so far (the old rule fitted the step time with the
-prompt's long step in the fit: batched prefill pinned the per-position cost far below
-what one more decode position costs, and the source's cost outside `propose` was never
-counted, so on a fast link it kept drafting at 0.7-0.8x of plain decoding):
+what this generation has measured so far:
 
 - a: the wall time of a plain round (one position: head, body with its round trip and
-  the link's serialization, tail, sampling), and s: the extra wall time per drafted
-  position outside drafting (server time per position, bytes on the wire, verifying),
-  fitted by least squares over the decode rounds only (never the prompt's) on
-  round seconds - drafting seconds = a + s * k;
+  the link's serialization, tail, sampling): the median of the latest plain decode rounds;
+- s: the extra wall time per drafted position outside drafting (server time per position,
+  bytes on the wire, the tail's LM head over one more row, verifying, the source's
+  `observe`): per drafting round, (round - drafting seconds - a) / k, and the median of
+  the latest such rounds;
 - d: the device's drafting seconds per drafted token, measured around `propose` as it
   runs (a source's catch-up work after plain rounds included);
 - alpha: the acceptance of a draft (measured, prior 0.5 worth two drafts).
 
 A round drafting k tokens commits E(k) = 1 + alpha + ... + alpha^k tokens on average in
-a + (s + d) * k seconds; `auto` picks the k in [0, K] maximizing that rate, k = 0 being
-plain decoding (1 / a). Until both a plain and a drafting decode round have been timed,
-it drafts WARMUP_TOKENS once, then steps plainly once. When plain wins, it re-probes with
-WARMUP_TOKENS drafts after PROBE_EVERY plain rounds, doubling that gap after each probe
-that does not pay (up to MAX_PROBE_EVERY), so a slow link, a source whose acceptance
+a + (s + d) * k seconds; `auto` drafts the best k in [1, K] only when its rate beats plain
+decoding's (1 / a) by MARGIN. The prompt's round drafts WARMUP_TOKENS (it is never timed),
+the first decode round is plain, the second drafts WARMUP_TOKENS. When plain wins, it
+probes after PROBE_EVERY plain rounds with the k the model would draft (1 when drafting
+looks poor: the cheapest round that still measures acceptance and cost), doubling the gap
+after each probe (up to MAX_PROBE_EVERY), so a slow link, a source whose acceptance
 improves, or one that learns only while drafting (lookahead) switches back on, while a
-fast link pays for few probes.
+fast link pays for few, cheap probes.
+
+Why this rule (issue #12): the previous one fitted round - drafting = a + s * k by least
+squares over all decode rounds. When plain rounds dominate, a drifts (the link, the load)
+and the few drafting rounds are confounded with that drift, so the slope swung from 0 to
+several times the real cost; its probes drafted 3 tokens at 20-30 ms each on this CPU
+(the LM head over 49k tokens is ~17 ms per row here under load). Medians of recent rounds
+are robust to one stalled round on a loaded machine and track a changed link within a
+few rounds (tests/test_speculative_adaptive.py).
 """
 
 from __future__ import annotations
+
+from statistics import median
 
 from lambdasplit.errors import UsageError
 
 MAX_AUTO_TOKENS = 8
 DECAY = 0.97  # older rounds weigh less: acceptance and costs drift with the text and the load
-WARMUP_TOKENS = 3  # drafted on the first drafting round and on each probe
+WARMUP_TOKENS = 2  # drafted on the first drafting round
+MARGIN = 1.05  # draft only when the model expects it to beat plain decoding by 5%: a marginal gain is within
+# the noise of the fitted costs, while a wrong "draft" costs every round until the fit corrects it
 PROBE_EVERY = 8  # plain rounds before the first re-probe; doubled after each probe that does not pay
 MAX_PROBE_EVERY = 64
+RECENT = 9  # costs are the median of the latest rounds: one stalled round (a loaded machine) moves nothing,
+# and a link that slows is tracked within a few rounds
 
 
 def parse_draft_tokens(value) -> int | str:
@@ -53,13 +66,15 @@ class DraftLength:
         self.setting = parse_draft_tokens(setting)
         self.max_tokens = max_tokens
         self.drafted, self.accepted = 2.0, 1.0  # trials and successes; prior alpha = 0.5, worth two drafts
-        self.sums = [0.0] * 5  # decode rounds, weighted: 1, k, k^2, r, k*r (r = round - drafting seconds)
-        self.slope: float | None = None
+        self.plain: list[float] = []  # round - drafting seconds of the latest plain decode rounds
+        self.extra: list[float] = []  # extra seconds per drafted position of the latest drafting rounds
         self.draft_seconds, self.draft_count = 0.0, 0.0
         self.observed = 0
         self.plain_rounds = self.drafting_rounds = 0  # decode rounds timed, by whether they drafted
         self.plain_streak = 0
         self.probe_every = PROBE_EVERY
+        self.trace: list[dict] | None = None  # set to [] to record every round (generate --trace-rounds)
+        self._last_choice: dict = {}
 
     @property
     def acceptance(self) -> float:
@@ -67,14 +82,10 @@ class DraftLength:
 
     def cost(self) -> tuple[float, float, float]:
         """(a, s, d): seconds of a plain round, extra seconds per drafted position, drafting seconds per token."""
-        s1, sk, skk, sr, skr = self.sums
-        mean_k, mean_r = sk / s1, sr / s1
-        var = skk / s1 - mean_k ** 2
-        if var > 0.25:
-            self.slope = max(0.0, (skr / s1 - mean_k * mean_r) / var)
-        slope = self.slope if self.slope is not None else 0.0
+        a = median(self.plain) if self.plain else 0.0
+        s = median(self.extra) if self.extra else 0.0
         d = self.draft_seconds / self.draft_count if self.draft_count else 0.0
-        return max(1e-9, mean_r - slope * mean_k), slope, d
+        return max(1e-9, a), s, d
 
     def rates(self, limit: int) -> list[float]:
         """Expected committed tokens per second for k = 0 .. min(K, limit) drafts."""
@@ -88,24 +99,35 @@ class DraftLength:
 
     def choose(self, limit: int) -> int:
         """Tokens to draft now; never more than `limit` (the room left before max_new_tokens)."""
+        k, why = self._choose(limit)
+        if self.trace is not None:
+            self._last_choice = {"k": k, "why": why}
+            if self.plain_rounds and self.drafting_rounds:
+                a, s, d = self.cost()
+                self._last_choice.update(a=a, s=s, d=d, alpha=self.acceptance)
+        return k
+
+    def _choose(self, limit: int) -> tuple[int, str]:
         if self.setting != "auto":
-            return max(0, min(self.setting, limit))
+            return max(0, min(self.setting, limit)), "fixed"
         warm = max(0, min(WARMUP_TOKENS, limit))
+        if self.observed and not self.plain_rounds:
+            return 0, "warm-up"  # the first decode round is plain: it prices a plain round
         if not self.drafting_rounds:
-            return warm
-        if not self.plain_rounds:
-            return 0
+            return warm, "warm-up"  # the prompt's round, and the first drafting decode round
         rates = self.rates(limit)
-        best = max(range(len(rates)), key=rates.__getitem__)
-        if best:
+        best = max(range(1, len(rates)), key=rates.__getitem__) if len(rates) > 1 else 0
+        if best and rates[best] > MARGIN * rates[0]:
             self.plain_streak, self.probe_every = 0, PROBE_EVERY
-            return best
+            return best, "model"
         self.plain_streak += 1
-        if self.plain_streak > self.probe_every:
+        if best and self.plain_streak > self.probe_every:
+            # a probe drafts what the model would draft (1 when drafting looks poor): the cheapest
+            # round that still measures the acceptance and the cost of a drafted position
             self.plain_streak = 0
             self.probe_every = min(MAX_PROBE_EVERY, self.probe_every * 2)
-            return warm
-        return 0
+            return best, "probe"
+        return 0, "model"
 
     def update(self, positions: int, step_seconds: float, drafted: int, accepted: int, draft_seconds: float,
                round_seconds: float | None = None) -> None:
@@ -115,6 +137,10 @@ class DraftLength:
         self.observed += 1
         if round_seconds is None:
             round_seconds = step_seconds + draft_seconds
+        if self.trace is not None:
+            self.trace.append({**self._last_choice, "drafted": drafted, "accepted": accepted, "positions": positions,
+                               "step_s": step_seconds, "draft_s": draft_seconds, "round_s": round_seconds})
+            self._last_choice = {}
         if drafted:
             # Drafts after the first rejection are never tested: the trials are the accepted drafts
             # plus that rejection (the maximum-likelihood estimate of a per-draft acceptance rate).
@@ -125,11 +151,13 @@ class DraftLength:
             self.draft_count = self.draft_count * DECAY + drafted
         if self.observed == 1:
             return  # the prompt's round: batched prefill says nothing about one more decode position
+        rest = max(0.0, round_seconds - draft_seconds)
         if drafted:
             self.drafting_rounds += 1
+            # what each drafted position added over a plain round of now (not a least-squares slope
+            # over all rounds: when the link's delay drifts, a drifting intercept biases that slope)
+            a, _, _ = self.cost()
+            self.extra = [*self.extra, max(0.0, rest - a) / drafted][-RECENT:]
         else:
             self.plain_rounds += 1
-        rest = max(0.0, round_seconds - draft_seconds)
-        self.sums = [v * DECAY for v in self.sums]
-        for i, value in enumerate((1.0, drafted, drafted ** 2, rest, drafted * rest)):
-            self.sums[i] += value
+            self.plain = [*self.plain, rest][-RECENT:]

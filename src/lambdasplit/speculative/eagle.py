@@ -136,6 +136,17 @@ class Tree:
             value.append(math.exp(self.scores[i]) + (value[parent] if parent >= 0 else 0.0))
         return self.path(max(range(len(value)), key=value.__getitem__))
 
+    def top(self, budget: int) -> "Tree":
+        """The `budget` nodes of highest path score, parents first: the subtree that maximizes the expected
+        accepted length under the draft's own probabilities for that many positions. A child's score is
+        its parent's plus a log-probability <= 0, and ties go to the earlier index (parents come first),
+        so the chosen set holds every chosen node's ancestors."""
+        kept = sorted(sorted(range(len(self.tokens)), key=lambda i: (-self.scores[i], i))[:max(0, budget)])
+        index = {node: i for i, node in enumerate(kept)}
+        return Tree(tokens=[self.tokens[i] for i in kept],
+                    parents=[index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in kept],
+                    depths=[self.depths[i] for i in kept], scores=[self.scores[i] for i in kept])
+
     def accepted_by(self, truth: list[int]) -> int:
         """How many tokens of `truth` (the target's own continuation) the deepest matching path covers:
         what verifying the whole tree in one step would accept (greedy)."""
@@ -156,6 +167,9 @@ class EagleSource:
         self.head, self.embed, self.tail = head, embed, tail
         self.width, self.branch = max(1, width), max(1, branch)
         self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
+        # a tree is verified whole where the decoding allows (greedy, a server taking tree steps);
+        # False: only its best path, as a chain
+        self.verify_trees = self.name == "eagle-tree"
         self.trees: list[tuple[int, Tree, list[int]]] | None = None  # set to [] to record (length, tree, path sent)
         self.cache = DynamicCache(config=head.config)
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
@@ -183,19 +197,32 @@ class EagleSource:
         if extra > 0:
             self.cache.crop(-extra)  # transformers 5: a negative count removes that many positions
 
-    @torch.inference_mode()
-    def propose(self, sequence: list[int], k: int) -> Draft:
+    def _catch_up(self, sequence: list[int]) -> bool:
+        """Feed the committed pairs the head has not seen yet; False when it cannot draft."""
         last = len(sequence) - 2  # the last position the target has processed (its features are known)
-        if k <= 0 or last < 0 or not all(p in self.features for p in range(self.fed, last + 1)):
-            return Draft()
+        if last < 0 or not all(p in self.features for p in range(self.fed, last + 1)):
+            return False
         self._cut(self.fed)
-        if self.fed <= last:  # feed the committed pairs the head has not seen yet
+        if self.fed <= last:
             feats = torch.stack([self.features.pop(p) for p in range(self.fed, last + 1)])[None]
             tokens = torch.tensor([sequence[self.fed + 1:last + 2]])
             predicted = self.head(feats, self.embed(tokens), self.fed, self.cache)[:, -1:]
             self.fed = last + 1
             self.last_prediction = predicted
-        if self.last_prediction is None:
+        return self.last_prediction is not None
+
+    @torch.inference_mode()
+    def propose_tree(self, sequence: list[int], k: int) -> Tree:
+        """eagle-tree with whole-tree verification: the best k-node subtree of a k-level EAGLE-2 tree."""
+        if k <= 0 or not self._catch_up(sequence):
+            return Tree()
+        tree = self.draft_tree(k).top(k)
+        self._cut(self.fed)
+        return tree
+
+    @torch.inference_mode()
+    def propose(self, sequence: list[int], k: int) -> Draft:
+        if k <= 0 or not self._catch_up(sequence):
             return Draft()
         if self.width == 1 and self.branch == 1:
             drafts = self._chain(k)
