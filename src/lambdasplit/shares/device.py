@@ -22,6 +22,7 @@ plus one for the LM head per step.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -124,9 +125,13 @@ class SharePair:
             raise ProtocolError("bad_result", f"server {session.address}: its layer table does not match its digest")
         return table
 
-    def run(self, indices: list[int], x: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, indices: list[int], x: torch.Tensor | list[torch.Tensor], max_shift: int = 0) -> list[torch.Tensor]:
         """W x for each listed layer (all reading x), through the two servers; x may be a list of
-        tensors [.., n, d_k] read as their concatenation (merged layers: [a ; r]). Numpy throughout:
+        tensors [.., n, d_k] read as their concatenation (merged layers: [a ; r]). An input beyond the
+        layers' bound is refused, unless `max_shift` > 0 (merged layers, which read the raw residual
+        stream): then it is encoded with k <= max_shift fewer fractional bits, the fewest that bring
+        it within the bound (exact in the ring: W (x 2^-k) 2^k = W x), at 2^-(FRAC_X - k) input
+        resolution. The servers never learn k. Numpy throughout:
         per request the device's own work is a few O(d) array passes, so interpreter overhead
         is what counts (see docs/benchmarks.md, device time)."""
         began, cpu_began = time.perf_counter(), time.thread_time()
@@ -148,11 +153,15 @@ class SharePair:
             rows = x.detach().reshape(-1, x.shape[-1]).numpy()
             n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x.shape[:-1]), 1
         peak = float(max(rows.max(), -rows.min())) if rows.size else 0.0
-        if not peak <= bound:  # also catches NaN
+        shift = 0
+        if not peak <= bound and max_shift and peak <= bound * 2 ** max_shift:
+            shift = max(1, math.ceil(math.log2(peak / bound)))  # peak 2^-shift <= bound
+            shift += peak > bound * 2 ** shift  # (log2's rounding)
+        elif not peak <= bound:  # also catches NaN
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
-        x_ring = ring.encode(rows, ring.FRAC_X)
+        x_ring = ring.encode(rows, ring.FRAC_X - shift)
         masked = ring.share(x_ring, self.masks)
         sent, cpu_sent = time.perf_counter(), time.thread_time()
         first, second = self.sessions
@@ -173,7 +182,7 @@ class SharePair:
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
-        values = ring.decode(total, ring.FRAC_Y).astype(np.float32)
+        values = ring.decode(total, ring.FRAC_Y - shift).astype(np.float32)
         if self.observer is not None:
             self.observer(indices, x_ring, total)
         outs, offset = [], 0
