@@ -182,13 +182,11 @@ class SharePair:
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
-        values = ring.decode(total, ring.FRAC_Y - shift).astype(np.float32)
+        values = torch.from_numpy(ring.decode_float32(total, ring.FRAC_Y - shift))
         if self.observer is not None:
             self.observer(indices, x_ring, total)
-        outs, offset = [], 0
-        for out, width in zip(outs_per_layer, widths):
-            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, out, *out_hw))
-            offset += n * width
+        parts = values.split([n * width for width in widths]) if len(widths) > 1 else (values,)
+        outs = [part.view(*lead, out, *out_hw) for part, out in zip(parts, outs_per_layer)]
         costs = self.costs
         costs.requests += 1
         costs.rows += n
