@@ -175,7 +175,8 @@ def merge_refusal(skeleton: nn.Module, family) -> str | None:
 
 @dataclass
 class MergedSpec:
-    """One entry of the merged table: M = W_left diag(g) [W_right | I], or W_right on the first columns."""
+    """One entry of the merged table: M = W_left diag(g) [W_right | I], or W_right alone on the input's first
+    columns (then named as the plain module: o_proj / down_proj on [x ; residual])."""
 
     name: str
     in_width: int  # the request's input width
@@ -195,7 +196,7 @@ def merge_plan(skeleton: nn.Module, family, lm_head: bool) -> list[MergedSpec | 
     for i in range(n):
         p = f"{family.layers}.{i}"
         o_in = stack[i].self_attn.o_proj.in_features
-        plan.append(MergedSpec(f"{p}.self_attn.o_proj[:{o_in}]", o_in + hidden, hidden, f"{p}.self_attn.o_proj"))
+        plan.append(MergedSpec(f"{p}.self_attn.o_proj", o_in + hidden, hidden, f"{p}.self_attn.o_proj"))
         for proj in ("gate_proj", "up_proj"):
             out = getattr(stack[i].mlp, proj).out_features
             plan.append(MergedSpec(f"{p}.mlp.{proj}(post_attention_layernorm(o_proj + residual))", o_in + hidden, out,
@@ -205,7 +206,7 @@ def merge_plan(skeleton: nn.Module, family, lm_head: bool) -> list[MergedSpec | 
             plan.append(f"{p}.mlp.down_proj")
             break
         q = f"{family.layers}.{i + 1}"
-        plan.append(MergedSpec(f"{p}.mlp.down_proj[:{down_in}]", down_in + hidden, hidden, f"{p}.mlp.down_proj"))
+        plan.append(MergedSpec(f"{p}.mlp.down_proj", down_in + hidden, hidden, f"{p}.mlp.down_proj"))
         for proj in ("q_proj", "k_proj", "v_proj"):
             out = getattr(stack[i + 1].self_attn, proj).out_features
             plan.append(MergedSpec(f"{q}.self_attn.{proj}(input_layernorm(layers.{i}.mlp.down_proj + residual))",

@@ -126,10 +126,9 @@ def wire_merged(layers: list[nn.Module], plan: list, owner, family) -> None:
                 setattr(attn, p, PendingLinear(f"{prefix}.{i}.self_attn.{p}", slots[i], p, "input",
                                                getattr(attn, p).out_features))
         o_name = f"{prefix}.{i}.self_attn.o_proj"
-        o_in = attn.o_proj.in_features
         gate_up = [index_of[f"{prefix}.{i}.mlp.{p}(post_attention_layernorm(o_proj + residual))"]
                    for p in ("gate_proj", "up_proj")]
-        attn.o_proj = MergedRequest(o_name, [index_of[f"{o_name}[:{o_in}]"], *gate_up], slots[i], "residual",
+        attn.o_proj = MergedRequest(o_name, [index_of[o_name], *gate_up], slots[i], "residual",
                                     [(slots[i], "gate_proj"), (slots[i], "up_proj")], owner, attn.o_proj.out_features)
         for p in ("gate_proj", "up_proj"):
             setattr(mlp, p, PendingLinear(f"{prefix}.{i}.mlp.{p}", slots[i], p, "post", getattr(mlp, p).out_features))
@@ -139,6 +138,6 @@ def wire_merged(layers: list[nn.Module], plan: list, owner, family) -> None:
             continue
         qkv = [index_of[f"{prefix}.{i + 1}.self_attn.{p}(input_layernorm(layers.{i}.mlp.down_proj + residual))"]
                for p in ("q_proj", "k_proj", "v_proj")]
-        mlp.down_proj = MergedRequest(down_name, [index_of[f"{down_name}[:{mlp.down_proj.in_features}]"], *qkv],
+        mlp.down_proj = MergedRequest(down_name, [index_of[down_name], *qkv],
                                       slots[i], "mid", [(slots[i + 1], p) for p in ("q_proj", "k_proj", "v_proj")],
                                       owner, mlp.down_proj.out_features)
