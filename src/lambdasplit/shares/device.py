@@ -16,7 +16,8 @@ proxy, when called, computes its layer through the two servers:
 Linear layers that read the same tensor (q, k, v; gate, up) go in ONE request: the first
 proxy called sends the whole group and its siblings pick their answers up. So a Llama-like
 layer costs 4 round trips (qkv, o, gate+up, down), each one to both servers in parallel,
-plus one for the LM head per step.
+plus one for the LM head per step; with the merged layers (the default where the model
+allows it, shares/merged.py) 2 per layer plus 2.
 """
 
 from __future__ import annotations

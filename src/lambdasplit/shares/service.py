@@ -15,6 +15,8 @@ It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
                      32-byte ChaCha20 key (ring.MaskStream), drawn fresh by the device
     RESULT  u32 seq | u32 compute microseconds | for each layer, n x out uint64 (W share (+ bias on share 0))
 
+With `--shares-merge` (auto: where layers.merge_refusal allows) the table is the merged one
+(layers.merge_plan: 2 requests per decoder layer, RMSNorm folded into the weights).
 The two servers are configured independently and never talk to each other; server 0 adds
 the biases (once). Every client mistake is a ProtocolError for that session only.
 """
