@@ -52,6 +52,20 @@ def shared_device(model):
 
 
 @pytest.fixture(scope="module")
+def plain_servers(model):
+    """The plain layers (4 requests per decoder layer); the default, merged, is tested in test_shares_merged.py."""
+    plain = ["--shares-merge", "off"]
+    with ServerProcess(["--model", str(model), "--component", "shares", "--share", "0", *plain]) as first, \
+            ServerProcess(["--model", str(model), "--component", "shares", "--share", "1", *plain]) as second:
+        yield [first.address, second.address]
+
+
+@pytest.fixture(scope="module")
+def plain_device(model):
+    return SharedDevice.load_shared(str(model), merge=False)
+
+
+@pytest.fixture(scope="module")
 def local_device(model):
     return DeviceModel.load(str(model))
 
@@ -132,7 +146,8 @@ def test_input_beyond_the_bound_is_refused_not_run(shared_device, servers, local
 # ---------------------------------------------------------------- exactness through two real servers
 
 
-def test_agreement_and_logit_error_vs_local(shared_device, local_device, servers):
+def test_agreement_and_logit_error_vs_local(plain_device, local_device, plain_servers):
+    shared_device, servers = plain_device, plain_servers
     for prompt in PROMPTS:
         local = local_device.generate(prompt, max_new_tokens=10, keep_logits=True, ignore_eos=True)
         record = run_shared(model=None, device=shared_device, prompt=prompt, servers=servers, max_new_tokens=10,
@@ -214,7 +229,8 @@ def test_shares_are_uniform_fresh_and_independent_of_the_prompt(audit):
 
 def test_bad_requests_are_refused_and_the_server_keeps_serving(servers, shared_device):
     fingerprint = Checkpoint(str(shared_device.checkpoint.folder)).fingerprint
-    hello = {"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 0, "lm_head": True, "dtype": "float32"}
+    hello = {"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 0, "lm_head": True, "dtype": "float32",
+             "merge": shared_device.merge}
     with Peer(servers[0]) as peer:
         peer.hello(hello)
         peer.send(frame(STEP, struct.pack("<IHH", 0, 1, 60000) + struct.pack("<I", 1) + bytes(8 * 64)))
@@ -247,7 +263,7 @@ def test_an_answer_beyond_the_frame_limit_is_refused_before_compute(model, share
     host = BodyServer([SharesService(str(model), 1)], port=0, limits=Limits(max_frame_mb=1.0)).start_in_thread()
     with Peer(host.address) as peer:
         peer.hello({"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 1, "lm_head": True,
-                    "dtype": "float32"})
+                    "dtype": "float32", "merge": shared_device.merge})
         peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))  # describe + key
         assert peer.receive()[0] == RESULT
         peer.send(frame(STEP, struct.pack("<IHH", 1, 1, lm_head) + struct.pack("<I", 8000)))

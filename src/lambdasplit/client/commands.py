@@ -84,6 +84,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--servers", metavar="A,B", help="--mode shared: the share-0 and share-1 servers, in that order")
     p.add_argument("--shares-lm-head", choices=["shared", "device"], default="shared",
                    help="--mode shared: the LM head on shares too (as the servers were started) or on the device")
+    p.add_argument("--shares-merge", choices=["auto", "on", "off"], default="auto",
+                   help="--mode shared: the merged layers, 2 requests per decoder layer (as the servers were started)")
     p.add_argument("--token2", help="--mode shared: server B's own bearer token (default: --token)")
     p.add_argument("--tls-ca2", help="--mode shared: CA file for server B (default: --tls-ca)")
     p.add_argument("--prompt", required=True)
@@ -183,7 +185,8 @@ def _shared_command(args, sampling, stream) -> int:
                                "--dtype: shares are ring elements, computed in float32 on the device)")
     record = run_shared(
         model=args.model, prompt=args.prompt, servers=args.servers, max_new_tokens=args.max_new_tokens,
-        sampling=sampling, lm_head=args.shares_lm_head, token=[args.token, args.token2 or args.token],
+        sampling=sampling, lm_head=args.shares_lm_head, merge=args.shares_merge,
+        token=[args.token, args.token2 or args.token],
         tls_ca=[args.tls_ca, args.tls_ca2 or args.tls_ca], link=args.link, ignore_eos=args.ignore_eos,
         chat=False if args.no_chat else None, on_text=None if args.json else stream, timeout=args.timeout,
         insecure=args.insecure, speculate=args.speculate, draft_model=args.draft_model,

@@ -51,6 +51,9 @@ def add_commands(subparsers) -> None:
                    help="--component shares: which share this server computes on (0: x - r, 1: r from a seed)")
     p.add_argument("--shares-lm-head", choices=["shared", "device"], default="shared",
                    help="--component shares: hold the LM head too (shared) or leave it to the device")
+    p.add_argument("--shares-merge", choices=["auto", "on", "off"], default="auto",
+                   help="--component shares: the merged layers, 2 requests per decoder layer (auto: where the model "
+                        "allows it; the device must use the same)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765, help="0 picks a free port")
@@ -141,7 +144,7 @@ def build_services(args) -> list:
         if args.share is None:
             raise LambdaSplitError("--component shares needs --share 0 or --share 1")
         services.append(SharesService(args.model, args.share, lm_head=args.shares_lm_head == "shared",
-                                      dtype=args.dtype))
+                                      dtype=args.dtype, merge={"auto": None, "on": True, "off": False}[args.shares_merge]))
     for layers in args.layers:
         services.append(BodyService(args.model, layers, dtype=args.dtype))
     if args.cloud:

@@ -11,9 +11,11 @@ residuals, sampling) runs on the device.
     ring.py     Z mod 2^64 fixed point: encode / decode, ChaCha20 masks, exact matmul mod 2^64
                 (float64 limb GEMMs whose partial sums stay below 2^53)
     layers.py   the linear layers of a checkpoint in fixed point, their overflow bounds
-                (checked at load: a layer that cannot be kept exact is refused by name)
+                (checked at load: a layer that cannot be kept exact is refused by name), and the
+                merged table (RMSNorm folded into the weights: 2 requests per decoder layer)
     service.py  `lambdasplit serve --component shares --share 0|1` (role "shares")
     device.py   the device runtime: the model with every linear layer a proxy over two sessions
+    merged.py   the device's modules for the merged table (norms that record, answers that wait)
     unet.py     `imagine --protocol shared`: the diffusers U-Net with its convolutions and linear
                 projections as proxies (group norm, attention, scheduler, VAE on the device)
     run.py      `generate --mode shared --servers A,B` and its record

@@ -35,7 +35,7 @@ from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.generation import Sampling
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.shares.device import SharedDevice
-from lambdasplit.shares.run import parse_servers, run_shared
+from lambdasplit.shares.run import parse_merge, parse_servers, run_shared
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Explain in one sentence what a CPU does.",
@@ -43,7 +43,7 @@ PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Expl
 
 COLUMNS = [
     Column("link", "link", numeric=False), Column("speculate", "speculate", numeric=False),
-    Column("lm_head", "LM head", numeric=False),
+    Column("lm_head", "LM head", numeric=False), Column("layers", "layers", numeric=False),
     Column("tokens", "tokens", "d"), Column("tokens_per_second", "tok/s", ".3f"),
     Column("round_trips_per_token", "round trips / token (each server)", ".1f"),
     Column("up_a_per_token", "A up / token (MB)", megabytes), Column("down_a_per_token", "A down / token (MB)", megabytes),
@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", metavar="A,B", help="running shares servers (default: start two on loopback)")
     p.add_argument("--lm-head", choices=["shared", "device"], default="shared",
                    help="where the LM head runs (servers started here follow it; default %(default)s)")
+    p.add_argument("--merge", choices=["auto", "on", "off"], default="auto",
+                   help="the merged layers, 2 requests per decoder layer (servers started here follow it; "
+                        "default %(default)s: where the model allows it)")
     p.add_argument("--prompts", type=int, default=4, help=f"how many of the {len(PROMPTS)} built-in prompts")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens per prompt on loopback (EOS masked)")
     p.add_argument("--delays", default="5,20,40", help="one-way delays in ms, comma-separated ('' for none)")
@@ -112,7 +115,7 @@ AUDIT_COLUMNS = [
 def run_audit(args, servers: list[str]) -> int:
     from lambdasplit.shares.audit import audit_shares
 
-    device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared")
+    device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared", merge=parse_merge(args.merge))
     report = audit_shares(device, servers, prompts=PROMPTS[:max(2, args.prompts)], attacker_prompts=ATTACKER_PROMPTS,
                           max_new_tokens=args.new_tokens)
     rows = [{"view": view, **scores} for view, scores in report["attacks"].items()]
@@ -206,7 +209,7 @@ def run(args) -> int:
         if args.servers:
             servers = parse_servers(args.servers)
         else:
-            extra = [] if is_pipeline(args.model) else ["--shares-lm-head", args.lm_head]
+            extra = [] if is_pipeline(args.model) else ["--shares-lm-head", args.lm_head, "--shares-merge", args.merge]
             for share in (0, 1):
                 started.append(ServerProcess(["--model", args.model, "--component", "shares", "--share", str(share),
                                               *extra]).start())
@@ -215,7 +218,7 @@ def run(args) -> int:
             return run_audit(args, servers)
         if is_pipeline(args.model):
             return run_images(args, servers)
-        device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared")
+        device = SharedDevice.load_shared(args.model, lm_head=args.lm_head == "shared", merge=parse_merge(args.merge))
         local = DeviceModel.load(args.model)
         rows = []
         configs = [("loopback", None, s, prompts, args.new_tokens) for s in sources]
@@ -224,7 +227,8 @@ def run(args) -> int:
                 configs.append((f"{delay} ms", f"rate=1000mbit,delay={delay}ms", s,
                                 prompts[:args.delay_prompts], args.delay_tokens))
         for label, link, source, which, tokens in configs:
-            row = {"link": label, "speculate": source, "lm_head": args.lm_head, "tokens": 0}
+            row = {"link": label, "speculate": source, "lm_head": args.lm_head,
+                   "layers": "merged" if device.merge else "plain", "tokens": 0}
             sums = dict(seconds=0.0, up_a=0, down_a=0, up_b=0, down_b=0, rt=0, cpu=0.0, local_cpu=0.0, equal=0,
                         err=0.0, arithmetic=0.0, io=0.0)
             for prompt in which:
@@ -232,7 +236,7 @@ def run(args) -> int:
                     print(f"bench shared: {label}, speculate {source}: {prompt!r}", flush=True)
                 reference, local_cpu = _local(local, prompt, tokens)
                 record = run_shared(model=None, device=device, prompt=prompt, servers=servers, max_new_tokens=tokens,
-                                    lm_head=args.lm_head, link=link, ignore_eos=True, speculate=source,
+                                    lm_head=args.lm_head, merge=device.merge, link=link, ignore_eos=True, speculate=source,
                                     keep_logits=source == "none", sampling=Sampling())
                 n = record["new_tokens"]
                 row["tokens"] += n

@@ -16,12 +16,14 @@ proxy, when called, computes its layer through the two servers:
 Linear layers that read the same tensor (q, k, v; gate, up) go in ONE request: the first
 proxy called sends the whole group and its siblings pick their answers up. So a Llama-like
 layer costs 4 round trips (qkv, o, gate+up, down), each one to both servers in parallel,
-plus one for the LM head per step.
+plus one for the LM head per step; with the merged layers (the default where the model
+allows it, shares/merged.py) 2 per layer plus 2.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from dataclasses import dataclass, field
@@ -38,7 +40,8 @@ from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.llm.segments import LayerStack, Tail, load_head
 from lambdasplit.shares import ring
-from lambdasplit.shares.layers import in_out, is_linear, linear_names, table_digest, tied_lm_head
+from lambdasplit.shares.layers import in_out, is_linear, linear_names, merge_plan, merge_refusal, table_digest, tied_lm_head
+from lambdasplit.shares.merged import wire_merged
 from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS, SPATIAL
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
@@ -49,9 +52,10 @@ SIBLINGS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 class SharesSession(Session):
     """The device's session with one shares server."""
 
-    def __init__(self, address: str, *, fingerprint: str, share: int, lm_head: bool, **options):
+    def __init__(self, address: str, *, fingerprint: str, share: int, lm_head: bool, merge: bool = False, **options):
         self.address, self.share, self.seq = address, share, 0
-        hello = {"role": ROLE, "model": fingerprint, "share": share, "lm_head": lm_head, "dtype": "float32"}
+        hello = {"role": ROLE, "model": fingerprint, "share": share, "lm_head": lm_head, "dtype": "float32",
+                 "merge": merge}
         super().__init__(address, hello, **options)
 
     def send(self, indices: list[int], rows: int, payload: bytes | memoryview, spatial: tuple | None = None) -> int:
@@ -122,8 +126,13 @@ class SharePair:
             raise ProtocolError("bad_result", f"server {session.address}: its layer table does not match its digest")
         return table
 
-    def run(self, indices: list[int], x: torch.Tensor) -> list[torch.Tensor]:
-        """W x for each listed layer (all reading x), through the two servers. Numpy throughout:
+    def run(self, indices: list[int], x: torch.Tensor | list[torch.Tensor], max_shift: int = 0) -> list[torch.Tensor]:
+        """W x for each listed layer (all reading x), through the two servers; x may be a list of
+        tensors [.., n, d_k] read as their concatenation (merged layers: [a ; r]). An input beyond the
+        layers' bound is refused, unless `max_shift` > 0 (merged layers, which read the raw residual
+        stream): then it is encoded with k <= max_shift fewer fractional bits, the fewest that bring
+        it within the bound (exact in the ring: W (x 2^-k) 2^k = W x), at 2^-(FRAC_X - k) input
+        resolution. The servers never learn k. Numpy throughout:
         per request the device's own work is a few O(d) array passes, so interpreter overhead
         is what counts (see docs/benchmarks.md, device time)."""
         began, cpu_began = time.perf_counter(), time.thread_time()
@@ -138,15 +147,22 @@ class SharePair:
             n, spatial = rows.shape[0], tuple(rows.shape[2:])
             out_hw = conv_output_size(spatial, conv)
             lead, area = (n,), out_hw[0] * out_hw[1]
+        elif isinstance(x, (list, tuple)):
+            rows = np.concatenate([part.detach().reshape(-1, part.shape[-1]).numpy() for part in x], axis=1)
+            n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x[0].shape[:-1]), 1
         else:
             rows = x.detach().reshape(-1, x.shape[-1]).numpy()
             n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x.shape[:-1]), 1
         peak = float(max(rows.max(), -rows.min())) if rows.size else 0.0
-        if not peak <= bound:  # also catches NaN
+        shift = 0
+        if not peak <= bound and max_shift and peak <= bound * 2 ** max_shift:
+            shift = max(1, math.ceil(math.log2(peak / bound)))  # peak 2^-shift <= bound
+            shift += peak > bound * 2 ** shift  # (log2's rounding)
+        elif not peak <= bound:  # also catches NaN
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
-        x_ring = ring.encode(rows, ring.FRAC_X)
+        x_ring = ring.encode(rows, ring.FRAC_X - shift)
         masked = ring.share(x_ring, self.masks)
         sent, cpu_sent = time.perf_counter(), time.thread_time()
         first, second = self.sessions
@@ -167,13 +183,11 @@ class SharePair:
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
-        values = ring.decode(total, ring.FRAC_Y).astype(np.float32)
+        values = torch.from_numpy(ring.decode_float32(total, ring.FRAC_Y - shift))
         if self.observer is not None:
             self.observer(indices, x_ring, total)
-        outs, offset = [], 0
-        for out, width in zip(outs_per_layer, widths):
-            outs.append(torch.from_numpy(values[offset:offset + n * width]).view(*lead, out, *out_hw))
-            offset += n * width
+        parts = values.split([n * width for width in widths]) if len(widths) > 1 else (values,)
+        outs = [part.view(*lead, out, *out_hw) for part, out in zip(parts, outs_per_layer)]
         costs = self.costs
         costs.requests += 1
         costs.rows += n
@@ -253,7 +267,9 @@ class SharedDevice(DeviceModel):
     pair: SharePair | None = None
 
     @classmethod
-    def load_shared(cls, model: str | Checkpoint, lm_head: bool = True) -> "SharedDevice":
+    def load_shared(cls, model: str | Checkpoint, lm_head: bool = True, merge: bool | None = None) -> "SharedDevice":
+        """`merge`: the merged layers (2 requests per decoder layer, shares/merged.py); None: where the model
+        allows it (layers.merge_refusal), as the servers decide."""
         checkpoint = model if isinstance(model, Checkpoint) else Checkpoint(model)
         family = family_for(checkpoint.config)
         config = checkpoint.config
@@ -262,6 +278,11 @@ class SharedDevice(DeviceModel):
         head = load_head(checkpoint, 0, "float32")
         skeleton = checkpoint.skeleton(torch.float32)
         self = cls.__new__(cls)
+        refusal = merge_refusal(skeleton, family)
+        if merge and refusal:
+            raise LambdaSplitError(f"shares: cannot merge: {refusal}")
+        merge = refusal is None if merge is None else merge
+        plan = merge_plan(skeleton, family, lm_head) if merge else None
         names = linear_names(skeleton, family, lm_head)
         for index, name in enumerate(names):
             parent, _, child = name.rpartition(".")
@@ -292,6 +313,11 @@ class SharedDevice(DeviceModel):
                 raise LambdaSplitError(f"shares: the device could not load {left[0]} (not a linear layer)")
             if any(is_linear(m) for m in layer.modules()):
                 raise LambdaSplitError("shares: a linear layer was left on the device")
+        if merge:
+            wire_merged(layers, plan, self, family)
+            if lm_head:
+                skeleton.get_submodule(family.lm_head).index = len(plan) - 1
+            names = [entry if isinstance(entry, str) else entry.name for entry in plan]
         for layer in layers:
             layer.eval()
         rotary = skeleton.get_submodule(family.rotary) if family.rotary else None
@@ -300,7 +326,7 @@ class SharedDevice(DeviceModel):
         tail = Tail(empty, skeleton.get_submodule(family.norm).eval(), skeleton.get_submodule(family.lm_head),
                     family, config)
         DeviceModel.__init__(self, checkpoint, tokenizer, head, tail, (0, n), torch.float32)
-        self.stack, self.lm_head_shared, self.shared_names = stack, lm_head, names
+        self.stack, self.lm_head_shared, self.shared_names, self.merge = stack, lm_head, names, merge
         self.pair = None
         return self
 
@@ -317,7 +343,7 @@ class SharedDevice(DeviceModel):
         try:
             for i, address in enumerate(servers):
                 sessions.append(SharesSession(address, fingerprint=self.checkpoint.fingerprint, share=i,
-                                              lm_head=self.lm_head_shared, token=tokens[i], tls_ca=cas[i],
+                                              lm_head=self.lm_head_shared, merge=self.merge, token=tokens[i], tls_ca=cas[i],
                                               link=shared_link, capture=captures[i] if captures else None, **options))
             self.pair = SharePair(sessions, self.lm_head_shared)
         except BaseException:

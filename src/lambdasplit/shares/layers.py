@@ -13,6 +13,18 @@ Bounds, per layer (W_int = round(W 2^FRAC_W), b_int = round(b 2^FRAC_Y), L1_i = 
                           to guarantee an input range that real activations need), or when no limb
                           of >= 8 bits keeps its float64 GEMMs exact (ring.limb_bits_for)
     rounding error        |y - W x| <= (|x|_1 2^-FRAC_W + |W|_1 2^-FRAC_X) / 2 + 2^-FRAC_Y per output
+
+Merged layers (2 requests per decoder layer instead of 4; `merge_plan`). RMSNorm is linear up
+to one scalar per position: W norm(h) = (W diag(g)) h / rms(h). So with h = r + W_o a the device
+sends shares of [a ; r] once and gets back W_o a and (W_gate diag(g)) [W_o | I] [a ; r] (and the
+same for up); it forms h and rms(h) itself and divides. Likewise [m ; h] (m = act(gate) * up)
+gives W_down m and the NEXT layer's (W_q diag(g')) [W_down | I] [m ; h] (k, v alike). Layer 0's
+q / k / v and the LM head stay plain requests (the device has the norms). Each merged layer is an
+ordinary FixedLinear over the float64 product matrix M, quantized once: the bounds above hold
+with M in place of W (its row L1 norms, its largest entry), over the whole concatenated input
+(|a|, |r| <= X), and a merged layer that would overflow is refused by its merged name. Only
+llama-shaped layers are merged (RMSNorm before attention and MLP, no biases on the merged
+projections): `merge_refusal` names what stops any other model, which then runs plain.
 """
 
 from __future__ import annotations
@@ -73,12 +85,18 @@ class FixedLinear:
     limb_bits: int
     matmul: RingMatmul
     conv: dict | None = None  # a Conv2d's kernel, stride, padding, dilation, groups (in = channels)
+    columns: tuple[int, int] | None = None  # merged: the slice of the request's input this matmul reads
+
+    def apply(self, shares, add_bias: bool):
+        return self.matmul(shares if self.columns is None else shares[:, self.columns[0]:self.columns[1]], add_bias)
 
     def describe(self) -> dict:
         out = {"name": self.name, "in": self.in_features, "out": self.out_features, "x_bound": self.x_bound,
                "limb_bits": self.limb_bits}
         if self.conv is not None:
             out["conv"] = self.conv
+        if self.columns is not None:
+            out["columns"] = list(self.columns)
         return out
 
 
@@ -125,6 +143,121 @@ def fixed_linear(index: int, name: str, weight: torch.Tensor, bias: torch.Tensor
         raise FixedPointError(f"shares: layer {name}: no limb width >= 8 bits keeps its float64 GEMMs exact "
                               f"(max |W| {max_w:.3g}, {in_features} inputs)")
     return FixedLinear(index, name, in_features, out_features, x_bound, limb_bits, RingMatmul(w_int, b_int, limb_bits))
+
+
+MERGEABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # llama's decoder layer: norm, attention, +, norm, MLP, +
+_MERGED_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+_MERGED_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def merge_refusal(skeleton: nn.Module, family) -> str | None:
+    """Why this model's layers cannot be merged (None: they can). Works on a meta skeleton."""
+    if family.model_type not in MERGEABLE_FAMILIES:
+        return (f"{family.model_type}: only llama-shaped decoder layers ({', '.join(MERGEABLE_FAMILIES)}) are merged; "
+                "its layers run plain (4 requests per layer)")
+    for i, layer in enumerate(skeleton.get_submodule(family.layers)):
+        prefix = f"{family.layers}.{i}"
+        for name in _MERGED_NORMS:
+            norm = getattr(layer, name, None)
+            if norm is None or not type(norm).__name__.endswith("RMSNorm") or "Gemma" in type(norm).__name__ \
+                    or getattr(norm, "weight", None) is None:
+                return f"{prefix}.{name} is not a weighted RMSNorm (g * h / rms(h)): its layers run plain"
+        for name in _MERGED_LINEARS:
+            try:
+                module = layer.get_submodule(name)
+            except AttributeError:
+                return f"{prefix}.{name} does not exist (not llama-shaped): its layers run plain"
+            if not isinstance(module, nn.Linear) or module.bias is not None:
+                return f"{prefix}.{name} has a bias (it would be added before the division by rms): its layers run plain"
+    return None
+
+
+@dataclass
+class MergedSpec:
+    """One entry of the merged table: M = W_left diag(g) [W_right | I], or W_right alone on the input's first
+    columns (then named as the plain module: o_proj / down_proj on [x ; residual])."""
+
+    name: str
+    in_width: int  # the request's input width
+    out: int
+    right: str  # the module whose output the device gets (o_proj, down_proj) or that is folded in
+    left: str | None = None  # folded: the projection after the norm (gate / up, next layer's q / k / v)
+    norm: str | None = None  # folded: the RMSNorm whose weight g sits between them
+
+
+def merge_plan(skeleton: nn.Module, family, lm_head: bool) -> list[MergedSpec | str]:
+    """The merged table in request order: plain module names (layer 0's q / k / v, the last down_proj,
+    the LM head) and MergedSpecs. Both servers and the device derive it from the config alone."""
+    stack = skeleton.get_submodule(family.layers)
+    n = len(stack)
+    plan: list[MergedSpec | str] = [f"{family.layers}.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    hidden = skeleton.config.hidden_size
+    for i in range(n):
+        p = f"{family.layers}.{i}"
+        o_in = stack[i].self_attn.o_proj.in_features
+        plan.append(MergedSpec(f"{p}.self_attn.o_proj", o_in + hidden, hidden, f"{p}.self_attn.o_proj"))
+        for proj in ("gate_proj", "up_proj"):
+            out = getattr(stack[i].mlp, proj).out_features
+            plan.append(MergedSpec(f"{p}.mlp.{proj}(post_attention_layernorm(o_proj + residual))", o_in + hidden, out,
+                                   f"{p}.self_attn.o_proj", f"{p}.mlp.{proj}", f"{p}.post_attention_layernorm"))
+        down_in = stack[i].mlp.down_proj.in_features
+        if i == n - 1:
+            plan.append(f"{p}.mlp.down_proj")
+            break
+        q = f"{family.layers}.{i + 1}"
+        plan.append(MergedSpec(f"{p}.mlp.down_proj", down_in + hidden, hidden, f"{p}.mlp.down_proj"))
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            out = getattr(stack[i + 1].self_attn, proj).out_features
+            plan.append(MergedSpec(f"{q}.self_attn.{proj}(input_layernorm(layers.{i}.mlp.down_proj + residual))",
+                                   down_in + hidden, out, f"{p}.mlp.down_proj", f"{q}.self_attn.{proj}",
+                                   f"{q}.input_layernorm"))
+    if lm_head:
+        plan.append(family.lm_head)
+    return plan
+
+
+def merged_matrix(skeleton: nn.Module, spec: MergedSpec) -> torch.Tensor:
+    """M in float64 from the loaded modules (the product of weights is exact to ~1e-16, far below 2^-FRAC_W)."""
+    right = weight_matrix(skeleton.get_submodule(spec.right)).detach().double()
+    if spec.left is None:
+        return right  # read on the input's first columns only
+    g = skeleton.get_submodule(spec.norm).weight.detach().double()
+    folded = weight_matrix(skeleton.get_submodule(spec.left)).detach().double() * g[None, :]  # W_left diag(g)
+    return torch.cat([folded @ right, folded], dim=1)
+
+
+def load_merged_layers(checkpoint, family, lm_head: bool = True) -> list[FixedLinear]:
+    """The merged table's layers in the ring, one decoder layer's weights in memory at a time."""
+    skeleton = checkpoint.skeleton(torch.float32)
+    refusal = merge_refusal(skeleton, family)
+    if refusal:
+        raise FixedPointError(f"shares: cannot merge: {refusal}")
+    aliases = {family.lm_head: family.embed} if lm_head and tied_lm_head(checkpoint, family, skeleton) else None
+    plan = merge_plan(skeleton, family, lm_head)
+    modules_of = [[entry] if isinstance(entry, str) else [m for m in (entry.right, entry.left, entry.norm) if m]
+                  for entry in plan]
+    last_use = {name: index for index, names in enumerate(modules_of) for name in names}
+    layers, loaded = [], set()
+    for index, (entry, names) in enumerate(zip(plan, modules_of)):
+        for name in names:
+            if name not in loaded:
+                checkpoint.load_modules(skeleton, [name], aliases=aliases if name == family.lm_head else None)
+                loaded.add(name)
+        if isinstance(entry, str):
+            module = skeleton.get_submodule(entry)
+            layers.append(fixed_linear(index, entry, weight_matrix(module), getattr(module, "bias", None)))
+        else:
+            layer = fixed_linear(index, entry.name, merged_matrix(skeleton, entry), None)
+            layer.in_features = entry.in_width
+            if entry.left is None:
+                layer.columns = (0, layer.matmul.in_features)
+            layers.append(layer)
+        for name in names:
+            if last_use[name] == index:  # the float32 copy goes; only the ring forms are kept
+                skeleton.get_submodule(name).to("meta")
+                loaded.discard(name)
+    return layers
 
 
 def tied_lm_head(checkpoint, family, skeleton) -> bool:

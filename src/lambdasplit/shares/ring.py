@@ -45,6 +45,13 @@ def decode(ring: np.ndarray, frac: int) -> np.ndarray:
     return ring.view(np.int64).astype(np.float64) * (1.0 / float(2 ** frac))
 
 
+def decode_float32(ring: np.ndarray, frac: int) -> np.ndarray:
+    """decode(), straight to float32: one rounding (int64 -> float32), then an exact power-of-two scale."""
+    values = ring.view(np.int64).astype(np.float32)
+    values *= np.float32(2.0 ** -frac)
+    return values
+
+
 def fresh_seed() -> bytes:
     return os.urandom(SEED_BYTES)
 
@@ -57,15 +64,27 @@ class MaskStream:
     every mask is fresh and none is ever reused, and server 1 needs no per-request uplink.
     """
 
+    POOL_WORDS = 1 << 15  # expanded ahead in blocks of 256 kB: one cipher call per ~100 requests, not per request
+
     def __init__(self, seed: bytes):
         if len(seed) != SEED_BYTES:
             raise ValueError(f"a mask seed is {SEED_BYTES} bytes, got {len(seed)}")
         self._cipher = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
         self.drawn = 0
+        self._pool = np.empty(0, dtype="<u8")
+        self._at = 0
 
     def next(self, count: int) -> np.ndarray:
+        """The next `count` words of the keystream (the same words whatever the pool's block size)."""
         self.drawn += count
-        return np.frombuffer(self._cipher.update(bytes(8 * count)), dtype="<u8")
+        if self._at + count > len(self._pool):
+            left = self._pool[self._at:]
+            fresh = max(self.POOL_WORDS, count - len(left))
+            self._pool = np.concatenate([left, np.frombuffer(self._cipher.update(bytes(8 * fresh)), dtype="<u8")])
+            self._at = 0
+        out = self._pool[self._at:self._at + count]
+        self._at += count
+        return out
 
 
 def share(x_ring: np.ndarray, masks: MaskStream) -> np.ndarray:

@@ -26,20 +26,31 @@ def parse_servers(text: str | list[str] | None) -> list[str]:
     return servers
 
 
+def parse_merge(merge: str | bool | None) -> bool | None:
+    choices = {"auto": None, None: None, "on": True, True: True, "off": False, False: False}
+    if merge not in choices:
+        raise LambdaSplitError(f"--shares-merge must be auto, on or off, not {merge!r}")
+    return choices[merge]
+
+
 def run_shared(*, model, prompt: str | list[int], servers, max_new_tokens: int, sampling: Sampling | None = None,
                lm_head: str = "shared", token=None, tls_ca=None, link=None, ignore_eos: bool = False,
                chat: bool | None = None, device: SharedDevice | None = None, on_text=None,
                captures: list[list] | None = None, timeout: float | None = None, insecure: bool = False,
                speculate: str = "none", draft_model: str | None = None, draft_tokens: int | str = "auto",
-               cache: str = "kv", keep_logits: bool = False) -> dict:
-    """Generate once in shared mode. `token` / `tls_ca`: one for both servers or a list of two."""
+               cache: str = "kv", keep_logits: bool = False, merge: str | bool | None = "auto") -> dict:
+    """Generate once in shared mode. `token` / `tls_ca`: one for both servers or a list of two.
+    `merge`: "auto" / None (merged layers where the model allows), "on" / True, "off" / False."""
     if lm_head not in ("shared", "device"):
         raise LambdaSplitError(f"--shares-lm-head must be shared or device, not {lm_head!r}")
+    merge = parse_merge(merge)
     addresses = parse_servers(servers)
     sampling = sampling or Sampling()
-    device = device or SharedDevice.load_shared(model, lm_head=lm_head == "shared")
+    device = device or SharedDevice.load_shared(model, lm_head=lm_head == "shared", merge=merge)
     if device.lm_head_shared != (lm_head == "shared"):
         raise LambdaSplitError("this SharedDevice was loaded with the other --shares-lm-head")
+    if merge is not None and device.merge != merge:
+        raise LambdaSplitError("this SharedDevice was loaded with the other --shares-merge")
     source = None
     if speculate not in (None, "none"):
         from lambdasplit.speculative import make_source
@@ -59,7 +70,7 @@ def run_shared(*, model, prompt: str | list[int], servers, max_new_tokens: int, 
     costs = pair.costs
     new = len(result.token_ids)
     record = {
-        "mode": "shared", "servers": addresses, "lm_head": lm_head, "cache": cache,
+        "mode": "shared", "servers": addresses, "lm_head": lm_head, "merged": device.merge, "cache": cache,
         "text": result.text, "token_ids": list(result.token_ids), "prompt_tokens": len(result.prompt_ids),
         "new_tokens": new,
         "bytes_up": sum(pair.bytes_up), "bytes_down": sum(pair.bytes_down),

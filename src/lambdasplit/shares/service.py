@@ -15,6 +15,8 @@ It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
                      32-byte ChaCha20 key (ring.MaskStream), drawn fresh by the device
     RESULT  u32 seq | u32 compute microseconds | for each layer, n x out uint64 (W share (+ bias on share 0))
 
+With `--shares-merge` (auto: where layers.merge_refusal allows) the table is the merged one
+(layers.merge_plan: 2 requests per decoder layer, RMSNorm folded into the weights).
 The two servers are configured independently and never talk to each other; server 0 adds
 the biases (once). Every client mistake is a ProtocolError for that session only.
 """
@@ -32,7 +34,7 @@ from lambdasplit.errors import ProtocolError, UnsupportedModelError
 from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.server.services import Service, SessionHandler, public_model_name
-from lambdasplit.shares.layers import load_fixed_layers, load_fixed_unet, table_digest
+from lambdasplit.shares.layers import load_fixed_layers, load_fixed_unet, load_merged_layers, merge_refusal, table_digest
 from lambdasplit.shares.ring import SEED_BYTES, MaskStream
 from lambdasplit.wire.frames import FrameType, frame
 
@@ -47,7 +49,8 @@ RESULT_HEAD = struct.Struct("<II")
 class SharesService(Service):
     role = ROLE
 
-    def __init__(self, model: str, share: int, lm_head: bool = True, dtype: str = "float32"):
+    def __init__(self, model: str, share: int, lm_head: bool = True, dtype: str = "float32", merge: bool | None = None):
+        """`merge`: the merged layers (2 requests per decoder layer); None: merged where the model allows it."""
         if share not in (0, 1):
             raise UnsupportedModelError(f"--share must be 0 or 1, got {share!r}")
         if dtype != "float32":
@@ -56,14 +59,21 @@ class SharesService(Service):
         pipeline = _pipeline_info(model)
         if pipeline is not None:
             self.lm_head = False  # a U-Net has none
+            if merge:
+                raise UnsupportedModelError("--shares-merge on: a U-Net has no RMSNorm layers to merge")
+            self.merge = False
             self.layers = load_fixed_unet(pipeline.folder)
             self.fingerprint = pipeline.fingerprint
             what = f"{len(self.layers)} U-Net convolutions and linear projections"
         else:
             checkpoint = Checkpoint(model)
-            self.layers = load_fixed_layers(checkpoint, family_for(checkpoint.config), lm_head=lm_head)
+            family = family_for(checkpoint.config)
+            self.merge = merge if merge is not None else merge_refusal(checkpoint.skeleton(), family) is None
+            load = load_merged_layers if self.merge else load_fixed_layers
+            self.layers = load(checkpoint, family, lm_head=lm_head)
             self.fingerprint = checkpoint.fingerprint
-            what = f"{len(self.layers)} linear layers{' incl. the LM head' if lm_head else ''}"
+            what = (f"{len(self.layers)} {'merged ' if self.merge else ''}linear layers"
+                    f"{' incl. the LM head' if lm_head else ''}")
         self.table = [layer.describe() for layer in self.layers]
         self.digest = table_digest(self.table)
         weights = sum(int(layer.matmul.weight_t.numel()) for layer in self.layers)
@@ -71,13 +81,17 @@ class SharesService(Service):
                             f"({weights} weights)")
 
     def check_hello(self, hello: dict) -> str | None:
-        share, lm_head = hello.get("share"), hello.get("lm_head", True)
-        if type(share) is not int or type(lm_head) is not bool:
-            raise ProtocolError("bad_hello", "a shares HELLO needs \"share\" (0 or 1) and \"lm_head\" (a boolean)")
+        share, lm_head, merge = hello.get("share"), hello.get("lm_head", True), hello.get("merge", False)
+        if type(share) is not int or type(lm_head) is not bool or type(merge) is not bool:
+            raise ProtocolError("bad_hello", "a shares HELLO needs \"share\" (0 or 1), \"lm_head\" and \"merge\" "
+                                             "(booleans)")
         if share != self.share:
             return f"this server holds share {self.share}, not {share}"
         if lm_head != self.lm_head:
             return f"this server {'holds' if self.lm_head else 'does not hold'} the LM head"
+        if merge != self.merge:
+            return (f"this server computes the {'merged' if self.merge else 'plain'} layers (--shares-merge "
+                    f"{'on' if self.merge else 'off'}), the device asked for the {'merged' if merge else 'plain'} ones")
         return None
 
     def open(self, hello: dict, limits) -> "SharesSession":
@@ -103,7 +117,7 @@ class SharesSession(SessionHandler):
             shares = self.share_of(layers[0], rows, payload)
             add_bias = self.service.share == 0
             try:
-                out = b"".join(layer.matmul(shares, add_bias).astype("<u8", copy=False).tobytes() for layer in layers)
+                out = b"".join(layer.apply(shares, add_bias).astype("<u8", copy=False).tobytes() for layer in layers)
             except RuntimeError as error:  # e.g. a map smaller than the kernel
                 raise ProtocolError("bad_shape", f"{layers[0].name}: {str(error).splitlines()[0]}") from None
         compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
