@@ -391,7 +391,7 @@ def wan_command(args) -> int:
              "greedy token ids equal plain split decoding's on that link",
              describe_machine(meta["machine"]), f"command: `{meta['command']}`"]
     if meta.get("plain_again"):
-        notes.insert(2, "noise: plain decoding run again after the sources gave " + ", ".join(
+        notes.insert(2, "runs interleaved prompt by prompt (none, each source, none again); noise: the second plain run gave " + ", ".join(
             f"{v['again']:.2f} tokens/s at {link} ({v['ratio']:.2f}x its first run)"
             for link, v in meta["plain_again"].items()) + "; a \"x none\" closer to 1 than that is within the noise")
     out = report(result["rows"], COLUMNS, title=title, meta=meta, notes=notes, caption="\n".join(notes[:3]),

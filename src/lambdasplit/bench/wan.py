@@ -97,23 +97,23 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
 
         generate(chosen[0][1], "none", None)  # warm-up: first-call costs stay out of the table
         with Progress(disable=not progress) as bar:
-            task = bar.add_task("bench wan", total=len(link_list) * len(sources) * len(chosen))  # + plain again
+            task = bar.add_task("bench wan", total=len(link_list) * (len(sources) + 1) * len(chosen))
             for link in link_list:
-                reference = None
-                for source in sources:
-                    bar.update(task, description=f"bench wan: {link} {source}")
-                    records = []
-                    for _, prompt in chosen:
-                        records.append(generate(prompt, source, link))
+                # Prompt by prompt, every source in turn, then plain decoding again: on a shared, loaded
+                # machine the load drifts over minutes, and interleaving spreads that drift over all
+                # sources alike; how far the two plain runs differ is the noise every "x none" carries.
+                records: dict[str, list[dict]] = {source: [] for source in [*sources, "none again"]}
+                for _, prompt in chosen:
+                    for source in [*sources, "none again"]:
+                        bar.update(task, description=f"bench wan: {link} {source}")
+                        records[source].append(generate(prompt, source.split()[0], link))
                         bar.advance(task)
-                    row = summarize(link, source, records)
-                    if source == "none":
-                        reference = records
-                    row["same_ids"] = all(a["token_ids"] == b["token_ids"] for a, b in zip(records, reference))
+                reference = records["none"]
+                for source in sources:
+                    row = summarize(link, source, records[source])
+                    row["same_ids"] = all(a["token_ids"] == b["token_ids"] for a, b in zip(records[source], reference))
                     rows.append(row)
-                # plain decoding once more after the sources: how far two runs of the same thing differ
-                # on this (shared, loaded) machine is the noise every "x none" figure carries
-                again = summarize(link, "none", [generate(prompt, "none", link) for _, prompt in chosen])
+                again = summarize(link, "none", records["none again"])
                 base = next(r for r in rows if r["link"] == link and r["speculate"] == "none")
                 noise[link] = {"first": base["tokens_per_s"], "again": again["tokens_per_s"],
                                "ratio": again["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] else 0.0}

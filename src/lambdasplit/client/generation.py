@@ -117,7 +117,8 @@ class StepModel:
         if keep is not None:
             for stack in (self.head.stack, self.tail.stack):
                 stack.compact(self.last_start, keep)
-        hidden = self.head.forward(torch.tensor([token_ids]), start, parents)
+        tree = {} if parents is None else {"parents": parents}  # chains call every part exactly as before
+        hidden = self.head.forward(torch.tensor([token_ids]), start, **tree)
         t1 = time.perf_counter()
         if self.body is not None:
             tree_fields = {} if parents is None and keep is None else {"parents": parents, "keep": keep}
@@ -125,7 +126,7 @@ class StepModel:
         t2 = time.perf_counter()
         tail = self.tail
         self.last_start = start
-        self.features = tail.stack.forward(hidden, start, parents)[0]  # every row: a draft head may need the prompt's
+        self.features = tail.stack.forward(hidden, start, **tree)[0]  # every row: a draft head may need the prompt's
         rows = self.features[-last:] if last is not None else self.features
         logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(rows)))
         self.local_seconds += (t1 - t0) + (time.perf_counter() - t2)
