@@ -161,3 +161,19 @@ def test_a_merged_device_on_plain_servers_is_refused_in_one_line(merged, plain):
     with pytest.raises(RemoteError, match="computes the plain layers") as refused:
         run_shared(model=None, device=device, prompt=PROMPTS[0], servers=plain_servers, max_new_tokens=1)
     assert len(str(refused.value).splitlines()) == 1
+
+
+def test_the_pooled_mask_stream_is_the_chacha20_keystream_in_order():
+    """MaskStream expands its keystream in blocks: whatever the request sizes, the words are the cipher's, in order,
+    never reused (server 1 and the device draw the same words)."""
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    from lambdasplit.shares import ring
+
+    key = bytes(range(32))
+    masks = ring.MaskStream(key)
+    sizes = [1, 5, ring.MaskStream.POOL_WORDS - 3, 7, 2 * ring.MaskStream.POOL_WORDS + 11, 1]
+    drawn = np.concatenate([masks.next(size).copy() for size in sizes])
+    keystream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * sum(sizes)))
+    assert np.array_equal(drawn, np.frombuffer(keystream, dtype="<u8")) and masks.drawn == sum(sizes)

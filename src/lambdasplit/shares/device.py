@@ -346,6 +346,9 @@ class SharedDevice(DeviceModel):
                                               lm_head=self.lm_head_shared, merge=self.merge, token=tokens[i], tls_ca=cas[i],
                                               link=shared_link, capture=captures[i] if captures else None, **options))
             self.pair = SharePair(sessions, self.lm_head_shared)
+            if [layer["name"] for layer in self.pair.table] != self.shared_names:  # the proxies' indices rest on it
+                raise LambdaSplitError("shares: the servers' layer table is not the one this device was loaded for "
+                                       "(another model revision, --shares-merge or --shares-lm-head)")
         except BaseException:
             for session in sessions:
                 session.close()
