@@ -207,3 +207,17 @@ def test_tree_step_logits_equal_each_path_as_a_chain(family, tiny_model_dir):
     after = logits(tokens[:, :2], 24)
     whole = logits(torch.cat([prefix, tokens[:, [0, 1, 3, 6]], tokens[:, :2]], dim=1), 0)
     torch.testing.assert_close(after, whole[-2:], atol=1e-4, rtol=0)
+
+
+def test_captures_read_tree_steps():
+    """The audit's and the gateway's STEP reader skips the tree sections (it must not read them as tensors)."""
+    from lambdasplit.wire.codecs import get_codec
+    from lambdasplit.wire.frames import FRAME_HEADER, parse_step, parse_step_headers, step_frame
+
+    hidden = torch.randn(1, 4, 8)
+    raw = step_frame(17, [hidden], get_codec("fp32"), seq=3, keep=[0, 2], parents=[-1, 0, 0, 1])
+    body = memoryview(raw)[FRAME_HEADER.size:]
+    seq, position, headers = parse_step_headers(body)
+    assert (seq, position, len(headers)) == (3, 17, 1)
+    position, tensors = parse_step(body)
+    assert position == 17 and torch.equal(tensors[0], hidden)

@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import struct
 import time
 
 import torch
 
 from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
 from lambdasplit.wire.codecs import get_codec
-from lambdasplit.llm import tree
 from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
-    tensors_body,
 )
 from lambdasplit.wire.link import Link
 from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
@@ -152,14 +149,10 @@ class RemoteBody(Session):
         """The STEP half of send_step: written, not yet answered (VerifiedBody posts to both servers first).
         `parents` / `keep`: a tree step, the kept path of the previous one (llm/tree.py)."""
         self.seq += 1
-        if parents is None and keep is None:
-            self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq))
-            return
-        if not self.tree_steps:
+        if (parents is not None or keep is not None) and not self.tree_steps:
             raise UsageError("this server does not take tree steps (its WELCOME has no tree_steps capability)")
-        word, sections = tree.encode_fields(start, keep, parents)
-        prefix = struct.pack("<II", self.seq, word) + sections
-        self.transport.send(frame(FrameType.STEP, tensors_body(prefix, [sent], self.codec, self.stats)))
+        self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq, keep=keep,
+                                       parents=parents))
 
     def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""

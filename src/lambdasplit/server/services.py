@@ -28,7 +28,7 @@ from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
-    FrameType, json_frame, parse_headers, parse_json, result_frame, token_frame,
+    FrameType, json_frame, parse_headers, parse_json, parse_tree_fields, result_frame, token_frame,
 )
 from lambdasplit.llm import tree
 
@@ -305,7 +305,7 @@ def parse_body_step(body: memoryview):
     if len(body) < 8:
         raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
     seq, word = struct.unpack_from("<II", body, 0)
-    position, keep, parents, offset = tree.parse_fields(body, word, 8)
+    position, keep, parents, offset = parse_tree_fields(body, word, 8)
     return seq, position, parse_headers(body, offset), parents, keep
 
 

@@ -25,7 +25,7 @@ from enum import IntEnum
 
 import torch
 
-from lambdasplit.errors import ProtocolError
+from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.wire.codecs import BlobHeader, Codec, decode_blob, encode, read_header
 
 PROTOCOL_VERSION = 2
@@ -124,9 +124,11 @@ def tensors_body(prefix: bytes, tensors: list[torch.Tensor], codec: Codec, stats
 
 
 def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: TensorStats | None = None,
-               seq: int = 1) -> bytes:
-    """An LLM body STEP: `seq` counts the session's STEPs from 1; `position` is its first position."""
-    return frame(FrameType.STEP, tensors_body(struct.pack("<II", seq, position), tensors, codec, stats))
+               seq: int = 1, keep=None, parents=None) -> bytes:
+    """An LLM body STEP: `seq` counts the session's STEPs from 1; `position` is its first position;
+    `keep` / `parents`: the tree sections (below), None for a chain step."""
+    word, sections = encode_tree_fields(position, keep, parents)
+    return frame(FrameType.STEP, tensors_body(struct.pack("<II", seq, word) + sections, tensors, codec, stats))
 
 
 def result_frame(position: int, compute_us: int, tensors: list[torch.Tensor], codec: Codec,
@@ -154,16 +156,57 @@ def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
     return [decode_blob(body, header) for header in parse_headers(body, offset)]
 
 
+# Tree sections of a body STEP (docs/protocol.md, "Tree steps"; llm/tree.py uses them)
+# STEP := seq:u32  word:u32  [keep]  [parents]  count:u8  tensor x count
+#   word: the position in bits 0..29; bit 31: a keep section follows; bit 30: a parents section follows
+#   keep    := m:u16  index:u16 x m      the previous step's offsets to keep, a path, in order
+#   parents := n:u16  parent:i16 x n     this step's tree (n = the tensor's positions)
+KEEP_FLAG, PARENTS_FLAG, POSITION_MASK = 1 << 31, 1 << 30, (1 << 30) - 1
+
+
+def encode_tree_fields(position: int, keep, parents) -> tuple[int, bytes]:
+    """(the STEP's position word, the tree sections that follow it)."""
+    if not 0 <= position <= POSITION_MASK:
+        raise LambdaSplitError(f"a STEP position must be below 2^30, got {position}")
+    word, sections = position, b""
+    if keep is not None:
+        word |= KEEP_FLAG
+        sections += struct.pack(f"<H{len(keep)}H", len(keep), *keep)
+    if parents is not None:
+        word |= PARENTS_FLAG
+        sections += struct.pack(f"<H{len(parents)}h", len(parents), *parents)
+    return word, sections
+
+
+def parse_tree_fields(body, word: int, offset: int):
+    """(position, keep or None, parents or None, offset after them) of a STEP whose position word is `word`.
+    Raises ProtocolError bad_frame when the sections do not fit the frame."""
+    sections = []
+    for flag, code in ((KEEP_FLAG, "H"), (PARENTS_FLAG, "h")):
+        if not word & flag:
+            sections.append(None)
+            continue
+        if offset + 2 > len(body):
+            raise ProtocolError("bad_frame", "STEP too short for its tree section's count")
+        (count,) = struct.unpack_from("<H", body, offset)
+        if offset + 2 + 2 * count > len(body):
+            raise ProtocolError("bad_frame", f"STEP too short for its {count} tree indices")
+        sections.append(list(struct.unpack_from(f"<{count}{code}", body, offset + 2)))
+        offset += 2 + 2 * count
+    return word & POSITION_MASK, sections[0], sections[1], offset
+
+
 def parse_step_headers(body: memoryview) -> tuple[int, int, list[BlobHeader]]:
     """An LLM body STEP's (seq, position, blob headers): a server checks these before decoding (`decode_blob`)."""
     if len(body) < 8:
         raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
-    seq, position = struct.unpack_from("<II", body, 0)
-    return seq, position, parse_headers(body, 8)
+    seq, word = struct.unpack_from("<II", body, 0)
+    position, _, _, offset = parse_tree_fields(body, word, 8)
+    return seq, position, parse_headers(body, offset)
 
 
 def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
-    """(position, tensors) of an LLM body STEP (what captures and audits read)."""
+    """(position, tensors) of an LLM body STEP, tree sections skipped (what captures and audits read)."""
     _, position, headers = parse_step_headers(body)
     return position, [decode_blob(body, header) for header in headers]
 
