@@ -25,6 +25,7 @@ from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
+from lambdasplit.wire.calibrated import CALIBRATED
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
     FrameType, json_frame, parse_json, parse_step_headers, result_frame, token_frame,
@@ -198,6 +199,9 @@ class BodyService(EngineService):
             codec = get_codec(name, default_granularity="token")
         except ValueError as error:
             raise ProtocolError("bad_codec", str(error)) from None
+        if codec.kind == CALIBRATED:  # its tables do not travel in this protocol version (docs/protocol.md)
+            raise ProtocolError("bad_codec", f"codec {codec.name} needs calibration tables both ends hold; this "
+                                             "server does not take them yet: use adaptive or int8+ts")
         if self.engine is None:
             raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
         return BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
