@@ -16,6 +16,7 @@ import asyncio
 import os
 import re
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +26,7 @@ from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
-from lambdasplit.wire.calibrated import CALIBRATED
+from lambdasplit.wire.calibrated import CALIBRATED, Table
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
     FrameType, json_frame, parse_json, parse_step_headers, result_frame, token_frame,
@@ -157,7 +158,7 @@ def public_model_name(model: str, fingerprint: str) -> str:
     return f"model {fingerprint[:12]}"
 
 
-CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(/[a-z]+)?")  # fp16, int8, int4/channel; not "int8/", not "INT8"
+CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(\.[0-9]+)?(/[a-z]+)?")  # fp16, int4/channel, cal7.5; not "int8/", not "INT8"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -199,9 +200,6 @@ class BodyService(EngineService):
             codec = get_codec(name, default_granularity="token")
         except ValueError as error:
             raise ProtocolError("bad_codec", str(error)) from None
-        if codec.kind == CALIBRATED:  # its tables do not travel in this protocol version (docs/protocol.md)
-            raise ProtocolError("bad_codec", f"codec {codec.name} needs calibration tables both ends hold; this "
-                                             "server does not take them yet: use adaptive or int8+ts")
         if self.engine is None:
             raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
         return BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
@@ -212,7 +210,9 @@ class BodySession(SessionHandler):
 
     def __init__(self, service: BodyService, session, codec, limits):
         self.service, self.session, self.codec, self.limits = service, session, codec, limits
+        self.result_codec = codec  # the downlink's: a `calK` codec's carries the other table
         self.seq = 0  # the last STEP's sequence number
+        self.needs_tables = codec.kind == CALIBRATED  # a TABLES frame must come before the first STEP
 
     @property
     def body(self):
@@ -225,7 +225,23 @@ class BodySession(SessionHandler):
     def close(self) -> None:
         self.session.close()
 
+    def take_tables(self, body) -> None:
+        """TABLES: the calK codec's calibration tables (up, down), each validated strictly (docs/protocol.md)."""
+        if not self.needs_tables:
+            raise ProtocolError("unexpected_frame", f"TABLES only once, and only for a cal codec (this session's "
+                                                    f"codec is {self.codec.name})")
+        d = self.service.hidden_size
+        size = Table.size(d)
+        if len(body) != 2 * size:
+            raise ProtocolError("bad_table", f"TABLES for D = {d} carries two tables of {size} bytes "
+                                             f"({2 * size} bytes), got {len(body)}")
+        up, down = Table.from_bytes(body[:size], d), Table.from_bytes(body[size:], d)
+        self.codec, self.result_codec = replace(self.codec, table=up), replace(self.codec, table=down)
+        self.needs_tables = False
+
     async def handle_async(self, frame_type, body, emit, run) -> None:
+        if frame_type == FrameType.TABLES:
+            return await run(self.take_tables, body)
         seq, position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
         await self.reserve_kv_async(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = await run(self.decode, body, header)
@@ -239,6 +255,8 @@ class BodySession(SessionHandler):
 
     def handle(self, frame_type, body, emit) -> None:
         """The same as handle_async in the caller's thread (a service driven without a server)."""
+        if frame_type == FrameType.TABLES:
+            return self.take_tables(body)
         seq, position, header = self.check_step(frame_type, body)
         self.reserve_kv(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = self.decode(body, header)
@@ -250,10 +268,10 @@ class BodySession(SessionHandler):
         emit(self.result(seq, position, int((time.perf_counter() - began) * 1e6), out))
 
     def result(self, seq: int, position: int, compute_us: int, out: torch.Tensor) -> bytes:
-        return result_frame(position, compute_us, [out], self.codec, seq=seq)
+        return result_frame(position, compute_us, [out], self.result_codec, seq=seq)
 
     def decode(self, body, header) -> torch.Tensor:
-        hidden = decode_blob(body, header)
+        hidden = decode_blob(body, header, self.codec.table)
         if not torch.isfinite(hidden).all():
             raise ProtocolError("bad_tensor", "the hidden states contain NaN or infinity")
         return hidden.to(self.service.dtype)
@@ -262,6 +280,8 @@ class BodySession(SessionHandler):
         """Everything about a STEP that its headers tell, before anything is decoded or allocated."""
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a body session takes STEP frames, got {frame_type.name}")
+        if self.needs_tables:
+            raise ProtocolError("unexpected_frame", f"codec {self.codec.name}: send TABLES before the first STEP")
         seq, position, headers = parse_step_headers(body)
         if seq != self.seq + 1:
             raise ProtocolError("bad_sequence", f"STEP sequence number {seq}; this session expects {self.seq + 1} "

@@ -146,13 +146,32 @@ def calibrate(device, body, *, progress: bool = False, sequences: int = SEQUENCE
     return fit_table(all_up, up_g, up_x), fit_table(all_down, down_g, down_x)
 
 
+def load_cached(fingerprint: str, split: tuple[int, int]) -> tuple[Table, Table]:
+    """The cached (up, down) tables, for a client that holds no body; a clear error when there are none."""
+    from lambdasplit.errors import UsageError
+
+    path = cache_path(fingerprint, split)
+    if not path.exists():
+        raise UsageError(f"no calibration for this model at split {split[0]}:{split[1]}: run "
+                         f"`lambdasplit calibrate --model MODEL --split {split[0]}:{split[1]}` first")
+    return _read(path)
+
+
+def _read(path: Path) -> tuple[Table, Table]:
+    with np.load(path) as saved:
+        up, down = saved["up"].tobytes(), saved["down"].tobytes()
+    width = int(np.frombuffer(up[:4], "<u4")[0])
+    return Table.from_bytes(up, width), Table.from_bytes(down, width)
+
+
 def load_or_calibrate(device, body, *, progress: bool = False) -> tuple[Table, Table]:
     """The cached tables for this model and split, computed (and cached) on first use."""
     path = cache_path(device.checkpoint.fingerprint, device.split)
     width = device.checkpoint.config.hidden_size
     if path.exists():
-        with np.load(path) as saved:
-            return (Table.from_bytes(saved["up"].tobytes(), width), Table.from_bytes(saved["down"].tobytes(), width))
+        up, down = _read(path)
+        if up.width == width:
+            return up, down
     up, down = calibrate(device, body, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + f".tmp{os.getpid()}-{time.time_ns()}.npz")

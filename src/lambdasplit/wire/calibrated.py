@@ -56,7 +56,7 @@ def parse_name(name: str):
         return None
     text = name[3:] or str(DEFAULT_BOUND)
     whole, _, fraction = text.partition(".")
-    if not whole.isdigit() or (fraction and not fraction.isdigit()) or len(text) > 5:
+    if not whole.isdigit() or ("." in text and fraction not in ("25", "5", "75")):
         return None
     quarters = float(text) * QUARTERS
     if quarters != int(quarters) or not 2 * QUARTERS <= quarters <= MAX_BOUND * QUARTERS:
