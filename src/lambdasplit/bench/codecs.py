@@ -37,7 +37,7 @@ from lambdasplit.wire.calibrated import CALIBRATED
 from lambdasplit.wire.codecs import LLM_CODECS, Codec, encode, get_codec, read_header, decode_blob
 
 DIRECTIONS = ("up", "down", "both")
-DEFAULT_CODECS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive"
+DEFAULT_CODECS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive,cal"
 DEFAULT_SPLITS = "1:29,2:28,4:26,8:22"
 __all__ = ["LLM_CODECS", "DIRECTIONS", "measure_codec", "run_codecs_bench"]
 
