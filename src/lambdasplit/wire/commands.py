@@ -29,9 +29,18 @@ def calibrate_command(args) -> int:
     summary = {"model": args.model, "split": f"{device.split[0]}:{device.split[1]}", "hidden_size": up.width,
                "table_bytes": len(up.to_bytes()), "cache": str(path),
                "up_digest": up.digest.hex(), "down_digest": down.digest.hex()}
+    for name, table in (("up", up), ("down", down)):
+        # weight_i = sqrt(geomean(F) / F_i): mean(weight^-2) is the Fisher information's arithmetic over geometric
+        # mean in the calibrated basis, 2^(log2 of it / 2) what a sensitivity weighting can gain per value
+        summary[f"{name}_fisher_am_over_gm"] = float((table.weight.astype("float64") ** -2).mean())
+        summary[f"{name}_weight_range"] = [float(table.weight.min()), float(table.weight.max())]
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"calibration of {args.model} at {summary['split']}: D = {up.width}, {summary['table_bytes']} bytes per "
               f"direction, up {summary['up_digest']}, down {summary['down_digest']}, cached in {path}")
+        for name in ("up", "down"):
+            low, high = summary[f"{name}_weight_range"]
+            print(f"  {name}: Fisher information arithmetic / geometric mean {summary[f'{name}_fisher_am_over_gm']:.3f} "
+                  f"over the components, relative steps {low:.3f}..{high:.3f}")
     return 0
