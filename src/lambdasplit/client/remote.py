@@ -370,7 +370,8 @@ def verify_tolerance(codec_name: str) -> float:
     """Largest allowed |a - b| / max(1, max |a|) between two servers' outputs of one step."""
     if codec_name in VERIFY_TOLERANCE:
         return VERIFY_TOLERANCE[codec_name]
-    bits = get_codec(codec_name).bits
+    codec = get_codec(codec_name)
+    bits = codec.bits // 4 if codec.kind == CALIBRATED else codec.bits  # calK: K in quarter bits
     return 2.5 / (2**bits - 1)  # two quantisation steps of a group spanning the tensor's range
 
 
