@@ -92,7 +92,7 @@ def test_cal_keeps_the_answer_in_the_bench(planted, tables):
     assert row["fraction_of_fp16"] < 1.0
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 9, 64), (3, 2, 64), (64,)])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 9, 64), (3, 2, 64), (64,), (1, 2500, 64)])  # the last: several unpacking chunks
 def test_round_trip_keeps_shape_and_dtype_and_the_step(tables, shape):
     x = torch.randn(*shape) * 4
     x[..., 3] += 900.0  # a massive channel

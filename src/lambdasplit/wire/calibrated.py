@@ -194,26 +194,41 @@ def encode_payload(tensor: torch.Tensor, bound: int, table: Table) -> tuple[byte
 
 
 def _pack_low(values: np.ndarray, rice: np.ndarray) -> bytes:
-    """The low k_ti bits of every value, in order, LSB first, one stream."""
-    top = int(rice.max(initial=0))
-    if top == 0:
-        return b""
-    planes = ((values[..., None] >> np.arange(top)) & 1).astype(np.uint8)
-    mask = np.arange(top)[None, None, :] < rice[..., None]
-    return np.packbits(planes[mask], bitorder="little").tobytes()
+    """The low k_ti bits of every value, in order, LSB first, one stream (a bounded number of rows at a time)."""
+    chunk = max(1, _UNPACK_VALUES // values.shape[1])
+    pieces = []
+    for first in range(0, len(values), chunk):
+        part, bits = values[first:first + chunk], rice[first:first + chunk]
+        top = int(bits.max(initial=0))
+        if top:
+            planes = ((part[..., None] >> np.arange(top)) & 1).astype(np.uint8)
+            pieces.append(planes[np.arange(top)[None, None, :] < bits[..., None]])
+    return np.packbits(np.concatenate(pieces), bitorder="little").tobytes() if pieces else b""
 
 
 def _unpack_low(stream: np.ndarray, rice: np.ndarray) -> np.ndarray:
-    top = int(rice.max(initial=0))
+    """The inverse of `_pack_low`: scratch stays a few MB whatever the blob declares."""
+    tokens, width = rice.shape
     out = np.zeros(rice.shape, dtype=np.int64)
-    if top == 0:
-        return out
-    bits = np.unpackbits(stream, bitorder="little")[: int(rice.sum())]
-    planes = np.zeros((*rice.shape, top), dtype=np.uint8)
-    planes[np.arange(top)[None, None, :] < rice[..., None]] = bits
-    for plane in range(top):
-        out |= planes[..., plane].astype(np.int64) << plane
+    starts = np.concatenate([[0], np.cumsum(rice.sum(axis=1))])  # each row's first bit in the stream
+    chunk = max(1, _UNPACK_VALUES // width)
+    for first in range(0, tokens, chunk):
+        last = min(tokens, first + chunk)
+        bits_here = rice[first:last]
+        top = int(bits_here.max(initial=0))
+        if not top:
+            continue
+        begin, end = int(starts[first]), int(starts[last])
+        raw = stream[begin // 8:(end + 7) // 8]
+        bits = np.unpackbits(raw, bitorder="little")[begin % 8:begin % 8 + end - begin]
+        planes = np.zeros((last - first, width, top), dtype=np.uint8)
+        planes[np.arange(top)[None, None, :] < bits_here[..., None]] = bits
+        for plane in range(top):
+            out[first:last] |= planes[..., plane].astype(np.int64) << plane
     return out
+
+
+_UNPACK_VALUES = 1 << 16  # values (un)packed at once: scratch ~ 24 bytes each
 
 
 # ---------------------------------------------------------------- header reading (nothing allocated)
