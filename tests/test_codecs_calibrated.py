@@ -201,6 +201,13 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
             peer.hello({**hello, "codec": "adaptive"})
             peer.send(rawproto.frame(12, up.to_bytes() + down.to_bytes()))
             assert peer.outcome() == "unexpected_frame"
+        names = [up.sha256, down.sha256]
+        with rawproto.Peer(server.address) as peer:  # tables named in HELLO that the server does not hold yet
+            assert peer.hello({**hello, "tables": names})["tables_needed"] is True
+        for bad in ("ab", [up.sha256], [up.sha256, "X" * 64], [1, 2]):
+            with rawproto.Peer(server.address) as peer:
+                peer.send(rawproto.json_frame(rawproto.HELLO, {**hello, "tables": bad}))
+                assert peer.outcome() == "bad_hello", bad
         for codec in ("cal", "cal7.5"):
             record = run_generation(model=planted, mode="split", prompt=PROMPTS[0], max_new_tokens=12, split=SPLIT,
                                     server=server.address, codec=codec, ignore_eos=True, chat=False, device=device)
@@ -208,3 +215,14 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
             expected = device.generate(PROMPTS[0], body=coded, max_new_tokens=12, ignore_eos=True,
                                        chat=False).token_ids
             assert record["codec"] == codec and record["token_ids"] == expected, codec
+            tables_frame = 5 + 2 * Table.size(64)
+            # the first session sends the tables; the server keeps them, so the second sends none
+            assert (record["bytes_up"] > tables_frame) == (codec == "cal"), (codec, record["bytes_up"])
+        with rawproto.Peer(server.address) as peer:  # named in HELLO, held: STEPs right away
+            assert peer.hello({**hello, "tables": names})["tables_needed"] is False
+            peer.seq += 1
+            peer.send(rawproto.step_frame(0, [step], seq=peer.seq))
+            got = peer.receive()
+            assert got is not None and got[0] == rawproto.RESULT
+            out = decode(bytes(got[1][13:]), table=down)[0]  # seq, position, compute_us, count, then the blob
+            assert out.shape == hidden_at_x(planted, PROMPTS[0]).shape

@@ -130,9 +130,11 @@ class RemoteBody(Session):
             from lambdasplit.wire.calibrate import load_cached
 
             tables = load_cached(fingerprint, tuple(split))
+            hello["tables"] = [tables[0].sha256, tables[1].sha256]  # a server that has them needs no TABLES
         super().__init__(address, hello, **options)
         if tables is not None:
-            self.transport.send(frame(FrameType.TABLES, tables[0].to_bytes() + tables[1].to_bytes()))
+            if self.welcome.get("tables_needed", True):
+                self.transport.send(frame(FrameType.TABLES, tables[0].to_bytes() + tables[1].to_bytes()))
             self.codec, self.result_table = dataclasses.replace(self.codec, table=tables[0]), tables[1]
 
     @classmethod

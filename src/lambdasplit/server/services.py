@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 
 import torch
@@ -176,6 +178,7 @@ class BodyService(EngineService):
         self.hidden_size = self.checkpoint.config.hidden_size
         self.per_position_bytes = kv_bytes_per_position(self.checkpoint.config, self.y - self.x, self.dtype)
         self.description = f"{public_model_name(model, self.fingerprint)} layers {self.x}:{self.y} ({dtype_name(self.dtype)})"
+        self._tables, self._tables_lock = OrderedDict(), threading.Lock()  # calK tables by sha256, most recent last
 
     def engine_stack(self):
         return self.body.stack
@@ -192,6 +195,28 @@ class BodyService(EngineService):
             return f"this server runs layers {self.x}:{self.y} in {dtype_name(self.dtype)}"
         return None
 
+    MAX_KNOWN_TABLES = 4  # calibration table pairs kept for later sessions (2.7 MB each at D = 576)
+
+    def known_tables(self, names) -> tuple | None:
+        """The (up, down) tables a HELLO names by sha256, if a past session sent them; else None."""
+        if names is None:
+            return None
+        if not (isinstance(names, list) and len(names) == 2
+                and all(isinstance(n, str) and re.fullmatch(r"[0-9a-f]{64}", n) for n in names)):
+            raise ProtocolError("bad_hello", "\"tables\" must be two sha256 digests, 64 lower-case hex digits each")
+        with self._tables_lock:
+            found = self._tables.get(tuple(names))
+            if found is not None:
+                self._tables.move_to_end(tuple(names))
+            return found
+
+    def remember_tables(self, up, down) -> None:
+        with self._tables_lock:
+            self._tables[(up.sha256, down.sha256)] = (up, down)
+            self._tables.move_to_end((up.sha256, down.sha256))
+            while len(self._tables) > self.MAX_KNOWN_TABLES:
+                self._tables.popitem(last=False)
+
     def open(self, hello: dict, limits) -> "BodySession":
         name = hello.get("codec", "fp32")
         if not isinstance(name, str) or not CODEC_NAME.fullmatch(name):
@@ -202,7 +227,13 @@ class BodyService(EngineService):
             raise ProtocolError("bad_codec", str(error)) from None
         if self.engine is None:
             raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
-        return BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
+        tables = self.known_tables(hello.get("tables")) if codec.kind == CALIBRATED else None
+        session = BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
+        if codec.kind == CALIBRATED:
+            if tables is not None:
+                session.use_tables(*tables)
+            session.welcome_extra = {"tables_needed": tables is None}
+        return session
 
 
 class BodySession(SessionHandler):
@@ -236,6 +267,10 @@ class BodySession(SessionHandler):
             raise ProtocolError("bad_table", f"TABLES for D = {d} carries two tables of {size} bytes "
                                              f"({2 * size} bytes), got {len(body)}")
         up, down = Table.from_bytes(body[:size], d), Table.from_bytes(body[size:], d)
+        self.use_tables(up, down)
+        self.service.remember_tables(up, down)
+
+    def use_tables(self, up, down) -> None:
         self.codec, self.result_codec = replace(self.codec, table=up), replace(self.codec, table=down)
         self.needs_tables = False
 

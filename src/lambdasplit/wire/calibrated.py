@@ -91,10 +91,16 @@ class Table:
                 + self.weight.astype("<f4").tobytes() + self.rice.astype(np.uint8).tobytes())
 
     @property
+    def sha256(self) -> str:
+        """The table's name in HELLO (hex): a server that already holds it needs no TABLES frame."""
+        if not hasattr(self, "_sha256"):
+            object.__setattr__(self, "_sha256", hashlib.sha256(self.to_bytes()).hexdigest())
+        return self._sha256
+
+    @property
     def digest(self) -> bytes:
-        if not hasattr(self, "_digest"):
-            object.__setattr__(self, "_digest", hashlib.sha256(self.to_bytes()).digest()[:DIGEST_BYTES])
-        return self._digest
+        """The table's name in every blob (the first bytes of its sha256)."""
+        return bytes.fromhex(self.sha256)[:DIGEST_BYTES]
 
     @staticmethod
     def size(width: int) -> int:
