@@ -11,7 +11,7 @@ Every frame: u32 length (of what follows, little-endian) | u8 type | body.
     GENERATE 7  client -> server  JSON (cloud mode: the prompt text or `prompt_ids`, sampling options)
     TOKEN    8  server -> client  u32 token id | UTF-8 text piece (cloud mode stream)
     DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
-    TABLES  12  client -> server  the `calK` codec's calibration tables, up then down (wire/calibrated.py),
+    TABLES  12  client -> server  the `calK` codec's calibration tables, up then down (wire/calibrated.py), when WELCOME says tables_needed,
                                   right after WELCOME and before any STEP; nothing is answered
 
 Control frames carry small JSON objects; tensors are always raw blobs (wire/codecs.py),
