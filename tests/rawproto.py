@@ -22,7 +22,7 @@ DOCUMENTED_CODES = {
     "protocol_version", "unauthorized", "wrong_role", "wrong_model", "wrong_split", "wrong_dtype", "bad_codec",
     "bad_hello", "expected_hello", "bad_frame", "bad_tensor", "unexpected_frame", "bad_shape", "bad_step",
     "wrong_codec", "out_of_order", "too_many_positions", "frame_too_large", "kv_cache_limit", "too_many_sessions",
-    "too_many_connections", "idle_timeout", "bad_request", "bad_sequence", "server_busy",
+    "too_many_connections", "idle_timeout", "bad_request", "bad_sequence", "server_busy", "bad_table",
 }
 PROTOCOL = 2
 

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "lambdasplit.bench.commands",  # bench llm / overhead / diffusion
     "lambdasplit.llm.commands",  # check
     "lambdasplit.plan.commands",  # plan (split, codec and drafting from measured profiles)
+    "lambdasplit.wire.commands",  # calibrate (tables of the cal codec)
 ]
 
 

@@ -23,6 +23,7 @@ tools (the planner) call; `LLM_CODECS` names the codecs worth trying.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,10 +33,11 @@ import torch
 
 from lambdasplit.bench.report import Column, machine
 from lambdasplit.errors import UsageError
+from lambdasplit.wire.calibrated import CALIBRATED
 from lambdasplit.wire.codecs import LLM_CODECS, Codec, encode, get_codec, read_header, decode_blob
 
 DIRECTIONS = ("up", "down", "both")
-DEFAULT_CODECS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive"
+DEFAULT_CODECS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive,cal"
 DEFAULT_SPLITS = "1:29,2:28,4:26,8:22"
 __all__ = ["LLM_CODECS", "DIRECTIONS", "measure_codec", "run_codecs_bench"]
 
@@ -72,7 +74,7 @@ class CodedBody:
             self.bytes[direction] += len(blob)
             self.fp16_bytes[direction] += 4 + 4 * hidden.dim() + 2 * hidden.numel()
         header = read_header(blob)  # what a receiver checks before decoding
-        return decode_blob(blob, header).to(hidden.dtype)
+        return decode_blob(blob, header, codec.table).to(hidden.dtype)
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         count = hidden.shape[1] == 1
@@ -190,11 +192,18 @@ def _perplexity(device, body, ids: list[int]) -> float:
     return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
 
 
-def _codecs_for(codec: str, direction: str) -> tuple[Codec | None, Codec | None]:
+def _codecs_for(codec: str, direction: str, workload=None) -> tuple[Codec | None, Codec | None]:
+    """(uplink codec, downlink codec); a `calK` codec gets each direction's table (wire/calibrate.py)."""
     if direction not in DIRECTIONS:
         raise UsageError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     parsed = get_codec(codec, default_granularity="token")
-    return (parsed if direction in ("up", "both") else None, parsed if direction in ("down", "both") else None)
+    up, down = parsed, parsed
+    if parsed.kind == CALIBRATED:
+        from lambdasplit.wire.calibrate import load_or_calibrate
+
+        up_table, down_table = load_or_calibrate(*workload)
+        up, down = dataclasses.replace(parsed, table=up_table), dataclasses.replace(parsed, table=down_table)
+    return (up if direction in ("up", "both") else None, down if direction in ("down", "both") else None)
 
 
 def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None = None, *, direction: str = "both",
@@ -203,8 +212,8 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
     from lambdasplit.llm.lowbit import device_weight_bytes
 
     prompts = default_prompts() if prompts is None else prompts
-    up, down = _codecs_for(codec, direction)
     device, body = _workload(model, split, device_weights)
+    up, down = _codecs_for(codec, direction, _workload(model, split))
     agree = prefix = total = 0
     coded = CodedBody(None, up, down)
     for prompt in prompts:

@@ -154,7 +154,7 @@ def add_codecs_command(which) -> None:
     """`bench codecs` (bench/codecs.py): agreement, perplexity and bytes per token of wire codecs."""
     # bench/codecs.py's DEFAULT_CODECS / DEFAULT_SPLITS, spelled out: importing it loads torch,
     # and a usage error must not wait for that (tests/test_usage_errors.py)
-    DEFAULT_CODECS, DEFAULT_SPLITS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive", "1:29,2:28,4:26,8:22"
+    DEFAULT_CODECS, DEFAULT_SPLITS = "int8,int8+ts,int8+ts+z,adaptive7,adaptive,cal", "1:29,2:28,4:26,8:22"
 
     c = which.add_parser("codecs", help="wire codecs: greedy agreement with fp32, perplexity change, bytes per token",
                          description="Each codec on the uplink, the downlink and both, at each split, in process "

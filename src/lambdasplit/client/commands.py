@@ -137,7 +137,8 @@ def lossy_codec_warning(codec: str, dtype: str) -> str | None:
     chosen = get_codec(codec, default_granularity="token")
     if chosen.lossless or (chosen.name, dtype) in (("bf16", "bfloat16"), ("fp16", "float16")):
         return None
-    return (f"lambdasplit: warning: --codec {codec} rounds the hidden states on the wire to {chosen.bits} bits, so the "
+    bits = chosen.bits / 4 if chosen.kind == 6 else chosen.bits  # calK: the header holds K in quarter bits
+    return (f"lambdasplit: warning: --codec {codec} rounds the hidden states on the wire to {bits:g} bits, so the "
             f"split's output can differ from the unsplit model's (exact: fp32, or bf16 / fp16 with the same --dtype)")
 
 

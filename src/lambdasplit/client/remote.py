@@ -13,6 +13,7 @@ in clear text to a non-loopback host: that needs TLS (`tls_ca`) or `insecure=Tru
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import time
@@ -20,6 +21,7 @@ import time
 import torch
 
 from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
+from lambdasplit.wire.calibrated import CALIBRATED
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
     PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
@@ -122,7 +124,18 @@ class RemoteBody(Session):
         self.dtype = dtype
         hello = {"role": "body", "model": fingerprint, "layers": list(split), "dtype": dtype, "codec": self.codec.name}
         self.seq = 0  # STEPs sent in this session (protocol 2 numbers them from 1)
+        self.result_table = None  # the downlink's calibration table (a `calK` codec)
+        tables = None
+        if self.codec.kind == CALIBRATED:  # cached by `lambdasplit calibrate`; checked before connecting
+            from lambdasplit.wire.calibrate import load_cached
+
+            tables = load_cached(fingerprint, tuple(split))
+            hello["tables"] = [tables[0].sha256, tables[1].sha256]  # a server that has them needs no TABLES
         super().__init__(address, hello, **options)
+        if tables is not None:
+            if self.welcome.get("tables_needed", True):
+                self.transport.send(frame(FrameType.TABLES, tables[0].to_bytes() + tables[1].to_bytes()))
+            self.codec, self.result_table = dataclasses.replace(self.codec, table=tables[0]), tables[1]
 
     @classmethod
     def for_device(cls, device, address: str, **options) -> "RemoteBody":
@@ -156,7 +169,7 @@ class RemoteBody(Session):
 
     def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""
-        seq, position, compute_us, tensors = parse_result_seq(self.expect(FrameType.RESULT))
+        seq, position, compute_us, tensors = parse_result_seq(self.expect(FrameType.RESULT), self.result_table)
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
         if seq != self.seq or position != start or len(tensors) != 1 or tensors[0].shape != sent.shape:
@@ -387,7 +400,8 @@ def verify_tolerance(codec_name: str) -> float:
     """Largest allowed |a - b| / max(1, max |a|) between two servers' outputs of one step."""
     if codec_name in VERIFY_TOLERANCE:
         return VERIFY_TOLERANCE[codec_name]
-    bits = get_codec(codec_name).bits
+    codec = get_codec(codec_name)
+    bits = codec.bits // 4 if codec.kind == CALIBRATED else codec.bits  # calK: K in quarter bits
     return 2.5 / (2**bits - 1)  # two quantisation steps of a group spanning the tensor's range
 
 

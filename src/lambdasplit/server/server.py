@@ -461,7 +461,9 @@ class BodyServer:
             pending = False
             session_id = next(self._ids)
             self.sessions[session_id] = handler
-            outbox._write(json_frame(FrameType.WELCOME, self._welcome(service, session_id)))
+            welcome = self._welcome(service, session_id)
+            welcome.update(getattr(handler, "welcome_extra", None) or {})  # e.g. a calK session: tables_needed
+            outbox._write(json_frame(FrameType.WELCOME, welcome))
             await outbox.drain()
             began = time.monotonic()
             self._session_event("start", {"session": session_id, "client": client, "service": service.description,

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import struct
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import replace
 
 import torch
 
@@ -26,9 +28,10 @@ from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
+from lambdasplit.wire.calibrated import CALIBRATED, Table
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
-    FrameType, json_frame, parse_headers, parse_json, parse_tree_fields, result_frame, token_frame,
+    FrameType, json_frame, parse_json, parse_tree_step, result_frame, token_frame,
 )
 from lambdasplit.llm import tree
 
@@ -158,7 +161,7 @@ def public_model_name(model: str, fingerprint: str) -> str:
     return f"model {fingerprint[:12]}"
 
 
-CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(/[a-z]+)?")  # fp16, int8, int4/channel; not "int8/", not "INT8"
+CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(\.[0-9]+)?(/[a-z]+)?")  # fp16, int4/channel, cal7.5; not "int8/", not "INT8"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -178,6 +181,7 @@ class BodyService(EngineService):
         self.hidden_size = self.checkpoint.config.hidden_size
         self.per_position_bytes = kv_bytes_per_position(self.checkpoint.config, self.y - self.x, self.dtype)
         self.description = f"{public_model_name(model, self.fingerprint)} layers {self.x}:{self.y} ({dtype_name(self.dtype)})"
+        self._tables, self._tables_lock = OrderedDict(), threading.Lock()  # calK tables by sha256, most recent last
 
     def engine_stack(self):
         return self.body.stack
@@ -194,6 +198,28 @@ class BodyService(EngineService):
             return f"this server runs layers {self.x}:{self.y} in {dtype_name(self.dtype)}"
         return None
 
+    MAX_KNOWN_TABLES = 4  # calibration table pairs kept for later sessions (2.7 MB each at D = 576)
+
+    def known_tables(self, names) -> tuple | None:
+        """The (up, down) tables a HELLO names by sha256, if a past session sent them; else None."""
+        if names is None:
+            return None
+        if not (isinstance(names, list) and len(names) == 2
+                and all(isinstance(n, str) and re.fullmatch(r"[0-9a-f]{64}", n) for n in names)):
+            raise ProtocolError("bad_hello", "\"tables\" must be two sha256 digests, 64 lower-case hex digits each")
+        with self._tables_lock:
+            found = self._tables.get(tuple(names))
+            if found is not None:
+                self._tables.move_to_end(tuple(names))
+            return found
+
+    def remember_tables(self, up, down) -> None:
+        with self._tables_lock:
+            self._tables[(up.sha256, down.sha256)] = (up, down)
+            self._tables.move_to_end((up.sha256, down.sha256))
+            while len(self._tables) > self.MAX_KNOWN_TABLES:
+                self._tables.popitem(last=False)
+
     def open(self, hello: dict, limits) -> "BodySession":
         name = hello.get("codec", "fp32")
         if not isinstance(name, str) or not CODEC_NAME.fullmatch(name):
@@ -204,7 +230,13 @@ class BodyService(EngineService):
             raise ProtocolError("bad_codec", str(error)) from None
         if self.engine is None:
             raise LambdaSplitError("a service opens sessions once started (BodyServer starts its services)")
-        return BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
+        tables = self.known_tables(hello.get("tables")) if codec.kind == CALIBRATED else None
+        session = BodySession(self, self.engine.open_session(max_positions=limits.max_positions), codec, limits)
+        if codec.kind == CALIBRATED:
+            if tables is not None:
+                session.use_tables(*tables)
+            session.welcome_extra = {"tables_needed": tables is None}
+        return session
 
 
 class BodySession(SessionHandler):
@@ -212,8 +244,10 @@ class BodySession(SessionHandler):
 
     def __init__(self, service: BodyService, session, codec, limits):
         self.service, self.session, self.codec, self.limits = service, session, codec, limits
+        self.result_codec = codec  # the downlink's: a `calK` codec's carries the other table
         self.seq = 0  # the last STEP's sequence number
         self.tree: tuple = (None, None)  # the checked STEP's (parents, keep): llm/tree.py
+        self.needs_tables = codec.kind == CALIBRATED  # a TABLES frame must come before the first STEP
 
     @property
     def body(self):
@@ -226,7 +260,27 @@ class BodySession(SessionHandler):
     def close(self) -> None:
         self.session.close()
 
+    def take_tables(self, body) -> None:
+        """TABLES: the calK codec's calibration tables (up, down), each validated strictly (docs/protocol.md)."""
+        if not self.needs_tables:
+            raise ProtocolError("unexpected_frame", f"TABLES only once, and only for a cal codec (this session's "
+                                                    f"codec is {self.codec.name})")
+        d = self.service.hidden_size
+        size = Table.size(d)
+        if len(body) != 2 * size:
+            raise ProtocolError("bad_table", f"TABLES for D = {d} carries two tables of {size} bytes "
+                                             f"({2 * size} bytes), got {len(body)}")
+        up, down = Table.from_bytes(body[:size], d), Table.from_bytes(body[size:], d)
+        self.use_tables(up, down)
+        self.service.remember_tables(up, down)
+
+    def use_tables(self, up, down) -> None:
+        self.codec, self.result_codec = replace(self.codec, table=up), replace(self.codec, table=down)
+        self.needs_tables = False
+
     async def handle_async(self, frame_type, body, emit, run) -> None:
+        if frame_type == FrameType.TABLES:
+            return await run(self.take_tables, body)
         seq, position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
         await self.reserve_kv_async(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = await run(self.decode, body, header)
@@ -240,6 +294,8 @@ class BodySession(SessionHandler):
 
     def handle(self, frame_type, body, emit) -> None:
         """The same as handle_async in the caller's thread (a service driven without a server)."""
+        if frame_type == FrameType.TABLES:
+            return self.take_tables(body)
         seq, position, header = self.check_step(frame_type, body)
         self.reserve_kv(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = self.decode(body, header)
@@ -251,10 +307,10 @@ class BodySession(SessionHandler):
         emit(self.result(seq, position, int((time.perf_counter() - began) * 1e6), out))
 
     def result(self, seq: int, position: int, compute_us: int, out: torch.Tensor) -> bytes:
-        return result_frame(position, compute_us, [out], self.codec, seq=seq)
+        return result_frame(position, compute_us, [out], self.result_codec, seq=seq)
 
     def decode(self, body, header) -> torch.Tensor:
-        hidden = decode_blob(body, header)
+        hidden = decode_blob(body, header, self.codec.table)
         if not torch.isfinite(hidden).all():
             raise ProtocolError("bad_tensor", "the hidden states contain NaN or infinity")
         return hidden.to(self.service.dtype)
@@ -263,7 +319,9 @@ class BodySession(SessionHandler):
         """Everything about a STEP that its headers tell, before anything is decoded or allocated."""
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a body session takes STEP frames, got {frame_type.name}")
-        seq, position, headers, parents, keep = parse_body_step(body)
+        if self.needs_tables:
+            raise ProtocolError("unexpected_frame", f"codec {self.codec.name}: send TABLES before the first STEP")
+        seq, position, headers, parents, keep = parse_tree_step(body)
         if seq != self.seq + 1:
             raise ProtocolError("bad_sequence", f"STEP sequence number {seq}; this session expects {self.seq + 1} "
                                                 "(numbered from 1, one more each STEP)")
@@ -298,15 +356,6 @@ class BodySession(SessionHandler):
         self.seq = seq
         self.tree = (parents, keep)
         return seq, position, header
-
-
-def parse_body_step(body: memoryview):
-    """(seq, position, blob headers, parents, keep) of a body STEP, tree sections included (llm/tree.py)."""
-    if len(body) < 8:
-        raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
-    seq, word = struct.unpack_from("<II", body, 0)
-    position, keep, parents, offset = parse_tree_fields(body, word, 8)
-    return seq, position, parse_headers(body, offset), parents, keep
 
 
 def kv_bytes_per_position(config, num_layers: int, dtype: torch.dtype) -> int:

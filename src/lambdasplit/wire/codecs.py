@@ -13,7 +13,9 @@ group; decoded as q * scale + min. Granularity names the groups: `tensor` (one),
 per index of dim 1: the diffusion case).
 
 Kinds 4 and 5 (`intN+ts`, `adaptive`: LLM hidden states with outliers) live in
-wire/outlier_codecs.py and register their header reader, decoder and encoder below.
+wire/outlier_codecs.py and register their header reader, decoder and encoder below. Kind 6
+(`calK`, a basis calibrated per model and split) lives in wire/calibrated.py; its codec carries
+the direction's calibration table (`Codec.table`), and decoding it needs that table.
 `LLM_CODECS` lists the names `generate --codec` and `bench codecs` offer for hidden states.
 """
 
@@ -22,13 +24,13 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lambdasplit.errors import ProtocolError, UsageError
-from lambdasplit.wire import outlier_codecs
+from lambdasplit.wire import calibrated, outlier_codecs
 
 FLOAT_KINDS = {"fp32": (0, 32, torch.float32), "fp16": (1, 16, torch.float16), "bf16": (2, 16, torch.bfloat16)}
 AFFINE = 3
@@ -36,7 +38,7 @@ GRANULARITIES = ("tensor", "token", "channel")
 MAX_NDIM = 8
 # Hidden-state codecs worth offering for LLMs, cheapest-to-richest within each family.
 LLM_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int4+ts", "int8+ts", "int8+ts+z", "int10+ts+z", "adaptive6",
-              "adaptive7", "adaptive", "adaptive9")
+              "adaptive7", "adaptive", "adaptive9", "cal7", "cal", "cal9")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Codec:
     kind: int
     bits: int
     granularity: str = "tensor"
+    # kind 6 only: the calibration table this direction codes with (not part of the codec's identity)
+    table: object = field(default=None, compare=False, repr=False)
 
     @property
     def lossless(self) -> bool:
@@ -74,6 +78,9 @@ def get_codec(name: str, default_granularity: str = "token") -> Codec:
     if name in FLOAT_KINDS:
         kind, bits, _ = FLOAT_KINDS[name]
         return Codec(name, kind, bits)
+    bound = calibrated.parse_name(name)
+    if bound is not None:
+        return Codec(calibrated.codec_name(bound), calibrated.CALIBRATED, bound, "token")
     parsed = outlier_codecs.parse_name(name)
     if parsed is not None:
         kind, bits, deflate = parsed
@@ -84,7 +91,7 @@ def get_codec(name: str, default_granularity: str = "token") -> Codec:
         return Codec(f"{base}/{granularity}", AFFINE, int(base[3:]), granularity)
     raise UsageError(
         f"unknown codec {name!r}: use fp32, fp16, bf16, intN with N in 2..8 (optionally /tensor, /token or "
-        f"/channel), intN+ts[+z] with N in 2..16 or adaptive[K] with K in 2..14"
+        f"/channel), intN+ts[+z] with N in 2..16, adaptive[K] or cal[K] with K in 2..14"
     )
 
 
@@ -142,6 +149,11 @@ def encode(tensor: torch.Tensor, codec: Codec) -> Encoded:
     granularity_id = GRANULARITIES.index(codec.granularity)
     header = struct.pack("<BBBB", codec.kind, codec.bits, granularity_id, tensor.dim())
     header += struct.pack(f"<{tensor.dim()}I", *tensor.shape)
+    if codec.kind == calibrated.CALIBRATED:
+        if codec.table is None:
+            raise UsageError(f"codec {codec.name} needs a calibration table (lambdasplit calibrate)")
+        body, payload, side = calibrated.encode_payload(tensor, codec.bits, codec.table)
+        return Encoded(header + body, payload, side)
     if codec.kind in OUTLIER_KINDS:
         deflate = codec.name.endswith("+z")
         body, payload, side = outlier_codecs.encode_payload(tensor, codec.kind, codec.bits, deflate)
@@ -247,7 +259,7 @@ _UNPACK_CHUNK = 1 << 20  # values per unpacking chunk (a multiple of 8)
 OUTLIER_KINDS = (outlier_codecs.THRESHOLD_SPLIT, outlier_codecs.ADAPTIVE)
 HEADER_READERS = {0: _float_header, 1: _float_header, 2: _float_header, AFFINE: _affine_header,
                   outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.read_header,
-                  outlier_codecs.ADAPTIVE: outlier_codecs.read_header}
+                  outlier_codecs.ADAPTIVE: outlier_codecs.read_header, calibrated.CALIBRATED: calibrated.read_header}
 DECODERS = {0: _decode_float, 1: _decode_float, 2: _decode_float, AFFINE: _decode_affine,
             outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.decode, outlier_codecs.ADAPTIVE: outlier_codecs.decode}
 
@@ -275,12 +287,17 @@ def read_header(blob: memoryview | bytes, offset: int = 0) -> BlobHeader:
     return reader(data, start, offset, kind, bits, GRANULARITIES[granularity_id], tuple(shape))
 
 
-def decode_blob(blob: memoryview | bytes, header: BlobHeader) -> torch.Tensor:
-    """Decode a blob whose header `read_header` returned (and the caller has accepted)."""
+def decode_blob(blob: memoryview | bytes, header: BlobHeader, table=None) -> torch.Tensor:
+    """Decode a blob whose header `read_header` returned (and the caller has accepted).
+
+    `table`: the calibration table of the blob's direction (kind 6 needs it, others ignore it).
+    """
+    if header.codec.kind == calibrated.CALIBRATED:
+        return calibrated.decode(memoryview(blob), header, table)
     return DECODERS[header.codec.kind](memoryview(blob), header)
 
 
-def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Codec, int]:
+def decode(blob: memoryview | bytes, offset: int = 0, table=None) -> tuple[torch.Tensor, Codec, int]:
     """Decode the blob starting at `offset`: (float32 tensor, codec, offset after the blob).
 
     Every length is checked against the bytes present: a malformed blob raises
@@ -288,7 +305,7 @@ def decode(blob: memoryview | bytes, offset: int = 0) -> tuple[torch.Tensor, Cod
     what a blob may cost calls `read_header` first and checks it (see server/services.py).
     """
     header = read_header(blob, offset)
-    return decode_blob(blob, header), header.codec, header.end
+    return decode_blob(blob, header, table), header.codec, header.end
 
 
 def _need(data: memoryview, offset: int, size: int) -> None:
@@ -298,4 +315,4 @@ def _need(data: memoryview, offset: int, size: int) -> None:
 
 def roundtrip(tensor: torch.Tensor, codec: Codec) -> torch.Tensor:
     """What the receiver sees: encode then decode (float32)."""
-    return decode(encode(tensor, codec).blob)[0]
+    return decode(encode(tensor, codec).blob, table=codec.table)[0]

@@ -11,6 +11,8 @@ Every frame: u32 length (of what follows, little-endian) | u8 type | body.
     GENERATE 7  client -> server  JSON (cloud mode: the prompt text or `prompt_ids`, sampling options)
     TOKEN    8  server -> client  u32 token id | UTF-8 text piece (cloud mode stream)
     DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
+    TABLES  12  client -> server  the `calK` codec's calibration tables, up then down (wire/calibrated.py), when WELCOME says tables_needed,
+                                  right after WELCOME and before any STEP; nothing is answered
 
 Control frames carry small JSON objects; tensors are always raw blobs (wire/codecs.py),
 never JSON lists, base64 or pickle.
@@ -43,6 +45,7 @@ class FrameType(IntEnum):
     GENERATE = 7
     TOKEN = 8
     DONE = 9
+    TABLES = 12
 
 
 JSON_FRAMES = {FrameType.HELLO, FrameType.WELCOME, FrameType.ERROR, FrameType.GENERATE, FrameType.DONE}
@@ -152,8 +155,8 @@ def parse_headers(body: memoryview, offset: int) -> list[BlobHeader]:
     return headers
 
 
-def parse_tensors(body: memoryview, offset: int) -> list[torch.Tensor]:
-    return [decode_blob(body, header) for header in parse_headers(body, offset)]
+def parse_tensors(body: memoryview, offset: int, table=None) -> list[torch.Tensor]:
+    return [decode_blob(body, header, table) for header in parse_headers(body, offset)]
 
 
 # Tree sections of a body STEP (docs/protocol.md, "Tree steps"; llm/tree.py uses them)
@@ -196,13 +199,19 @@ def parse_tree_fields(body, word: int, offset: int):
     return word & POSITION_MASK, sections[0], sections[1], offset
 
 
-def parse_step_headers(body: memoryview) -> tuple[int, int, list[BlobHeader]]:
-    """An LLM body STEP's (seq, position, blob headers): a server checks these before decoding (`decode_blob`)."""
+def parse_tree_step(body: memoryview) -> tuple[int, int, list[BlobHeader], list | None, list | None]:
+    """An LLM body STEP's (seq, position, blob headers, parents, keep): a server checks these before decoding."""
     if len(body) < 8:
         raise ProtocolError("bad_frame", "STEP frame too short for its sequence number and position")
     seq, word = struct.unpack_from("<II", body, 0)
-    position, _, _, offset = parse_tree_fields(body, word, 8)
-    return seq, position, parse_headers(body, offset)
+    position, keep, parents, offset = parse_tree_fields(body, word, 8)
+    return seq, position, parse_headers(body, offset), parents, keep
+
+
+def parse_step_headers(body: memoryview) -> tuple[int, int, list[BlobHeader]]:
+    """An LLM body STEP's (seq, position, blob headers), tree sections skipped."""
+    seq, position, headers, _, _ = parse_tree_step(body)
+    return seq, position, headers
 
 
 def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
@@ -211,12 +220,12 @@ def parse_step(body: memoryview) -> tuple[int, list[torch.Tensor]]:
     return position, [decode_blob(body, header) for header in headers]
 
 
-def parse_result_seq(body: memoryview) -> tuple[int, int, int, list[torch.Tensor]]:
-    """(seq, position, compute_us, tensors) of an LLM body RESULT."""
+def parse_result_seq(body: memoryview, table=None) -> tuple[int, int, int, list[torch.Tensor]]:
+    """(seq, position, compute_us, tensors) of an LLM body RESULT (`table`: the downlink's, for a `calK` codec)."""
     if len(body) < 12:
         raise ProtocolError("bad_frame", "RESULT frame too short")
     seq, position, compute_us = struct.unpack_from("<III", body, 0)
-    return seq, position, compute_us, parse_tensors(body, 12)
+    return seq, position, compute_us, parse_tensors(body, 12, table)
 
 
 def parse_result(body: memoryview) -> tuple[int, int, list[torch.Tensor]]:

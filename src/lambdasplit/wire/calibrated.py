@@ -1,0 +1,331 @@
+"""Calibrated transform codec `calK` (wire kind 6): LLM hidden states coded in a basis measured per model and split.
+
+Why: measured on SmolLM2 (docs/benchmarks.md), a hidden state's channels are strongly
+correlated; coded channel by channel (kinds 4 and 5) every value pays for what its neighbours
+already say. A calibration (wire/calibrate.py) measures, per model, split and direction, on
+text disjoint from the benchmark prompts:
+
+    mean  [D]      per-channel median of x / sigma_t (sigma_t: the vector's robust spread)
+    basis [D, D]   orthonormal eigenvectors of the covariance of x / sigma_t - mean (a KLT)
+    weight [D]     relative step per component, 1 / sqrt(Fisher information) normalised to
+                   geometric mean 1 and clipped to [1/4, 4] (sensitivity weighting)
+    rice  [D]      per-component Rice parameter at K = 8
+
+A vector x (D values) is coded as y = (x / sigma_t - mean) @ basis, codes q = round(y / (weight
+* step)), step = sqrt(12) * 2^-K (K in quarter bits, `cal7.75`; rounding error about 2^-K of sigma_t per component, as
+`adaptiveK`), and q Rice-coded with parameter rice_i + floor(K) - 8 + shift_t (shift_t per vector,
+the one making it shortest). Both ends hold the same table (the device sends it, see
+docs/protocol.md); each blob names it by an 8-byte digest.
+
+Blob, after the common `u8 kind | u8 bits | u8 granularity | u8 ndim | u32 x ndim shape` header
+(granularity token; T vectors of D values):
+
+    u8[4] table digest | f16 x T sigma | i8 x T shift
+    u32 K, u32 x K flat indices (strictly increasing), f32 x K values    components sent exactly
+    u32 length, low bits (k_ti bits per component, all vectors, LSB first)
+    u32 length, high parts in unary (q ones then a zero per value)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lambdasplit.errors import ProtocolError
+
+CALIBRATED = 6
+DEFAULT_BOUND = 8  # `cal` = `cal8`
+MAX_BOUND = 14
+QUARTERS = 4  # the header's bits field holds K in quarter bits: `cal7.75` is 31
+MAX_RICE = 24
+MAX_UNARY = 32
+SHIFTS = range(-12, 21)  # per-vector Rice shift: a sink vector with massive values needs many more bits
+MAX_WEIGHT = 4.0
+MAX_TABLE_D = 16384
+DIGEST_BYTES = 4
+
+
+def parse_name(name: str):
+    """4K (the header's bits field) for `cal` / `calK`, K in 2..14 in steps of 0.25 (`cal7.75`), else None."""
+    if not name.startswith("cal"):
+        return None
+    text = name[3:] or str(DEFAULT_BOUND)
+    whole, _, fraction = text.partition(".")
+    if not whole.isdigit() or ("." in text and fraction not in ("25", "5", "75")):
+        return None
+    quarters = float(text) * QUARTERS
+    if quarters != int(quarters) or not 2 * QUARTERS <= quarters <= MAX_BOUND * QUARTERS:
+        return None
+    return int(quarters)
+
+
+def codec_name(quarters: int) -> str:
+    return "cal" if quarters == DEFAULT_BOUND * QUARTERS else f"cal{quarters / QUARTERS:g}"
+
+
+def _step(quarters: int) -> float:
+    return math.sqrt(12.0) * 2.0 ** (-quarters / QUARTERS)
+
+
+@dataclass(frozen=True, eq=False)
+class Table:
+    """One direction's calibration: what both ends of that direction must hold."""
+
+    mean: np.ndarray  # [D] float32
+    basis: np.ndarray  # [D, D] float32, columns are the components
+    weight: np.ndarray  # [D] float32 in [1/MAX_WEIGHT, MAX_WEIGHT]
+    rice: np.ndarray  # [D] uint8, at K = 8
+
+    @property
+    def width(self) -> int:
+        return len(self.mean)
+
+    def to_bytes(self) -> bytes:
+        """u32 D | f32 x D mean | f32 x D*D basis (row-major) | f32 x D weight | u8 x D rice."""
+        return (struct.pack("<I", self.width) + self.mean.astype("<f4").tobytes() + self.basis.astype("<f4").tobytes()
+                + self.weight.astype("<f4").tobytes() + self.rice.astype(np.uint8).tobytes())
+
+    @property
+    def sha256(self) -> str:
+        """The table's name in HELLO (hex): a server that already holds it needs no TABLES frame."""
+        if not hasattr(self, "_sha256"):
+            object.__setattr__(self, "_sha256", hashlib.sha256(self.to_bytes()).hexdigest())
+        return self._sha256
+
+    @property
+    def digest(self) -> bytes:
+        """The table's name in every blob (the first bytes of its sha256)."""
+        return bytes.fromhex(self.sha256)[:DIGEST_BYTES]
+
+    @staticmethod
+    def size(width: int) -> int:
+        return 4 + 4 * width + 4 * width * width + 4 * width + width
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview, width: int) -> "Table":
+        """Parse and validate a table for hidden size `width`; ProtocolError('bad_table') on anything off."""
+        data = memoryview(data)
+        if not 1 <= width <= MAX_TABLE_D or len(data) != cls.size(width):
+            raise ProtocolError("bad_table", f"a calibration table for D = {width} is {cls.size(width)} bytes, "
+                                             f"got {len(data)}")
+        (declared,) = struct.unpack_from("<I", data, 0)
+        if declared != width:
+            raise ProtocolError("bad_table", f"calibration table is for D = {declared}, this model has D = {width}")
+        offset = 4
+        mean = np.frombuffer(data, "<f4", width, offset).astype(np.float32)
+        offset += 4 * width
+        basis = np.frombuffer(data, "<f4", width * width, offset).astype(np.float32).reshape(width, width)
+        offset += 4 * width * width
+        weight = np.frombuffer(data, "<f4", width, offset).astype(np.float32)
+        rice = np.frombuffer(data, np.uint8, width, offset + 4 * width).copy()
+        if not (np.isfinite(mean).all() and np.isfinite(basis).all() and np.isfinite(weight).all()):
+            raise ProtocolError("bad_table", "calibration table has a value that is not finite")
+        if np.abs(mean).max() > 1e6:
+            raise ProtocolError("bad_table", "calibration table mean beyond 1e6 (values are in units of sigma)")
+        if not ((weight >= 1 / MAX_WEIGHT - 1e-6).all() and (weight <= MAX_WEIGHT + 1e-6).all()):
+            raise ProtocolError("bad_table", f"calibration table weights must lie in [1/{MAX_WEIGHT:g}, {MAX_WEIGHT:g}]")
+        if rice.max() > MAX_RICE:
+            raise ProtocolError("bad_table", f"calibration table Rice parameters must be at most {MAX_RICE}")
+        gram = basis.astype(np.float64).T @ basis.astype(np.float64)
+        if np.abs(gram - np.eye(width)).max() > 1e-3:
+            raise ProtocolError("bad_table", "calibration table basis is not orthonormal")
+        return cls(mean, basis, weight, rice)
+
+
+# ---------------------------------------------------------------- coding
+
+def _zigzag(codes: np.ndarray) -> np.ndarray:
+    return np.where(codes >= 0, 2 * codes, -2 * codes - 1)
+
+
+def _robust_spread(rows: np.ndarray) -> np.ndarray:
+    center = np.median(rows, axis=1)
+    spread = np.median(np.abs(rows - center[:, None]), axis=1) * 1.4826
+    return np.maximum(spread, np.float32(1e-30)).astype(np.float32)
+
+
+def _base(table: Table, quarters: int) -> np.ndarray:
+    """Per component, the Rice parameter at this bound before the vector's shift: [1, D]."""
+    return table.rice.astype(np.int64)[None, :] + (quarters - DEFAULT_BOUND * QUARTERS) // QUARTERS
+
+
+def _parameters(table: Table, quarters: int, shift: np.ndarray) -> np.ndarray:
+    """Rice parameter of every component of every vector: [T, D]."""
+    return np.clip(_base(table, quarters) + shift.astype(np.int64)[:, None], 0, MAX_RICE)
+
+
+def forward(rows: np.ndarray, table: Table, quarters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sigma [T] as the receiver sees it, components y [T, D] in units of their step, steps [D])."""
+    # fp16 on the wire, so clipped to its normal range (a wider vector gets larger codes: a larger shift)
+    sigma = np.clip(_robust_spread(rows), 2.0**-14, 65504.0).astype(np.float16).astype(np.float32)
+    steps = (table.weight * np.float32(_step(quarters))).astype(np.float32)
+    y = ((rows / sigma[:, None] - table.mean[None, :]) @ table.basis) / steps[None, :]
+    return sigma, y, steps
+
+
+def encode_payload(tensor: torch.Tensor, bound: int, table: Table) -> tuple[bytes, int, int]:
+    """Everything after the common header: (bytes, payload bytes, side-information bytes)."""
+    rows = tensor.detach().float().reshape(-1, tensor.shape[-1]).numpy().astype(np.float32)
+    if rows.shape[1] != table.width:
+        raise ValueError(f"calibration table is for D = {table.width}, the tensor has D = {rows.shape[1]}")
+    sigma, y, steps = forward(rows, table, bound)
+    codes = np.round(y).astype(np.int64)
+    zigzag = _zigzag(codes)
+    base = _base(table, bound)
+    shifts = np.array(list(SHIFTS))
+    # cost of each shift per vector: sum(k + 1 + (z >> k)); chosen per vector, a byte on the wire
+    cost = np.stack([(np.clip(base + s, 0, MAX_RICE) + 1 + (zigzag >> np.clip(base + s, 0, MAX_RICE))).sum(axis=1)
+                     for s in shifts], axis=1)
+    shift = shifts[cost.argmin(axis=1)].astype(np.int8)
+    rice = _parameters(table, bound, shift)
+    exact = (zigzag >> rice) > MAX_UNARY  # rare: cheaper exact than in unary
+    codes[exact] = 0
+    zigzag[exact] = 0
+    flat_exact = np.flatnonzero(exact.reshape(-1))
+    values = (y.reshape(-1)[flat_exact] * np.repeat(steps[None, :], len(rows), 0).reshape(-1)[flat_exact])
+    low = _pack_low(zigzag & ((1 << rice) - 1), rice)
+    high = (zigzag >> rice).reshape(-1)
+    bits = np.ones(int(high.sum()) + high.size, dtype=np.uint8)
+    bits[np.cumsum(high + 1) - 1] = 0
+    unary = np.packbits(bits, bitorder="little").tobytes()
+    side = (table.digest + sigma.astype("<f2").tobytes() + shift.tobytes() + struct.pack("<I", len(flat_exact))
+            + flat_exact.astype("<u4").tobytes() + values.astype("<f4").tobytes())
+    body = side + struct.pack("<I", len(low)) + low + struct.pack("<I", len(unary)) + unary
+    return body, len(low) + len(unary), len(body) - len(low) - len(unary)
+
+
+def _pack_low(values: np.ndarray, rice: np.ndarray) -> bytes:
+    """The low k_ti bits of every value, in order, LSB first, one stream (a bounded number of rows at a time)."""
+    chunk = max(1, _UNPACK_VALUES // values.shape[1])
+    pieces = []
+    for first in range(0, len(values), chunk):
+        part, bits = values[first:first + chunk], rice[first:first + chunk]
+        top = int(bits.max(initial=0))
+        if top:
+            planes = ((part[..., None] >> np.arange(top)) & 1).astype(np.uint8)
+            pieces.append(planes[np.arange(top)[None, None, :] < bits[..., None]])
+    return np.packbits(np.concatenate(pieces), bitorder="little").tobytes() if pieces else b""
+
+
+def _unpack_low(stream: np.ndarray, rice: np.ndarray) -> np.ndarray:
+    """The inverse of `_pack_low`: scratch stays a few MB whatever the blob declares."""
+    tokens, width = rice.shape
+    out = np.zeros(rice.shape, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(rice.sum(axis=1))])  # each row's first bit in the stream
+    chunk = max(1, _UNPACK_VALUES // width)
+    for first in range(0, tokens, chunk):
+        last = min(tokens, first + chunk)
+        bits_here = rice[first:last]
+        top = int(bits_here.max(initial=0))
+        if not top:
+            continue
+        begin, end = int(starts[first]), int(starts[last])
+        raw = stream[begin // 8:(end + 7) // 8]
+        bits = np.unpackbits(raw, bitorder="little")[begin % 8:begin % 8 + end - begin]
+        planes = np.zeros((last - first, width, top), dtype=np.uint8)
+        planes[np.arange(top)[None, None, :] < bits_here[..., None]] = bits
+        for plane in range(top):
+            out[first:last] |= planes[..., plane].astype(np.int64) << plane
+    return out
+
+
+_UNPACK_VALUES = 1 << 16  # values (un)packed at once: scratch ~ 24 bytes each
+
+
+# ---------------------------------------------------------------- header reading (nothing allocated)
+
+def read_header(data: memoryview, start: int, offset: int, kind: int, bits: int, granularity: str,
+                shape: tuple[int, ...]):
+    """The signature of wire/codecs.py's readers: every declared size checked against the bytes present.
+
+    The low-bit length depends on the table (checked exactly by `decode`); here it is bounded.
+    """
+    from lambdasplit.wire.codecs import BlobHeader, Codec, _need
+
+    if not 2 * QUARTERS <= bits <= MAX_BOUND * QUARTERS or granularity != "token":
+        raise ProtocolError("bad_tensor", f"a codec-6 tensor has {2 * QUARTERS}..{MAX_BOUND * QUARTERS} quarter "
+                                          f"bits and token granularity, this one declares {bits}, {granularity}")
+    numel = math.prod(shape)
+    if numel == 0 or not shape:
+        raise ProtocolError("bad_tensor", f"a codec-6 tensor of shape {list(shape)} has no vectors")
+    tokens = numel // shape[-1]
+    position = offset + DIGEST_BYTES + 3 * tokens
+    _need(data, offset, DIGEST_BYTES + 3 * tokens + 4)
+    shifts = np.frombuffer(data, np.int8, tokens, offset + DIGEST_BYTES + 2 * tokens)
+    if shifts.min() < SHIFTS.start or shifts.max() >= SHIFTS.stop:
+        raise ProtocolError("bad_tensor", f"codec-6 tensor with a Rice shift outside {SHIFTS.start}..{SHIFTS.stop - 1}")
+    (count,) = struct.unpack_from("<I", data, position)
+    if count > numel:
+        raise ProtocolError("bad_tensor", f"tensor declares {count} exact values for {numel} elements")
+    position += 4
+    _need(data, position, 8 * count + 4)
+    position += 8 * count
+    (low,) = struct.unpack_from("<I", data, position)
+    if low > (numel * MAX_RICE + 7) // 8:
+        raise ProtocolError("bad_tensor", f"low bits of {low} bytes for {numel} values")
+    position += 4
+    _need(data, position, low + 4)
+    position += low
+    (unary,) = struct.unpack_from("<I", data, position)
+    position += 4
+    if not (numel + 7) // 8 <= unary <= (numel * (MAX_UNARY + 1) + 7) // 8:
+        raise ProtocolError("bad_tensor", f"unary stream of {unary} bytes for {numel} values")
+    _need(data, position, unary)
+    position += unary
+    return BlobHeader(Codec(codec_name(bits), CALIBRATED, bits, "token"), tuple(shape), start, offset, position)
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode(data: memoryview, header, table: Table | None) -> torch.Tensor:
+    """Decode a blob `read_header` accepted, with the session's table for that direction."""
+    shape, bound = header.shape, header.codec.bits
+    if table is None:
+        raise ProtocolError("bad_tensor", "a cal tensor needs the session's calibration table, and there is none")
+    width = shape[-1]
+    if width != table.width:
+        raise ProtocolError("bad_tensor", f"a cal tensor of D = {width}; the calibration table has D = {table.width}")
+    if bytes(data[header.data:header.data + DIGEST_BYTES]) != table.digest:
+        raise ProtocolError("bad_tensor", "the cal tensor was coded with another calibration table")
+    tokens = header.numel // width
+    position = header.data + DIGEST_BYTES
+    sigma = np.frombuffer(data, "<f2", tokens, position).astype(np.float32)
+    shift = np.frombuffer(data, np.int8, tokens, position + 2 * tokens)
+    position += 3 * tokens
+    if not (np.isfinite(sigma).all() and (sigma > 0).all()):
+        raise ProtocolError("bad_tensor", "cal tensor spreads must be finite and positive")
+    (count,) = struct.unpack_from("<I", data, position)
+    position += 4
+    indices = np.frombuffer(data, "<u4", count, position).astype(np.int64)
+    values = np.frombuffer(data, "<f4", count, position + 4 * count).astype(np.float32)
+    position += 8 * count
+    if count and (np.any(np.diff(indices) <= 0) or indices[-1] >= header.numel or not np.isfinite(values).all()):
+        raise ProtocolError("bad_tensor", "exact components must be finite, strictly increasing and inside the tensor")
+    rice = _parameters(table, bound, shift)
+    (low_length,) = struct.unpack_from("<I", data, position)
+    if low_length != (int(rice.sum()) + 7) // 8:
+        raise ProtocolError("bad_tensor", f"cal low bits are {low_length} bytes, the table and shifts need "
+                                          f"{(int(rice.sum()) + 7) // 8}")
+    low = _unpack_low(np.frombuffer(data, np.uint8, low_length, position + 4), rice)
+    position += 4 + low_length
+    (unary_length,) = struct.unpack_from("<I", data, position)
+    zeros = np.flatnonzero(np.unpackbits(np.frombuffer(data, np.uint8, unary_length, position + 4),
+                                         bitorder="little") == 0)
+    if len(zeros) < header.numel:
+        raise ProtocolError("bad_tensor", f"unary stream ends after {len(zeros)} of {header.numel} values")
+    high = np.diff(zeros[:header.numel], prepend=-1) - 1
+    if high.max(initial=0) > MAX_UNARY:
+        raise ProtocolError("bad_tensor", f"a unary part longer than {MAX_UNARY}")
+    zigzag = (high.reshape(tokens, width).astype(np.int64) << rice) | low
+    codes = np.where(zigzag & 1, -(zigzag + 1) // 2, zigzag // 2).astype(np.float32)
+    steps = (table.weight * np.float32(_step(bound))).astype(np.float32)
+    y = codes * steps[None, :]
+    if count:
+        y.reshape(-1)[indices] = values
+    out = (y @ table.basis.T + table.mean[None, :]) * sigma[:, None]
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)

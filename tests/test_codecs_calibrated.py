@@ -1,0 +1,228 @@
+"""The calibrated codec `calK` (wire/calibrated.py, wire/calibrate.py): tables, strict headers, real sessions.
+
+On a tiny Llama with planted outlier channels, calibrated per split, `cal` codes the hidden
+states in a basis where the planted channels are ordinary high-variance components (no exact
+values), so at fewer bytes than `adaptive` it reconstructs them with less error, and far less
+than per-token int8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rawproto
+from lambdasplit.bench import codecs as bench_codecs
+from lambdasplit.client import DeviceModel
+from lambdasplit.client.run import run_generation
+from lambdasplit.errors import ProtocolError, UsageError
+from lambdasplit.llm.segments import load_body, load_head
+from lambdasplit.server.process import ServerProcess
+from lambdasplit.wire import calibrate, calibrated
+from lambdasplit.wire.calibrated import Table
+from lambdasplit.wire.codecs import decode, encode, get_codec, read_header, roundtrip
+
+PROMPTS = ["the cat sat on the mat and", "once upon a time there was", "in the beginning the"]
+SPLIT = "2:4"
+
+
+@pytest.fixture(scope="module")
+def planted(tiny_model_dir, tmp_path_factory):
+    source = tiny_model_dir("llama", hidden_size=64)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    bench_codecs.plant_outliers(model, channels=(3, 17, 40), scale=2000.0)
+    folder = tmp_path_factory.mktemp("planted-cal")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tables(planted):
+    device = DeviceModel.load(planted, SPLIT)
+    return calibrate.load_or_calibrate(device, load_body(planted, 2, 4))
+
+
+def cal(name: str, table: Table):
+    return dataclasses.replace(get_codec(name), table=table)
+
+
+def hidden_at_x(planted, prompt: str) -> torch.Tensor:
+    device = DeviceModel.load(planted, SPLIT)
+    return load_head(planted, 2).forward(torch.tensor([device.encode(prompt, chat=False)]), 0)
+
+
+def test_tables_are_cached_orthonormal_and_sensitivity_weighted(planted, tables):
+    up, down = tables
+    device = DeviceModel.load(planted, SPLIT)
+    assert calibrate.cache_path(device.checkpoint.fingerprint, device.split).exists()
+    again = calibrate.load_cached(device.checkpoint.fingerprint, device.split)  # what a client reads
+    assert again[0].digest == up.digest and again[1].digest == down.digest and up.digest != down.digest
+    for table in tables:
+        assert np.abs(table.basis.T @ table.basis - np.eye(64)).max() < 1e-4
+        assert table.weight.min() >= 0.25 and table.weight.max() <= 4 and table.weight.std() > 0
+        assert np.exp(np.log(table.weight).mean()) == pytest.approx(1.0, abs=0.05)
+    with pytest.raises(UsageError, match="lambdasplit calibrate"):
+        calibrate.load_cached("0" * 64, (2, 4))
+
+
+def test_cal_beats_adaptive_and_int8_in_error_at_fewer_bytes(planted, tables):
+    hidden = hidden_at_x(planted, PROMPTS[1])  # not calibration text
+    sizes = {name: len(encode(hidden, get_codec(name)).blob) for name in ("int8", "adaptive")}
+    errors = {name: (roundtrip(hidden, get_codec(name)) - hidden).pow(2).mean().item() for name in sizes}
+    # the finest cal within adaptive's bytes (the quality knob moves in quarter bits)
+    fitting = [cal(f"cal{q / 4:g}", tables[0]) for q in range(32, 49)]
+    fitting = [c for c in fitting if len(encode(hidden, c).blob) <= sizes["adaptive"]]
+    assert fitting and fitting[0].name == "cal", sizes  # cal8 fits, with room to spare
+    coded = fitting[-1]
+    sizes["cal"] = len(encode(hidden, coded).blob)
+    errors["cal"] = (roundtrip(hidden, coded) - hidden).pow(2).mean().item()
+    assert errors["cal"] < errors["adaptive"] / 1.5 and errors["cal"] < errors["int8"] / 1000, (coded.name, errors)
+
+
+def test_cal_keeps_the_answer_in_the_bench(planted, tables):
+    plain = bench_codecs.measure_codec(planted, SPLIT, "int8", PROMPTS, new_tokens=24, heldout_tokens=64)
+    row = bench_codecs.measure_codec(planted, SPLIT, "cal", PROMPTS, new_tokens=24, heldout_tokens=64)
+    assert row["codec"] == "cal" and row["agreement"] >= 0.99 and row["agreement"] > plain["agreement"], row
+    assert row["fraction_of_fp16"] < 1.0
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 9, 64), (3, 2, 64), (64,), (1, 2500, 64)])  # the last: several unpacking chunks
+def test_round_trip_keeps_shape_and_dtype_and_the_step(tables, shape):
+    x = torch.randn(*shape) * 4
+    x[..., 3] += 900.0  # a massive channel
+    out = roundtrip(x, cal("cal10", tables[0]))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    rows, sigma = x.reshape(-1, 64), torch.from_numpy(calibrated._robust_spread(x.reshape(-1, 64).numpy()))
+    assert ((out.reshape(-1, 64) - rows).abs().max(dim=1).values <= 0.01 * sigma * 4 + 1e-3).all()
+
+
+def test_names_parse_strictly():
+    assert get_codec("cal").name == "cal" and get_codec("cal8").name == "cal" and get_codec("cal7.5").bits == 30
+    assert get_codec("cal7.75").name == "cal7.75"
+    for bad in ("cal1", "cal15", "cal7.3", "cal7.", "cal.5", "calx", "cal+z", "cal7.50000"):
+        with pytest.raises(UsageError):
+            get_codec(bad)
+    with pytest.raises(UsageError, match="calibration table"):
+        encode(torch.randn(1, 2, 64), get_codec("cal"))
+
+
+def cal_prefix(shape, bits: int = 32) -> bytes:
+    return rawproto.blob_header(6, bits, 1, shape)
+
+
+def test_hostile_headers_are_refused_before_decoding(tables):
+    good = encode(torch.randn(1, 2, 64), cal("cal", tables[0])).blob
+    cases = {
+        "huge shape, tiny frame": cal_prefix([1, 2**20, 2**11]) + bytes(64),
+        "shift out of range": cal_prefix([1, 1, 64]) + bytes(4) + struct.pack("<e", 1.0) + bytes([100])
+        + struct.pack("<III", 0, 0, 8) + bytes(8),
+        "more exact values than elements": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<I", 65),
+        "low bits longer than possible": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<II", 0, 10**6),
+        "unary stream too short": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<III", 0, 0, 7) + bytes(7),
+        "bits out of range": cal_prefix([1, 1, 64], bits=57) + bytes(64),
+        "truncated": good[:-1],
+    }
+    for case, blob in cases.items():
+        with pytest.raises(ProtocolError) as error:
+            read_header(blob)
+        assert error.value.code == "bad_tensor", case
+
+
+def test_payloads_that_lie_or_the_wrong_table_are_refused_when_decoding(tables):
+    up, down = tables
+    blob = encode(torch.randn(1, 3, 64), cal("cal", up)).blob
+    for table, message in ((None, "needs the session's calibration table"), (down, "another calibration table")):
+        with pytest.raises(ProtocolError, match=message):
+            decode(blob, table=table)
+    lying = bytearray(blob)
+    lying[-1] = 0xFF  # the unary stream's last zeros become ones: fewer values than declared
+    with pytest.raises(ProtocolError):
+        decode(bytes(lying), table=up)
+    sigma_at = 4 + 12 + calibrated.DIGEST_BYTES
+    for bad_sigma in (float("nan"), 0.0, -1.0):
+        forged = bytearray(blob)
+        forged[sigma_at:sigma_at + 2] = struct.pack("<e", bad_sigma)
+        with pytest.raises(ProtocolError, match="spreads"):
+            decode(bytes(forged), table=up)
+
+
+def test_tables_are_validated_strictly(tables):
+    up = tables[0]
+    good = up.to_bytes()
+    assert Table.from_bytes(good, 64).digest == up.digest
+    mean_at, basis_at = 4, 4 + 4 * 64
+    weight_at = basis_at + 4 * 64 * 64
+
+    def patched(offset: int, data: bytes) -> bytes:
+        return good[:offset] + data + good[offset + len(data):]
+
+    cases = {
+        "truncated": good[:-1],
+        "another D": struct.pack("<I", 65) + good[4:],
+        "NaN mean": patched(mean_at, struct.pack("<f", float("nan"))),
+        "huge mean": patched(mean_at, struct.pack("<f", 1e9)),
+        "not orthonormal": patched(basis_at, struct.pack("<f", 3.0)),
+        "weight out of range": patched(weight_at, struct.pack("<f", 100.0)),
+        "negative weight": patched(weight_at, struct.pack("<f", -1.0)),
+        "Rice parameter out of range": good[:-1] + bytes([200]),
+    }
+    for case, data in cases.items():
+        with pytest.raises(ProtocolError) as error:
+            Table.from_bytes(data, 64)
+        assert error.value.code == "bad_table", case
+    with pytest.raises(ProtocolError):
+        Table.from_bytes(good, 2**20)  # a D no table is allowed (no big allocation either)
+
+
+def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(planted, tables):
+    device = DeviceModel.load(planted, SPLIT)
+    body = load_body(planted, 2, 4)
+    up, down = tables
+    hello = {"protocol": rawproto.PROTOCOL, "role": "body", "model": device.checkpoint.fingerprint, "layers": [2, 4],
+             "dtype": "float32", "codec": "cal"}
+    step = encode(hidden_at_x(planted, PROMPTS[0]), cal("cal", up)).blob
+    with ServerProcess(["--model", planted, "--layers", SPLIT]) as server:
+        bad = up.to_bytes()[:-1] + bytes([99])  # a Rice parameter beyond 24 in the up table
+        for frames, expected in (([rawproto.frame(12, bad + down.to_bytes())], "bad_table"),
+                                 ([rawproto.frame(12, up.to_bytes())], "bad_table"),  # one table only
+                                 ([rawproto.step_frame(0, [step])], "unexpected_frame")):  # STEP before TABLES
+            with rawproto.Peer(server.address) as peer:
+                peer.hello(hello)
+                for data in frames:
+                    peer.send(data)
+                assert peer.outcome() == expected
+        with rawproto.Peer(server.address) as peer:  # tables for another codec's session
+            peer.hello({**hello, "codec": "adaptive"})
+            peer.send(rawproto.frame(12, up.to_bytes() + down.to_bytes()))
+            assert peer.outcome() == "unexpected_frame"
+        names = [up.sha256, down.sha256]
+        with rawproto.Peer(server.address) as peer:  # tables named in HELLO that the server does not hold yet
+            assert peer.hello({**hello, "tables": names})["tables_needed"] is True
+        for bad in ("ab", [up.sha256], [up.sha256, "X" * 64], [1, 2]):
+            with rawproto.Peer(server.address) as peer:
+                peer.send(rawproto.json_frame(rawproto.HELLO, {**hello, "tables": bad}))
+                assert peer.outcome() == "bad_hello", bad
+        for codec in ("cal", "cal7.5"):
+            record = run_generation(model=planted, mode="split", prompt=PROMPTS[0], max_new_tokens=12, split=SPLIT,
+                                    server=server.address, codec=codec, ignore_eos=True, chat=False, device=device)
+            coded = bench_codecs.CodedBody(body.fork(), cal(codec, up), cal(codec, down))
+            expected = device.generate(PROMPTS[0], body=coded, max_new_tokens=12, ignore_eos=True,
+                                       chat=False).token_ids
+            assert record["codec"] == codec and record["token_ids"] == expected, codec
+            tables_frame = 5 + 2 * Table.size(64)
+            # the first session sends the tables; the server keeps them, so the second sends none
+            assert (record["bytes_up"] > tables_frame) == (codec == "cal"), (codec, record["bytes_up"])
+        with rawproto.Peer(server.address) as peer:  # named in HELLO, held: STEPs right away
+            assert peer.hello({**hello, "tables": names})["tables_needed"] is False
+            peer.seq += 1
+            peer.send(rawproto.step_frame(0, [step], seq=peer.seq))
+            got = peer.receive()
+            assert got is not None and got[0] == rawproto.RESULT
+            out = decode(bytes(got[1][13:]), table=down)[0]  # seq, position, compute_us, count, then the blob
+            assert out.shape == hidden_at_x(planted, PROMPTS[0]).shape
