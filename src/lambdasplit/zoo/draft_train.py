@@ -159,13 +159,16 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
             module.requires_grad_(False)
         optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 50)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
         task = progress.add_task("draft head: training", total=steps)
-        deadline = time.perf_counter() + 60 * minutes
+        started, budget = time.perf_counter(), 60 * minutes
         losses, step = [], 0
         head.train()
-        while step < steps and time.perf_counter() < deadline:
+        while step < steps and time.perf_counter() - started < budget:
+            # The cosine decays over whichever budget runs out first (steps or minutes): a step-only
+            # schedule stopped by --minutes would end at a high learning rate.
+            done = max(step / steps, (time.perf_counter() - started) / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
             batch = [_window(sequences[i], features[i], seq_len) for i in random.choices(train_ids, k=batch_size)]
             length = min(len(b[0]) for b in batch)
             tokens = torch.stack([b[0][:length] for b in batch])
@@ -175,7 +178,6 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
             optimizer.step()
-            schedule.step()
             losses.append(loss.item())
             step += 1
             progress.update(task, advance=1, info=f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
