@@ -15,7 +15,7 @@ The head works on the features before the final norm (what the tail holds), whos
 ~15x that of the normed features EAGLE regresses (HF's hidden_states[-1]) and varies by
 position, so the regression and the noise are taken relative to each position's RMS: this
 keeps EAGLE's balance of the two losses and its noise level.
-The head is written to OUT (draft_head.safetensors + draft_head.json with the target's
+The head is written to OUT in fp16 (draft_head.safetensors + draft_head.json with the target's
 fingerprint, the command, the figures); `--speculate eagle` finds it there (the default
 OUT is the user cache; `--out src/lambdasplit/zoo/data/smollm2_draft` makes it the bundled one).
 """
@@ -218,8 +218,9 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
         "holdout_next_token_accuracy_all_positions": accuracy["all"],
         "data_seconds": data_seconds, "seconds": time.perf_counter() - began,
         "parameters": sum(p.numel() for p in head.parameters()),
+        "stored_dtype": "float16 (trained in fp32; loaded into fp32)",
     }
-    head.save(out, meta)
+    head.half().save(out, meta)  # fp16 halves the file (7 MB for SmolLM2); EagleHead.load casts it back to fp32
     return {**meta, "out": str(out)}
 
 
