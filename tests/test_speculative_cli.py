@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lambdasplit.cli import main
 from lambdasplit.client import DeviceModel
@@ -93,6 +94,8 @@ def test_train_draft_head_smoke(tiny_model_dir, tmp_path, capsys):
                  "--new-tokens", "8", "--steps", "5", "--seq-len", "8", "--batch-size", "2", "--threads", "1"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 5 and (out / "draft_head.safetensors").exists()
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(str(out / "draft_head.safetensors")).values()} == {torch.float16}
     device = DeviceModel.load(folder)
     prompt = device.encode("The quick brown fox", chat=False)
     plain = device.generate(prompt, max_new_tokens=10, ignore_eos=True)

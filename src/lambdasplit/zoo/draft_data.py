@@ -21,12 +21,19 @@ TOPICS = [
     "dinosaurs", "batteries", "clouds", "democracy", "the stock market", "chess", "coffee", "the Great Wall of China",
     "magnets", "bread baking", "jazz music", "the Olympic Games", "penguins", "deserts", "wind turbines", "maps",
     "bicycles", "the telephone", "forests", "spiders", "tea", "gravity", "sleep", "rivers", "bridges", "trains",
+    "the Moon", "hurricanes", "the Sahara", "octopuses", "the Renaissance", "nuclear power", "microscopes", "bees",
+    "the French Revolution", "rain forests", "the periodic table", "fungi", "lightning", "airplanes", "compost",
+    "the solar system", "whales", "the ancient Egyptians", "cheese making", "the piano", "robots", "soil",
+    "satellites", "the Amazon river", "meditation", "elephants", "gardening", "the brain", "origami", "the Vikings",
+    "photography", "wolves", "steam engines", "the ocean floor", "kites", "libraries", "money", "volcanic islands",
+    "the alphabet", "fireworks", "owls", "public transport", "mountains", "the human skeleton", "clocks", "pizza",
 ]
 TEMPLATES = [
     "Explain {t} in simple terms.", "Give three facts about {t}.", "Why is {t} important?",
     "Write a short paragraph about {t}.", "What are the main ideas behind {t}?", "Describe {t} to a child.",
     "List the pros and cons of {t}.", "Tell me a short story that involves {t}.",
     "What is a common misconception about {t}?", "How would you teach a class about {t}?",
+    "Write a haiku about {t}.", "What questions do scientists still ask about {t}?",
 ]
 PAIRS = [("a cat", "a dog"), ("tea", "coffee"), ("a lake", "a sea"), ("weather", "climate"), ("a virus", "bacteria"),
          ("a planet", "a star"), ("speed", "velocity"), ("a city", "a village"), ("RAM", "a hard disk"),
@@ -39,6 +46,9 @@ CODE_TASKS = [
     "returns the second smallest number in a list", "capitalizes every word of a string",
     "computes the greatest common divisor of two numbers", "flattens a nested list",
     "checks whether two strings are anagrams", "returns the mean and median of a list",
+    "counts how often each letter occurs in a text", "checks whether a year is a leap year",
+    "returns the squares of the even numbers in a list", "reads a file and prints its longest line",
+    "converts a binary string to an integer", "splits a list into chunks of size n",
 ]
 CODE_TEMPLATES = ["Write a Python function that {t}.", "Write a short Python program that {t}, with a comment.",
                   "Show me JavaScript code that {t}."]

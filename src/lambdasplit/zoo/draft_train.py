@@ -9,9 +9,13 @@ Three phases, each with a progress bar, all seeded (torch, Python's random):
      uniform noise (EAGLE's recipe), loss = smooth-L1 on the next features + 0.1 x the
      cross-entropy against the target's next-token distribution (through the target's
      frozen norm and LM head, on a random `--ce-fraction` of the positions: the LM head over
-     the whole vocabulary is most of a step's cost); AdamW, warm-up then cosine decay,
-     until `--steps` or `--minutes`.
-The head is written to OUT (draft_head.safetensors + draft_head.json with the target's
+     the whole vocabulary is most of a step's cost), both on the answer's positions only;
+     AdamW, warm-up then cosine decay over `--steps` or `--minutes`, whichever ends first.
+The head works on the features before the final norm (what the tail holds), whose scale is
+~15x that of the normed features EAGLE regresses (HF's hidden_states[-1]) and varies by
+position, so the regression and the noise are taken relative to each position's RMS: this
+keeps EAGLE's balance of the two losses and its noise level.
+The head is written to OUT in fp16 (draft_head.safetensors + draft_head.json with the target's
 fingerprint, the command, the figures); `--speculate eagle` finds it there (the default
 OUT is the user cache; `--out src/lambdasplit/zoo/data/smollm2_draft` makes it the bundled one).
 """
@@ -25,14 +29,14 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULTS = dict(prompts=480, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=4, lr=1e-3,
+DEFAULTS = dict(prompts=1200, new_tokens=128, steps=4000, minutes=45.0, seq_len=128, batch_size=4, lr=1e-3,
                 ce_fraction=0.25)
 
 
 def add_train_arguments(p) -> None:
     p.add_argument("--model", default="zoo:smollm2", help="the target model (default %(default)s)")
     p.add_argument("--out", type=Path, help="output folder (default: <cache>/smollm2-draft)")
-    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"], help="training prompts answered (default %(default)s)")
+    p.add_argument("--prompts", type=int, default=DEFAULTS["prompts"], help="training prompts answered (default %(default)s; 1193 exist)")
     p.add_argument("--new-tokens", type=int, default=DEFAULTS["new_tokens"], help="answer length cap (default %(default)s)")
     p.add_argument("--generate-batch", type=int, default=8, help="prompts per batched generate (default %(default)s)")
     p.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="training steps at most (default %(default)s)")
@@ -67,26 +71,43 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    from lambdasplit.zoo import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve(model), padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _chat_texts(tokenizer, prompts: list[str]) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
+
+
+def prompt_lengths(model: str, prompts: list[str]) -> list[int]:
+    """Tokens of each prompt (chat template included) as generate_data tokenizes it: where its answer starts."""
+    tokenizer = _tokenizer(model)
+    return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in _chat_texts(tokenizer, prompts)]
+
+
 def generate_data(model: str, prompts: list[str], new_tokens: int, batch: int, progress) -> list[list[int]]:
     """prompt + greedy answer token ids, one list per prompt (transformers' batched generate, left padding)."""
     import torch
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lambdasplit.zoo import resolve
 
-    folder = resolve(model)
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = _tokenizer(model)
+    lm = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=torch.float32).eval()
     sequences = []
     task = progress.add_task("draft data: answers", total=len(prompts))
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(_chat_texts(tokenizer, chunk), return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             out = lm.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for row, mask in zip(out, enc["attention_mask"]):
@@ -141,11 +162,13 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
         data_file = out / "data.pt"
         wanted = {"model": device.checkpoint.fingerprint, "prompts": prompts, "new_tokens": new_tokens, "seed": seed}
         cached = torch.load(data_file) if data_file.exists() else None
+        prompt_list = training_prompts(prompts, seed)
         if cached is not None and cached["key"] == wanted:
             sequences = cached["sequences"]
         else:
-            sequences = generate_data(model, training_prompts(prompts, seed), new_tokens, generate_batch, progress)
+            sequences = generate_data(model, prompt_list, new_tokens, generate_batch, progress)
             torch.save({"key": wanted, "sequences": sequences}, data_file)
+        answer_starts = prompt_lengths(model, prompt_list)
         features = extract_features(device, sequences, progress)
         data_seconds = time.perf_counter() - began
 
@@ -159,38 +182,45 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
             module.requires_grad_(False)
         optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         warmup = max(1, steps // 50)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
         task = progress.add_task("draft head: training", total=steps)
-        deadline = time.perf_counter() + 60 * minutes
+        started, budget = time.perf_counter(), 60 * minutes
         losses, step = [], 0
         head.train()
-        while step < steps and time.perf_counter() < deadline:
-            batch = [_window(sequences[i], features[i], seq_len) for i in random.choices(train_ids, k=batch_size)]
+        while step < steps and time.perf_counter() - started < budget:
+            # The cosine decays over whichever budget runs out first (steps or minutes): a step-only
+            # schedule stopped by --minutes would end at a high learning rate.
+            done = max(step / steps, (time.perf_counter() - started) / budget)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+            batch = [_window(sequences[i], features[i], answer_starts[i], seq_len)
+                     for i in random.choices(train_ids, k=batch_size)]
             length = min(len(b[0]) for b in batch)
             tokens = torch.stack([b[0][:length] for b in batch])
             feats = torch.stack([b[1][:length] for b in batch])
-            loss = _loss(head, embed, tail, tokens, feats, noise=0.1, ce_fraction=ce_fraction)
+            answer = torch.stack([b[2][:length] for b in batch])
+            loss = _loss(head, embed, tail, tokens, feats, answer, noise=0.1, ce_fraction=ce_fraction)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 0.5)
             optimizer.step()
-            schedule.step()
             losses.append(loss.item())
             step += 1
             progress.update(task, advance=1, info=f"loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
         head.eval()
-        accuracy = _holdout_accuracy(head, embed, tail, [sequences[i] for i in test_ids], [features[i] for i in test_ids])
+        accuracy = _holdout_accuracy(head, embed, tail, [sequences[i] for i in test_ids],
+                                     [features[i] for i in test_ids], [answer_starts[i] for i in test_ids])
     meta = {
         "target": model, "target_fingerprint": device.checkpoint.fingerprint,
         "command": "lambdasplit " + " ".join(sys.argv[1:]) if sys.argv and "zoo" in sys.argv else None,
         "seed": seed, "prompts": len(sequences), "tokens": sum(len(s) for s in sequences), "steps": step,
         "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "ce_fraction": ce_fraction, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
-        "holdout_sequences": len(test_ids), "holdout_next_token_accuracy": accuracy,
+        "holdout_sequences": len(test_ids), "holdout_next_token_accuracy": accuracy["answer"],
+        "holdout_next_token_accuracy_all_positions": accuracy["all"],
         "data_seconds": data_seconds, "seconds": time.perf_counter() - began,
         "parameters": sum(p.numel() for p in head.parameters()),
+        "stored_dtype": "float16 (trained in fp32; loaded into fp32)",
     }
-    head.save(out, meta)
+    head.half().save(out, meta)  # fp16 halves the file (7 MB for SmolLM2); EagleHead.load casts it back to fp32
     return {**meta, "out": str(out)}
 
 
@@ -201,28 +231,38 @@ def _with_info(add_task):
     return add
 
 
-def _window(ids: list[int], feats: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random window of seq_len + 1 positions of one sequence (tokens, features)."""
+def _window(ids: list[int], feats: torch.Tensor, answer_start: int, seq_len: int):
+    """A random window of seq_len + 1 positions of one sequence: tokens, features, and which positions are
+    the answer's (the loss is taken there only, as EAGLE's loss mask does; the prompt is context)."""
     import torch
 
     n = len(ids)
     start = random.randrange(0, max(1, n - seq_len - 1) + 1) if n > seq_len + 1 else 0
     end = min(n, start + seq_len + 1)
-    return torch.tensor(ids[start:end]), feats[start:end]
+    return torch.tensor(ids[start:end]), feats[start:end], torch.arange(start, end) >= answer_start
 
 
-def _loss(head, embed, tail, tokens, feats, noise: float, ce_fraction: float = 1.0):
-    """Pairs (f_t, x_{t+1}) -> f_{t+1}: smooth-L1 on features + 0.1 x CE against the target's distribution
-    (on a random `ce_fraction` of the positions)."""
+def _rms(x):
+    return x.pow(2).mean(-1, keepdim=True).sqrt()
+
+
+def _loss(head, embed, tail, tokens, feats, answer, noise: float, ce_fraction: float = 1.0):
+    """Pairs (f_t, x_{t+1}) -> f_{t+1} at the answer's positions t + 1: smooth-L1 on the features over
+    the target's RMS at t + 1 (the scale of EAGLE's normed features) + 0.1 x CE against the target's
+    distribution (on a random `ce_fraction` of them). The input noise is uniform, +-noise x RMS of f_t."""
     import torch
 
     inputs = feats[:, :-1]
     if noise:
-        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise
+        inputs = inputs + (torch.rand_like(inputs) * 2 - 1) * noise * _rms(inputs)
     predicted = head(inputs, embed(tokens[:, 1:]))
     target = feats[:, 1:]
-    regression = torch.nn.functional.smooth_l1_loss(predicted, target)
-    chosen = torch.rand(target.shape[:2]) < ce_fraction
+    mask = answer[:, 1:]
+    if not mask.any():
+        return (predicted * 0).sum()
+    scale = _rms(target[mask]).detach()
+    regression = torch.nn.functional.smooth_l1_loss(predicted[mask] / scale, target[mask] / scale)
+    chosen = mask & (torch.rand(target.shape[:2]) < ce_fraction)
     if not chosen.any():
         return regression
     with torch.no_grad():
@@ -232,17 +272,23 @@ def _loss(head, embed, tail, tokens, feats, noise: float, ce_fraction: float = 1
     return regression + 0.1 * classification
 
 
-def _holdout_accuracy(head, embed, tail, sequences, features) -> float:
-    """How often the head's one-step draft equals the target's next token, on held-out answers."""
+def _holdout_accuracy(head, embed, tail, sequences, features, answer_starts) -> dict:
+    """How often the head's one-step draft equals the target's next token on held-out sequences: over the
+    answers' positions (what drafting sees) and over all positions."""
     import torch
 
-    right = total = 0
+    right = {"answer": 0, "all": 0}
+    total = {"answer": 0, "all": 0}
     with torch.no_grad():
-        for ids, feats in zip(sequences, features):
+        for ids, feats, answer_start in zip(sequences, features, answer_starts):
             tokens = torch.tensor([ids])
             predicted = head(feats[None, :-1], embed(tokens[:, 1:]))
             drafted = torch.argmax(tail.lm_head(tail.norm(predicted)), -1)[0]
             target = torch.argmax(tail.lm_head(tail.norm(feats[1:])), -1)
-            right += int((drafted == target).sum())
-            total += target.numel()
-    return right / total if total else 0.0
+            hit = drafted == target
+            answer = torch.arange(1, len(ids)) >= answer_start
+            right["all"] += int(hit.sum())
+            total["all"] += hit.numel()
+            right["answer"] += int(hit[answer].sum())
+            total["answer"] += int(answer.sum())
+    return {k: right[k] / total[k] if total[k] else 0.0 for k in right}
