@@ -1,6 +1,6 @@
 """Where the device's CPU goes per generated token in the secret-shared mode (cProfile on process time).
 
-    python scripts/shares_device_profile.py [--model zoo:smollm2] [--merge auto|off] [--tokens 16] [--top 12]
+    python scripts/shares_device_profile.py [--model zoo:smollm2] [--merge auto|off] [--tokens 16] [--top 12] [--pin]
 
 Starts two `serve --component shares` processes on loopback, warms up, then profiles one greedy
 generation (EOS masked) with time.process_time as the profiler's clock, so only this process's
@@ -10,12 +10,17 @@ the framing and socket calls of sending and receiving), and the rest (the model'
 parts, the generation loop, sampling), then the functions with the most own time. Local fp32
 generation of the same prompt is timed alongside (no profiler) for scale. cProfile adds its
 own overhead per call: the split is what to read, not the totals.
+
+--pin runs both servers on CPU 0 and this process (the device, and local generation) on CPU 1:
+the nearest this one machine comes to servers on other machines, where the device would not
+resume after every request on a core whose caches the servers' GEMVs just evicted.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 
@@ -39,10 +44,15 @@ def main() -> int:
     parser.add_argument("--merge", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--pin", action="store_true", help="servers on CPU 0, the device on CPU 1")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.pin:  # the servers inherit this affinity; the device then moves to the other core
+        os.sched_setaffinity(0, {0})
     servers = [ServerProcess(["--model", args.model, "--component", "shares", "--share", str(share),
                               "--shares-merge", args.merge]).start() for share in (0, 1)]
+    if args.pin:
+        os.sched_setaffinity(0, {1})
     try:
         device = SharedDevice.load_shared(args.model, merge=parse_merge(args.merge))
         local = DeviceModel.load(args.model)
@@ -66,7 +76,8 @@ def main() -> int:
     sends = cumulative(stats, "shares/device.py", "send") * per_token
     receives = cumulative(stats, "shares/device.py", "receive") * per_token
     print(f"{args.model}, {'merged' if device.merge else 'plain'} layers, {record['round_trips_per_token']:.0f} "
-          f"requests / token to each server, {args.tokens} tokens")
+          f"requests / token to each server, {args.tokens} tokens"
+          + (", servers pinned to CPU 0, device to CPU 1" if args.pin else ""))
     print(f"device CPU / token, profiled: {total:.1f} ms (unprofiled: {record['device_cpu_seconds'] * per_token:.1f} ms; "
           f"local fp32: {local_ms:.1f} ms)")
     print(f"  requests (SharePair.run):        {requests:6.1f} ms")
