@@ -1,0 +1,105 @@
+"""How often a lossy wire codec flips a greedy token, teacher-forced, and whether a near-tie guard helps.
+
+    python scripts/codec_flips.py [--model zoo:smollm2] [--split 2:28] [--codecs cal6.5,cal7]
+                                  [--directions down,up,both] [--train-prompts 15] [--taus 0.02,0.05,0.1]
+
+`bench codecs` compares whole greedy generations on 4-5 prompts: one flip early in a prompt
+loses the rest of it, so its agreement is a lottery over a handful of near-ties. This counts
+flips per token instead, over more text: each prompt (the bench's 5 chat prompts, then
+`--train-prompts` of the draft head's training prompts, zoo/draft_data.py) is followed by its fp32
+greedy reference (60 tokens), run in one teacher-forced forward with the codec on the chosen
+direction(s); a flip is a position whose coded argmax differs from the reference token. (Each
+vector is coded on its own, so one forward codes every position as step-by-step decoding would.)
+
+The guard tried here: where the coded top-2 gap is below tau, that position is recomputed with
+its own vector at fp16 in the coded direction(s) (the earlier positions stay coded: their KV
+entries are what a real session holds) and the recomputed argmax is what counts. Flagged
+positions would cost one more round trip and fp16's bytes. It prints, per codec and direction,
+the raw flips, and per tau the fraction flagged and the flips left.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from lambdasplit.bench.codecs import _codecs_for, _reference, _workload, default_prompts
+from lambdasplit.wire.codecs import decode_blob, encode, get_codec, read_header
+from lambdasplit.zoo.draft_data import training_prompts
+
+FP16 = get_codec("fp16", default_granularity="token")
+
+
+def travel(hidden: torch.Tensor, codec) -> torch.Tensor:
+    if codec is None:
+        return hidden
+    blob = encode(hidden, codec).blob
+    return decode_blob(blob, read_header(blob), codec.table).to(hidden.dtype)
+
+
+@torch.inference_mode()
+def coded_logits(device, body, ids, up, down, precise_row=None) -> torch.Tensor:
+    """Logits of every position with the codecs on the way; `precise_row` travels at fp16 instead."""
+    head, tail, body = device.head.fork(), device.tail.fork(), body.fork()
+    hidden = head.forward(torch.tensor([ids]), 0)
+    sent = travel(hidden, up)
+    if precise_row is not None:
+        sent[:, precise_row] = travel(hidden[:, precise_row:precise_row + 1], FP16)[:, 0]
+    out = body.forward(sent, 0)
+    back = travel(out, down)
+    if precise_row is not None:
+        back[:, precise_row] = travel(out[:, precise_row:precise_row + 1], FP16)[:, 0]
+    return tail.forward(back, 0, last_only=False)[0].float()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="zoo:smollm2")
+    parser.add_argument("--split", default="2:28")
+    parser.add_argument("--codecs", default="cal6.5,cal7")
+    parser.add_argument("--directions", default="down,up,both")
+    parser.add_argument("--train-prompts", type=int, default=15)
+    parser.add_argument("--taus", default="0.02,0.05,0.1")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    taus = [float(t) for t in args.taus.split(",")]
+    device, body = _workload(args.model, args.split)
+    prompts = default_prompts(5) + training_prompts(args.train_prompts)
+    references = [(device.encode(p, None), _reference(args.model, args.split, p, 60)) for p in prompts]
+    for codec in args.codecs.split(","):
+        for direction in args.directions.split(","):
+            up, down = _codecs_for(codec, direction, _workload(args.model, args.split))
+            stats = {tau: [0, 0, 0] for tau in taus}  # flagged, flips left, tokens
+            raw = 0
+            for prompt_ids, reference in references:
+                ids, n = prompt_ids + reference, len(prompt_ids)
+                logits = coded_logits(device, body, ids, up, down)[n - 1:len(ids) - 1]
+                top = logits.topk(2, -1)
+                gap = (top.values[:, 0] - top.values[:, 1]).numpy()
+                argmax = top.indices[:, 0].numpy()
+                raw += int((argmax != np.array(reference)).sum())
+                recomputed = {}
+                for tau in taus:
+                    s = stats[tau]
+                    for i, token in enumerate(reference):
+                        s[2] += 1
+                        if gap[i] < tau:
+                            s[0] += 1
+                            if i not in recomputed:
+                                row = n - 1 + i
+                                recomputed[i] = int(coded_logits(device, body, ids[:row + 1], up, down, row)[-1].argmax())
+                            s[1] += recomputed[i] != token
+                        else:
+                            s[1] += argmax[i] != token
+            line = f"{args.split} {codec:7s} {direction:5s} raw flips {raw}/{stats[taus[0]][2]}"
+            for tau in taus:
+                flagged, left, tokens = stats[tau]
+                line += f" | tau {tau}: flagged {100 * flagged / tokens:.2f}% flips {left}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
