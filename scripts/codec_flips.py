@@ -74,35 +74,29 @@ def main() -> int:
     references = [(device.encode(p, None), _reference(args.model, args.split, p, 60)) for p in prompts]
     for codec in args.codecs.split(","):
         for direction in args.directions.split(","):
-            up, down = _codecs_for(codec, direction, _workload(args.model, args.split))
-            stats = {tau: [0, 0, 0] for tau in taus}  # flagged, flips left, tokens
-            raw = 0
+            up, down = _codecs_for(codec, direction, (device, body))
+            raw, tokens = 0, 0
+            flagged, left = dict.fromkeys(taus, 0), dict.fromkeys(taus, 0)
             for prompt_ids, reference in references:
                 ids, n = prompt_ids + reference, len(prompt_ids)
-                logits = coded_logits(device, body, ids, up, down)[n - 1:len(ids) - 1]
+                top = coded_logits(device, body, ids, up, down)[n - 1:len(ids) - 1].topk(2, -1)
                 plain = coded_logits(device, body, ids, None, None)[n - 1:len(ids) - 1].argmax(-1).numpy()
-                top = logits.topk(2, -1)
                 gap = (top.values[:, 0] - top.values[:, 1]).numpy()
-                argmax = top.indices[:, 0].numpy()
-                raw += int((argmax != plain).sum())
-                recomputed = {}
+                flips = top.indices[:, 0].numpy() != plain
+                # every position some tau flags, recomputed once with its own vector at fp16
+                refined = flips.copy()
+                for i in np.flatnonzero(gap < max(taus)):
+                    prefix, row = ids[:n + i], n - 1 + i
+                    refined[i] = (coded_logits(device, body, prefix, up, down, row)[-1].argmax()
+                                  != coded_logits(device, body, prefix, None, None)[-1].argmax())
+                raw, tokens = raw + int(flips.sum()), tokens + len(reference)
                 for tau in taus:
-                    s = stats[tau]
-                    for i in range(len(reference)):
-                        s[2] += 1
-                        if gap[i] < tau:
-                            s[0] += 1
-                            if i not in recomputed:
-                                row = n - 1 + i
-                                refined = int(coded_logits(device, body, ids[:row + 1], up, down, row)[-1].argmax())
-                                recomputed[i] = refined != int(coded_logits(device, body, ids[:row + 1], None, None)[-1].argmax())
-                            s[1] += recomputed[i]
-                        else:
-                            s[1] += argmax[i] != plain[i]
-            line = f"{args.split} {codec:7s} {direction:5s} raw flips {raw}/{stats[taus[0]][2]}"
+                    guarded = gap < tau
+                    flagged[tau] += int(guarded.sum())
+                    left[tau] += int(np.where(guarded, refined, flips).sum())
+            line = f"{args.split} {codec:7s} {direction:5s} raw flips {raw}/{tokens}"
             for tau in taus:
-                flagged, left, tokens = stats[tau]
-                line += f" | tau {tau}: flagged {100 * flagged / tokens:.2f}% flips {left}"
+                line += f" | tau {tau}: flagged {100 * flagged[tau] / tokens:.2f}% flips {left[tau]}"
             print(line, flush=True)
     return 0
 
