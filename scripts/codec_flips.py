@@ -44,15 +44,20 @@ def travel(hidden: torch.Tensor, codec) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def coded_logits(device, body, ids, up, down, precise_row=None) -> torch.Tensor:
-    """Logits of every position with the codecs on the way; `precise_row` travels at fp16 instead."""
+def coded_logits(device, body, ids, up, down, precise_row=None, prompt=0, prompt_codec=None) -> torch.Tensor:
+    """Logits of every position with the codecs on the way; `precise_row` travels at fp16 instead,
+    and the first `prompt` positions (the prefill) in `prompt_codec` when one is given."""
     head, tail, body = device.head.fork(), device.tail.fork(), body.fork()
     hidden = head.forward(torch.tensor([ids]), 0)
     sent = travel(hidden, up)
+    if prompt_codec is not None and up is not None:
+        sent[:, :prompt] = travel(hidden[:, :prompt], prompt_codec[0])
     if precise_row is not None:
         sent[:, precise_row] = travel(hidden[:, precise_row:precise_row + 1], FP16)[:, 0]
     out = body.forward(sent, 0)
     back = travel(out, down)
+    if prompt_codec is not None and down is not None:
+        back[:, :prompt] = travel(out[:, :prompt], prompt_codec[1])
     if precise_row is not None:
         back[:, precise_row] = travel(out[:, precise_row:precise_row + 1], FP16)[:, 0]
     return tail.forward(back, 0, last_only=False)[0].float()
@@ -66,6 +71,10 @@ def main() -> int:
     parser.add_argument("--directions", default="down,up,both")
     parser.add_argument("--train-prompts", type=int, default=15)
     parser.add_argument("--taus", default="0.02,0.05,0.1")
+    parser.add_argument("--prompt-codec", default=None,
+                        help="code the prompt's positions (the prefill) with this codec instead, e.g. fp16")
+    parser.add_argument("--prompt-positions", type=int, default=None,
+                        help="with --prompt-codec: only the first N positions of the prompt (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     taus = [float(t) for t in args.taus.split(",")]
@@ -75,11 +84,15 @@ def main() -> int:
     for codec in args.codecs.split(","):
         for direction in args.directions.split(","):
             up, down = _codecs_for(codec, direction, (device, body))
+            prefill = None
+            if args.prompt_codec:
+                prefill = _codecs_for(args.prompt_codec, "both", (device, body))
             raw, tokens = 0, 0
             flagged, left = dict.fromkeys(taus, 0), dict.fromkeys(taus, 0)
             for prompt_ids, reference in references:
                 ids, n = prompt_ids + reference, len(prompt_ids)
-                top = coded_logits(device, body, ids, up, down)[n - 1:len(ids) - 1].topk(2, -1)
+                precise = n if args.prompt_positions is None else min(n, args.prompt_positions)
+                top = coded_logits(device, body, ids, up, down, None, precise, prefill)[n - 1:len(ids) - 1].topk(2, -1)
                 plain = coded_logits(device, body, ids, None, None)[n - 1:len(ids) - 1].argmax(-1).numpy()
                 gap = (top.values[:, 0] - top.values[:, 1]).numpy()
                 flips = top.indices[:, 0].numpy() != plain
@@ -87,7 +100,7 @@ def main() -> int:
                 refined = flips.copy()
                 for i in np.flatnonzero(gap < max(taus)):
                     prefix, row = ids[:n + i], n - 1 + i
-                    refined[i] = (coded_logits(device, body, prefix, up, down, row)[-1].argmax()
+                    refined[i] = (coded_logits(device, body, prefix, up, down, row, precise, prefill)[-1].argmax()
                                   != coded_logits(device, body, prefix, None, None)[-1].argmax())
                 raw, tokens = raw + int(flips.sum()), tokens + len(reference)
                 for tau in taus:

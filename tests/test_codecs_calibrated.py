@@ -121,10 +121,13 @@ def test_hostile_headers_are_refused_before_decoding(tables):
     cases = {
         "huge shape, tiny frame": cal_prefix([1, 2**20, 2**11]) + bytes(64),
         "shift out of range": cal_prefix([1, 1, 64]) + bytes(4) + struct.pack("<e", 1.0) + bytes([100])
-        + struct.pack("<III", 0, 0, 8) + bytes(8),
-        "more exact values than elements": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<I", 65),
-        "low bits longer than possible": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<II", 0, 10**6),
-        "unary stream too short": cal_prefix([1, 1, 64]) + bytes(7) + struct.pack("<III", 0, 0, 7) + bytes(7),
+        + calibrated.varint(0) + calibrated.varint(8) + bytes(8),
+        "more exact values than elements": cal_prefix([1, 1, 64]) + bytes(7) + calibrated.varint(65),
+        "bit stream longer than possible": cal_prefix([1, 1, 64]) + bytes(7) + bytes(1) + calibrated.varint(10**6),
+        "bit stream too short for a zero per value": cal_prefix([1, 1, 64]) + bytes(8) + calibrated.varint(7)
+        + bytes(7),
+        "varint beyond a u32": cal_prefix([1, 1, 64]) + bytes(7) + b"\xff" * 5 + b"\x01",
+        "bit stream beyond the blob": cal_prefix([1, 1, 64]) + bytes(8) + calibrated.varint(9) + bytes(8),
         "bits out of range": cal_prefix([1, 1, 64], bits=57) + bytes(64),
         "truncated": good[:-1],
     }
@@ -144,6 +147,14 @@ def test_payloads_that_lie_or_the_wrong_table_are_refused_when_decoding(tables):
     lying[-1] = 0xFF  # the unary stream's last zeros become ones: fewer values than declared
     with pytest.raises(ProtocolError):
         decode(bytes(lying), table=up)
+    header = read_header(blob)  # a stream one byte longer than its values (its length varint fixed up)
+    position = header.data + calibrated.DIGEST_BYTES + 3 * 3
+    count, position = calibrated.read_varint(memoryview(blob), position)
+    length, stream_at = calibrated.read_varint(memoryview(blob), position + 8 * count)
+    padded = blob[:position + 8 * count] + calibrated.varint(length + 1) + blob[stream_at:] + b"\x00"
+    assert len(padded) == len(blob) + 1 + (len(calibrated.varint(length + 1)) - len(calibrated.varint(length)))
+    with pytest.raises(ProtocolError, match="longer than its values"):
+        decode(padded, table=up)
     sigma_at = 4 + 12 + calibrated.DIGEST_BYTES
     for bad_sigma in (float("nan"), 0.0, -1.0):
         forged = bytearray(blob)
@@ -211,10 +222,12 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
         for codec in ("cal", "cal7.5"):
             record = run_generation(model=planted, mode="split", prompt=PROMPTS[0], max_new_tokens=12, split=SPLIT,
                                     server=server.address, codec=codec, ignore_eos=True, chat=False, device=device)
-            coded = bench_codecs.CodedBody(body.fork(), cal(codec, up), cal(codec, down))
+            # the same guard and prompt precision as `generate`'s defaults (client/run.py, client/remote.py)
+            coded = bench_codecs.CodedBody(body.fork(), cal(codec, up), cal(codec, down), prefill=34)
             expected = device.generate(PROMPTS[0], body=coded, max_new_tokens=12, ignore_eos=True,
-                                       chat=False).token_ids
-            assert record["codec"] == codec and record["token_ids"] == expected, codec
+                                       chat=False, refine_gap=0.02)
+            assert record["codec"] == codec and record["token_ids"] == expected.token_ids, codec
+            assert record["refine_gap"] == 0.02 and record["refined"] == expected.refined
             tables_frame = 5 + 2 * Table.size(64)
             # the first session sends the tables; the server keeps them, so the second sends none
             assert (record["bytes_up"] > tables_frame) == (codec == "cal"), (codec, record["bytes_up"])
@@ -226,3 +239,13 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
             assert got is not None and got[0] == rawproto.RESULT
             out = decode(bytes(got[1][13:]), table=down)[0]  # seq, position, compute_us, count, then the blob
             assert out.shape == hidden_at_x(planted, PROMPTS[0]).shape
+            assert got[1][14] == 32  # the blob's bits byte: cal8 in quarter bits, as the STEP
+        prompt = hidden_at_x(planted, PROMPTS[0])
+        with rawproto.Peer(server.address) as peer:  # a finer STEP is answered as finely; a coarser one refused
+            peer.hello({**hello, "tables": names})
+            peer.send(rawproto.step_frame(0, [encode(prompt, cal("cal9", up)).blob], seq=1))
+            got = peer.receive()
+            assert got[0] == rawproto.RESULT and got[1][14] == 36
+            assert decode(bytes(got[1][13:]), table=down)[0].shape == prompt.shape
+            peer.send(rawproto.step_frame(prompt.shape[1], [encode(prompt[:, -1:], cal("cal7", up)).blob], seq=2))
+            assert peer.outcome() == "wrong_codec"

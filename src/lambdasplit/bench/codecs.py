@@ -33,7 +33,7 @@ import torch
 
 from lambdasplit.bench.report import Column, machine
 from lambdasplit.errors import UsageError
-from lambdasplit.wire.calibrated import CALIBRATED
+from lambdasplit.wire.calibrated import CALIBRATED, at_bound, codec_name
 from lambdasplit.wire.codecs import LLM_CODECS, Codec, encode, get_codec, read_header, decode_blob
 
 DIRECTIONS = ("up", "down", "both")
@@ -53,35 +53,68 @@ COLUMNS = [
     Column("up_bytes_per_token", "up B/token", ".0f"),
     Column("down_bytes_per_token", "down B/token", ".0f"),
     Column("fraction_of_fp16", "of fp16", lambda v: f"{100 * v:.1f}%"),
+    Column("refined", "refined", lambda v: f"{100 * v:.1f}%"),
+    Column("prefill", "prompt at", numeric=False),
+    Column("prompt_bytes_per_position", "prompt B/position", ".0f"),
     Column("device_weight_mb", "device weights MB", ".1f"),
 ]
 
 
-class CodedBody:
-    """A body whose input (up) and/or output (down) travel as codec blobs: encoded, decoded, bytes counted."""
+FP16 = get_codec("fp16", default_granularity="token")
 
-    def __init__(self, body, up: Codec | None, down: Codec | None):
-        self.body, self.up, self.down = body, up, down
+
+class CodedBody:
+    """A body whose input (up) and/or output (down) travel as codec blobs: encoded, decoded, bytes counted.
+
+    Bytes are counted per decode step (one position) in `bytes`, against fp16's blob for the
+    same tensor in `fp16_bytes`; the prompt's step (at position 0, at the `prefill` bound when
+    given, as RemoteBody.prefill) apart in `prompt_bytes`. `refine()` is the REFINE frame in
+    process: the last step's last row again, in fp16.
+    """
+
+    def __init__(self, body, up: Codec | None, down: Codec | None, prefill: int | None = None):
+        self.body, self.up, self.down, self.prefill = body, up, down, prefill
         self.bytes = {"up": 0, "down": 0}
         self.fp16_bytes = {"up": 0, "down": 0}
         self.steps = 0  # one-position steps counted in bytes (decode steps; the prompt's step is not)
+        self.refined = 0  # of those, refined
+        self.prompt_bytes, self.prompt_positions = 0, 0
+        self.last_row: torch.Tensor | None = None
+        self.last_counted = False
 
-    def _travel(self, hidden: torch.Tensor, codec: Codec | None, direction: str, count: bool) -> torch.Tensor:
+    @property
+    def can_refine(self) -> bool:
+        return self.down is not None and self.down.name not in ("fp32", "fp16", "bf16")
+
+    def refine(self) -> torch.Tensor:
+        blob = encode(self.last_row, FP16).blob
+        if self.last_counted:
+            self.bytes["down"] += len(blob)
+            self.refined += 1
+        return decode_blob(blob, read_header(blob), None).to(self.last_row.dtype)
+
+    def _travel(self, hidden: torch.Tensor, codec: Codec | None, direction: str, start: int) -> torch.Tensor:
         if codec is None:
             return hidden
+        if start == 0 and self.prefill:
+            codec = at_bound(codec, self.prefill)
         blob = encode(hidden, codec).blob
-        if count:
+        if hidden.shape[1] == 1:
             self.bytes[direction] += len(blob)
             self.fp16_bytes[direction] += 4 + 4 * hidden.dim() + 2 * hidden.numel()
+        elif start == 0:
+            self.prompt_bytes += len(blob)
         header = read_header(blob)  # what a receiver checks before decoding
         return decode_blob(blob, header, codec.table).to(hidden.dtype)
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
         count = hidden.shape[1] == 1
         self.steps += count
-        hidden = self._travel(hidden, self.up, "up", count)
-        out = self.body.forward(hidden, start)
-        return self._travel(out, self.down, "down", count)
+        if start == 0 and not count:
+            self.prompt_positions += hidden.shape[1]
+        out = self.body.forward(self._travel(hidden, self.up, "up", start), start)
+        self.last_row, self.last_counted = out[:, -1:], count
+        return self._travel(out, self.down, "down", start)
 
 
 def default_prompts(count: int = 5) -> list[str]:
@@ -207,25 +240,35 @@ def _codecs_for(codec: str, direction: str, workload=None) -> tuple[Codec | None
 
 
 def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None = None, *, direction: str = "both",
-                  new_tokens: int = 60, heldout_tokens: int = 256, device_weights: str = "float") -> dict:
-    """One table row: agreement with fp32, perplexity change, bytes per token for one configuration."""
+                  new_tokens: int = 60, heldout_tokens: int = 256, device_weights: str = "float",
+                  refine_gap: float | str = "auto", prefill_codec: str | None = "auto") -> dict:
+    """One table row: agreement with fp32, perplexity change, bytes per token for one configuration.
+    `refine_gap`: the near-tie guard, `prefill_codec` the prompt's step's calK bound (auto: what
+    `generate` uses for this codec: client/run.py, client/remote.py)."""
+    from lambdasplit.client.remote import prefill_bound
+    from lambdasplit.client.run import default_refine_gap
     from lambdasplit.llm.lowbit import device_weight_bytes
 
     prompts = default_prompts() if prompts is None else prompts
     device, body = _workload(model, split, device_weights)
     up, down = _codecs_for(codec, direction, _workload(model, split))
     agree = prefix = total = 0
-    coded = CodedBody(None, up, down)
+    coded_codec = up or down
+    prefill = prefill_bound(coded_codec, prefill_codec) if coded_codec is not None and coded_codec.kind == CALIBRATED \
+        else None
+    coded = CodedBody(None, up, down, prefill)
+    gap = (default_refine_gap(codec) if refine_gap == "auto" else float(refine_gap)) if coded.can_refine else 0.0
     for prompt in prompts:
         reference = _reference(model, split, prompt, new_tokens)
         coded.body = body.fork()
-        tokens = device.generate(prompt, body=coded, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+        tokens = device.generate(prompt, body=coded, max_new_tokens=new_tokens, ignore_eos=True,
+                                 refine_gap=gap).token_ids
         agree += sum(a == b for a, b in zip(reference, tokens))
         prefix += next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), len(reference))
         total += len(reference)
     ids = device.tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:heldout_tokens]
     reference_ppl = _reference_perplexity(model, split, tuple(ids))
-    ppl = _perplexity(device, CodedBody(body.fork(), up, down), ids)
+    ppl = _perplexity(device, CodedBody(body.fork(), up, down), ids)  # every position at the codec's own bound
     steps = max(coded.steps, 1)
     per_token = {d: coded.bytes[d] / steps if c is not None else None for d, c in (("up", up), ("down", down))}
     fp16 = sum(coded.fp16_bytes.values())
@@ -239,6 +282,9 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
         "fp16_bytes_per_token": fp16 / steps / (2 if direction == "both" else 1) if fp16 else None,
         "fraction_of_fp16": sum(coded.bytes.values()) / fp16 if fp16 else None,
         "device_weight_mb": device_weight_bytes(device) / 1e6,
+        "refine_gap": gap, "refined": coded.refined / steps if gap else None,
+        "prefill": codec_name(prefill) if prefill else None,
+        "prompt_bytes_per_position": coded.prompt_bytes / coded.prompt_positions if coded.prompt_positions else None,
     }
 
 
@@ -250,7 +296,8 @@ def _reference_perplexity(model: str, split: str, ids: tuple[int, ...]) -> float
 
 def run_codecs_bench(*, model: str, splits: list[str], codecs: list[str], directions: list[str],
                      prompts: list[str], new_tokens: int = 60, heldout_tokens: int = 256,
-                     device_weights: list[str] = (), progress: bool = True, partial=None) -> dict:
+                     device_weights: list[str] = (), progress: bool = True, partial=None,
+                     refine_gap: float | str = "auto", prefill_codec: str | None = "auto") -> dict:
     """Every (split, codec, direction) row, plus a device-weights row per split and mode.
 
     `partial`: a file path that gets each row as a JSON line as soon as it is measured (long runs).
@@ -268,13 +315,14 @@ def run_codecs_bench(*, model: str, splits: list[str], codecs: list[str], direct
         for split, codec, direction, weights in jobs:
             bar.update(task, description=f"{split} {codec} {direction} weights={weights}")
             rows.append(measure_codec(model, split, codec, prompts, direction=direction, new_tokens=new_tokens,
-                                      heldout_tokens=heldout_tokens, device_weights=weights))
+                                      heldout_tokens=heldout_tokens, device_weights=weights,
+                                      refine_gap=refine_gap, prefill_codec=prefill_codec))
             if partial is not None:
                 with open(partial, "a", encoding="utf-8") as file:
                     file.write(json.dumps(rows[-1]) + "\n")
             bar.advance(task)
     meta = {"model": model, "splits": splits, "codecs": codecs, "directions": directions, "prompts": prompts,
-            "new_tokens": new_tokens, "heldout_tokens": heldout_tokens, "seconds": time.perf_counter() - began,
+            "new_tokens": new_tokens, "heldout_tokens": heldout_tokens, "refine_gap": refine_gap, "prefill_codec": prefill_codec, "seconds": time.perf_counter() - began,
             "machine": machine()}
     return {"rows": rows, "meta": meta}
 

@@ -168,6 +168,10 @@ def add_codecs_command(which) -> None:
     c.add_argument("--new-tokens", type=int, default=60, help="greedy tokens per prompt, EOS masked (default %(default)s)")
     c.add_argument("--heldout-tokens", type=int, default=256, help="held-out text for perplexity (default %(default)s)")
     c.add_argument("--device-weights", default="", help="also rows with the device's weights in these modes, e.g. int8")
+    c.add_argument("--refine-gap", default="auto", help="the near-tie guard of a coded downlink, as `generate "
+                   "--refine-gap` (auto: 0.02 for lossy codecs; 0: off)")
+    c.add_argument("--prefill-codec", default="auto", help="the prompt's step of a calK codec, as `generate "
+                   "--prefill-codec` (auto: cal8.5 for calK below it; none: the codec itself)")
     c.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     c.add_argument("--out", metavar="DIR", help="write table.md, table.csv, table.json, run.json and chart.png")
     c.add_argument("--json", action="store_true", help="print the result as JSON on stdout instead of the table")
@@ -182,6 +186,20 @@ def _partial_rows(out: str | None):
 
     Path(out).mkdir(parents=True, exist_ok=True)
     return Path(out) / "rows.partial.jsonl"
+
+
+def _refine_gap(text: str):
+    from lambdasplit.errors import UsageError
+
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise UsageError(f"--refine-gap must be auto or a number >= 0, got {text!r}")
+    return value
 
 
 def codecs_command(args) -> int:
@@ -209,7 +227,8 @@ def codecs_command(args) -> int:
     result = run_codecs_bench(model=model, splits=splits, codecs=codecs, directions=directions,
                               prompts=default_prompts(args.prompts), new_tokens=args.new_tokens,
                               heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json,
-                              partial=_partial_rows(args.out))
+                              partial=_partial_rows(args.out), refine_gap=_refine_gap(args.refine_gap),
+                              prefill_codec=args.prefill_codec)
     for row in result["rows"]:
         row["model"] = args.model  # its name, not the cache folder it resolved to
     meta = {**result["meta"], "model": args.model, "command": _command_line()}
@@ -218,7 +237,9 @@ def codecs_command(args) -> int:
     notes = [
         "agreement: generated tokens equal to fp32's position by position; before 1st diff: tokens before the first "
         "difference; Δ ppl: perplexity change on held-out text against fp32; B/token: blob bytes per decode step in "
-        "each coded direction; of fp16: coded bytes / fp16 bytes for the same tensors",
+        "each coded direction, refinements included; of fp16: coded bytes / fp16 bytes for the same tensors; refined: "
+        "decode steps whose last row came again in fp16 (top-2 logit gap below --refine-gap); prompt at: the calK bound "
+        "of the prompt's step (--prefill-codec), prompt B/position its bytes per position, both coded directions",
         describe_machine(meta["machine"]),
         f"command: `{meta['command']}`",
     ]

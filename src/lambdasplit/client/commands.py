@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -95,6 +96,13 @@ def add_commands(subparsers) -> None:
                    help="hidden states on the wire, both directions: fp32, fp16, bf16, int8 .. int2 (per-token affine), "
                         "intN+ts (threshold split: outliers exact), adaptiveK (error ~ sigma/2^K, Rice-coded); "
                         "lossy ones change the output, a warning says so; see `bench codecs`")
+    p.add_argument("--refine-gap", default="auto", type=_refine_gap,
+                   help="near-tie guard of a lossy --codec: a step whose top-2 logit gap is below this asks the "
+                        "server for that position again in fp16 (one more round trip); 0 = off; auto: 0.02 for "
+                        "lossy codecs (docs/protocol.md REFINE)")
+    p.add_argument("--prefill-codec", default="auto",
+                   help="calK codecs: the prompt's step at this finer calK (its KV entries are read by every later "
+                        "token); auto: cal8.5 below it; none: the codec itself")
     p.add_argument("--device-weights", default="float", choices=["float", "int8"],
                    help="int8: the head's and tail's weights int8 weight-only on the device (not exact; "
                         "`bench codecs --device-weights int8` measures the cost)")
@@ -127,6 +135,18 @@ def add_commands(subparsers) -> None:
     d.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.set_defaults(func=demo_command)
+
+
+def _refine_gap(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--refine-gap must be auto or a number >= 0, got {text!r}")
+    return value
 
 
 def lossy_codec_warning(codec: str, dtype: str) -> str | None:
@@ -165,6 +185,7 @@ def generate_command(args) -> int:
         timeout=args.timeout, insecure=args.insecure,
         speculate=args.speculate, draft_model=args.draft_model, draft_tokens=_draft_tokens(args.draft_tokens),
         verify=args.verify, max_failovers=args.max_failovers, trace_rounds=args.trace_rounds,
+        refine_gap=args.refine_gap, prefill_codec=args.prefill_codec,
     )
     if args.json:
         print(json.dumps(record))

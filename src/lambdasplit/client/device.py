@@ -113,11 +113,12 @@ class DeviceModel:
     def generate(self, prompt: str | list[int], *, body=None, max_new_tokens: int = 64,
                  sampling: Sampling | None = None, cache: str = "kv", ignore_eos: bool = False,
                  chat: bool | None = None, on_text=None, on_token=None, keep_logits: bool = False,
-                 speculate=None, draft_tokens: int | str = "auto") -> GenerationResult:
+                 speculate=None, draft_tokens: int | str = "auto", refine_gap: float = 0.0) -> GenerationResult:
         """Generate from a prompt (text, or token ids). `on_text(piece)` streams decoded text.
 
         `speculate`: a draft source (lambdasplit.speculative.make_source) or None; each step
         then verifies up to `draft_tokens` drafted tokens ("auto": chosen from measurements).
+        `refine_gap`: the near-tie guard of a lossy codec (generation.StepModel).
         """
         if body is None and self.split[0] != self.split[1]:
             raise UsageError(f"split {self.split[0]}:{self.split[1]} needs a body (layers the device does not hold)")
@@ -134,6 +135,7 @@ class DeviceModel:
             self.head, body, self.tail, prompt_ids, max_new_tokens=max_new_tokens,
             sampler=Sampler(sampling or Sampling()), eos_ids=self.eos_ids, ignore_eos=ignore_eos,
             cache=cache, on_token=on_new, keep_logits=keep_logits, speculate=speculate, draft_tokens=draft_tokens,
+            refine_gap=refine_gap,
         )
         result.text = self.decode(result.token_ids)
         return result

@@ -92,10 +92,18 @@ class StepModel:
     body's on the server when it receives the step (protocol v1 has no separate
     cut-back frame; the step's position is the cut-back). `cut_back(length)` cuts the
     device's caches at once and leaves the body's to the next step.
+
+    The near-tie guard (`refine_gap`, a lossy codec's): when a step's caller needs only its last
+    row (plain decoding) and that row's top-2 logit gap is below `refine_gap`, the body is asked
+    for that row again in fp16 (REFINE, one more round trip) and the tail reruns it: a coded
+    downlink then cannot flip a token its error could not have flipped at fp16. It does nothing
+    for the uplink's error, which sits in the body's cache (docs/benchmarks.md).
     """
 
-    def __init__(self, head, body: BodyLink | None, tail):
+    def __init__(self, head, body: BodyLink | None, tail, refine_gap: float = 0.0):
         self.head, self.body, self.tail = head, body, tail
+        self.refine_gap = refine_gap if body is not None and getattr(body, "can_refine", False) else 0.0
+        self.refined = 0  # steps whose last row was refined
         self.local_seconds = 0.0  # head + tail on the device
         self.body_seconds = 0.0  # waiting for the body (compute + communication)
         self.steps = 0
@@ -129,8 +137,18 @@ class StepModel:
         self.features = tail.stack.forward(hidden, start, **tree)[0]  # every row: a draft head may need the prompt's
         rows = self.features[-last:] if last is not None else self.features
         logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(rows)))
-        self.local_seconds += (t1 - t0) + (time.perf_counter() - t2)
-        self.body_seconds += t2 - t1
+        waited = 0.0  # a refinement's round trip
+        if last == 1 and parents is None and self.refine_gap > 0 and top2_gap(logits[-1]) < self.refine_gap:
+            t3 = time.perf_counter()
+            row = self.body.refine().to(hidden.dtype)
+            waited = time.perf_counter() - t3
+            position = start + len(token_ids) - 1
+            tail.stack.truncate(position)
+            self.features[-1] = tail.stack.forward(row, position)[0, 0]
+            logits = tail.family.logits(tail.config, tail.lm_head(tail.norm(self.features[-1:])))
+            self.refined += 1
+        self.local_seconds += (t1 - t0) + (time.perf_counter() - t2) - waited
+        self.body_seconds += t2 - t1 + waited
         self.steps += 1
         self.positions += len(token_ids)
         return logits
@@ -139,6 +157,12 @@ class StepModel:
         for stack in (self.head.stack, self.tail.stack):
             if stack.length > length:
                 stack.truncate(length)
+
+
+def top2_gap(logits: torch.Tensor) -> float:
+    """The gap between the two largest logits of one row."""
+    top = torch.topk(logits.float(), 2).values
+    return float(top[0] - top[1])
 
 
 def mask_eos(logits: torch.Tensor, eos_ids: set[int], ignore_eos: bool) -> torch.Tensor:
@@ -165,6 +189,7 @@ class GenerationResult:
     accepted: int = 0  # of those, accepted
     speculate: str = "none"
     rounds: list[dict] = field(default_factory=list)  # speculative runs: one record per round (adaptive.py)
+    refined: int = 0  # steps whose last row came again in fp16 (the near-tie guard: REFINE)
 
     @property
     def accepted_per_step(self) -> float:
@@ -176,13 +201,14 @@ class GenerationResult:
 def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, max_new_tokens: int,
                  sampler: Sampler, eos_ids: set[int], ignore_eos: bool = False, cache: str = "kv",
                  on_token: Callable[[int], None] | None = None, keep_logits: bool = False,
-                 speculate=None, draft_tokens: int | str = "auto") -> GenerationResult:
+                 speculate=None, draft_tokens: int | str = "auto", refine_gap: float = 0.0) -> GenerationResult:
     """Run head -> body -> tail -> sample, one step per generated token.
 
     With cache="kv" the prompt is one step and every later step carries one new position.
     With cache="none" every step restarts at position 0 and carries the whole sequence
     (the paper's baseline without caching). With `speculate` (a draft source, see
-    lambdasplit.speculative) each step also verifies drafted tokens.
+    lambdasplit.speculative) each step also verifies drafted tokens. `refine_gap`: the near-tie
+    guard of a lossy codec (StepModel; plain decoding only).
     """
     if cache not in ("kv", "none"):
         raise UsageError("cache must be 'kv' or 'none'")
@@ -190,7 +216,7 @@ def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, ma
         raise UsageError("the prompt is empty")
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    model = StepModel(head, body, tail)
+    model = StepModel(head, body, tail, refine_gap=refine_gap)
     began = time.perf_counter()
     if speculate is not None:
         if cache != "kv":
@@ -205,6 +231,7 @@ def generate_ids(head, body: BodyLink | None, tail, prompt_ids: list[int], *, ma
                                  on_token, keep_logits)
     result.seconds = time.perf_counter() - began
     result.local_seconds, result.body_seconds, result.steps = model.local_seconds, model.body_seconds, model.steps
+    result.refined = model.refined
     return result
 
 

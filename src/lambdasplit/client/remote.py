@@ -21,10 +21,11 @@ import time
 import torch
 
 from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
-from lambdasplit.wire.calibrated import CALIBRATED
+from lambdasplit.wire.calibrated import CALIBRATED, at_bound, parse_name
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
-    PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, step_frame,
+    PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, refine_frame,
+    step_frame,
 )
 from lambdasplit.wire.link import Link
 from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
@@ -112,18 +113,41 @@ class Session:
         self.close()
 
 
+PRECISE_CODECS = ("fp32", "fp16", "bf16")  # a refinement (fp16) would add nothing to these
+PREFILL_BOUND = 34  # calK in quarter bits (cal8.5): the prompt's step, whose KV entries every later token reads
+
+
+def prefill_bound(codec, prefill: str | None) -> int | None:
+    """The calK bound (quarter bits) of a session's steps at position 0, or None (the session's codec).
+
+    Measured on SmolLM2 (docs/benchmarks.md): most of a coarse uplink's flipped tokens come from
+    the prompt's rounding, read by every later position from the body's KV cache. "auto": cal8.5
+    for a calK session coarser than that; a calK name: that bound (at least the session's); none.
+    """
+    if prefill in (None, "none") or codec.kind != CALIBRATED:
+        if prefill not in (None, "none", "auto"):
+            raise UsageError(f"--prefill-codec {prefill} needs a calK session codec, not {codec.name}")
+        return None
+    bound = PREFILL_BOUND if prefill == "auto" else parse_name(prefill)
+    if bound is None:
+        raise UsageError(f"--prefill-codec takes auto, none or a calK name such as cal8.5, got {prefill!r}")
+    return bound if bound > codec.bits else None
+
+
 class RemoteBody(Session):
     """Body layers [X, Y) on a server: one STEP/RESULT exchange per step."""
 
     def __init__(self, address: str, *, fingerprint: str, split: tuple[int, int], dtype: str = "float32",
-                 codec: str = "fp32", defense=None, **options):
+                 codec: str = "fp32", defense=None, prefill_codec: str | None = "auto", **options):
         self.codec = get_codec(codec, default_granularity="token")
+        self.prefill = prefill_bound(self.codec, prefill_codec)  # steps at position 0 (the prompt's) at this calK
         # A defense (audit/defenses.py) transforms what goes up before it is encoded:
         # anything with `apply(hidden) -> hidden`, e.g. clipping plus calibrated noise.
         self.defense = defense
         self.dtype = dtype
         hello = {"role": "body", "model": fingerprint, "layers": list(split), "dtype": dtype, "codec": self.codec.name}
         self.seq = 0  # STEPs sent in this session (protocol 2 numbers them from 1)
+        self.refinements = 0  # REFINE exchanges (near-tie guard)
         self.result_table = None  # the downlink's calibration table (a `calK` codec)
         tables = None
         if self.codec.kind == CALIBRATED:  # cached by `lambdasplit calibrate`; checked before connecting
@@ -148,10 +172,27 @@ class RemoteBody(Session):
         """Whether the server takes tree STEPs (parents, keep: docs/protocol.md)."""
         return bool((self.welcome.get("capabilities") or {}).get("tree_steps"))
 
+    @property
+    def can_refine(self) -> bool:
+        """Whether the server answers REFINE (docs/protocol.md) and this session's codec is lossy enough to need it."""
+        return bool((self.welcome.get("capabilities") or {}).get("refine")) and self.codec.name not in PRECISE_CODECS
+
     def forward(self, hidden: torch.Tensor, start: int, parents: list[int] | None = None,
                 keep: list[int] | None = None) -> torch.Tensor:
         sent = self.defense.apply(hidden) if self.defense is not None else hidden
         return self.send_step(sent, start, parents, keep).to(hidden.dtype)
+
+    def refine(self) -> torch.Tensor:
+        """The last RESULT's last position again, in fp16 ([1, 1, D]): one more round trip (a near-tie's guard)."""
+        self.transport.send(refine_frame(self.seq))
+        seq, position, _, tensors = parse_result_seq(self.expect(FrameType.RESULT))
+        self.round_trips += 1
+        self.refinements += 1
+        if seq != self.seq or len(tensors) != 1 or tensors[0].shape[:2] != (1, 1):
+            self.close()
+            raise ProtocolError("bad_result", f"server answered REFINE of STEP {self.seq} with STEP {seq} "
+                                              f"and {len(tensors)} tensor(s)")
+        return tensors[0]
 
     def send_step(self, sent: torch.Tensor, start: int, parents=None, keep=None) -> torch.Tensor:
         """One STEP of exactly `sent` (after any defense) and its RESULT's tensor."""
@@ -164,8 +205,8 @@ class RemoteBody(Session):
         self.seq += 1
         if (parents is not None or keep is not None) and not self.tree_steps:
             raise UsageError("this server does not take tree steps (its WELCOME has no tree_steps capability)")
-        self.transport.send(step_frame(start, [sent], self.codec, self.stats, seq=self.seq, keep=keep,
-                                       parents=parents))
+        codec = at_bound(self.codec, self.prefill) if start == 0 and self.prefill else self.codec
+        self.transport.send(step_frame(start, [sent], codec, self.stats, seq=self.seq, keep=keep, parents=parents))
 
     def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""
@@ -280,6 +321,8 @@ class FailoverBody:
         self.uplink = _Uplink()
         self.last_start = 0  # where the last step started (a keep refers to it)
         self.failovers = 0
+        self.needs_replay = False
+        self.prompt_length = 0  # positions of the last step at position 0 (a replay re-sends them as that step)
         self.servers: list[str] = []  # which served, in order (an address again after a failover back)
         self.failures: list[str] = []  # one line per failover
         self._next = 0
@@ -320,16 +363,21 @@ class FailoverBody:
             self.uplink.compact(self.last_start, keep)
         if start > self.uplink.length:
             raise LambdaSplitError(f"a step at position {start} after only {self.uplink.length} positions")
-        replay = False
+        replay, self.needs_replay = self.needs_replay, False  # a failed REFINE left a fresh session
         while True:
             try:
                 if replay:  # everything the lost session held, and this step, in one STEP from position 0
                     history = torch.cat([self.uplink.upto(start), sent.to(self.uplink.buffer.dtype)], dim=1) \
                         if start else sent
+                    # ... or two, when the prompt's step travelled finer (RemoteBody.prefill): the same bytes again
+                    first = self.prompt_length if self.live.prefill and 0 < self.prompt_length < start else 0
+                    if first:
+                        self.live.send_step(history[:, :first], 0)
                     # a tree step's roots hang off the history's last position, now in the same step
                     shifted = None if parents is None else \
-                        list(range(-1, start - 1)) + [p + start if p >= 0 else start - 1 for p in parents]
-                    out = self.live.send_step(history, 0, shifted)[:, start:]
+                        list(range(-1, start - first - 1)) + [p + start - first if p >= 0 else start - first - 1
+                                                              for p in parents]
+                    out = self.live.send_step(history[:, first:], first, shifted)[:, start - first:]
                 else:
                     out = self.live.send_step(sent, start, parents, keep)
                 break
@@ -341,7 +389,34 @@ class FailoverBody:
                 replay = True
         self.uplink.put(start, sent)
         self.last_start = start
+        if start == 0:
+            self.prompt_length = sent.shape[1]
         return out.to(hidden.dtype)
+
+    @property
+    def can_refine(self) -> bool:
+        return self.live is not None and self.live.can_refine
+
+    def refine(self) -> torch.Tensor:
+        """The live session's REFINE. When that server fails, the next one first gets the whole uplink
+        history in one STEP (as a failover does), then the REFINE: the answer is the same."""
+        while True:
+            try:
+                if self.needs_replay:
+                    history, first = self.uplink.upto(self.uplink.length), self.prompt_length
+                    if self.live.prefill and 0 < first < history.shape[1]:
+                        self.live.send_step(history[:, :first], 0)
+                        self.live.send_step(history[:, first:], first)
+                    else:
+                        self.live.send_step(history, 0)
+                    self.needs_replay = False
+                return self.live.refine()
+            except (NetworkError, RemoteError, ProtocolError) as error:
+                address = self.servers[-1]
+                self._retire()
+                self._failed(address, error)
+                self._open()
+                self.needs_replay = True
 
     def _retire(self) -> None:
         if self.live is not None:
@@ -449,6 +524,8 @@ class VerifiedBody:
                                                  f"difference {difference:.3g} > tolerance {self.tolerance:g} "
                                                  f"({self.codec.name})")
         return first.to(hidden.dtype)
+
+    can_refine = False  # REFINE would have to be verified too; the guard is off here
 
     @property
     def tree_steps(self) -> bool:

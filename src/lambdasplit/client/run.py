@@ -27,7 +27,8 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                    device: DeviceModel | None = None, on_text=None, capture: list | None = None,
                    defense=None, timeout: float | None = None, insecure: bool = False, speculate: str = "none",
                    draft_model: str | None = None, draft_tokens: int | str = "auto", verify: bool = False,
-                   max_failovers: int | None = None, trace_rounds: bool = False) -> dict:
+                   max_failovers: int | None = None, trace_rounds: bool = False,
+                   refine_gap: float | str = "auto", prefill_codec: str | None = "auto") -> dict:
     """Generate once and return the `generate --json` record. Pass `device` to reuse loaded weights.
 
     `speculate` names a draft source (lambdasplit.speculative: none, lookup, lookahead, draft,
@@ -39,6 +40,9 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
     with `verify`, every step goes to the first two and their answers must agree (VerifiedBody).
     `trace_rounds` adds `rounds`: per speculative round, the draft length chosen, why, and the costs
     `--draft-tokens auto` fitted (speculative/adaptive.py).
+    `refine_gap`: the near-tie guard of a lossy codec (client/generation.py StepModel; "auto":
+    `default_refine_gap(codec)`); the record adds `refine_gap` and `refined` (steps refined).
+    `prefill_codec`: a calK session's prompt step at a finer bound (client/remote.py prefill_bound).
     """
     sampling = sampling or Sampling()
     if speculate not in (None, "none") and mode == "cloud":
@@ -86,15 +90,17 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
                                "noise at every step, and averaging those copies removes the noise")
     device = device or DeviceModel.load(model, split, dtype)
     source = _source(speculate, device, draft_model, sampling)
+    options["prefill_codec"] = prefill_codec
     if verify:
         body = VerifiedBody.for_device(device, server, codec=codec, defense=defense, **options)
     else:
         body = FailoverBody.for_device(device, server, codec=codec, defense=defense, max_failovers=max_failovers,
                                        **options)
+    gap = default_refine_gap(codec) if refine_gap == "auto" else float(refine_gap)
     with body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
                                  ignore_eos=ignore_eos, chat=chat, on_text=on_text, speculate=source,
-                                 draft_tokens=draft_tokens)
+                                 draft_tokens=draft_tokens, refine_gap=gap)
         body.close()
         record = _record(mode, f"{device.split[0]}:{device.split[1]}", cache, body.codec.name, result.text,
                          result.token_ids, len(result.prompt_ids), result.seconds, result.local_seconds,
@@ -102,11 +108,23 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
         record["payload_bytes"] = body.stats.payload_bytes
         record["scale_bytes"] = body.stats.scale_bytes
         record["failovers"], record["servers"] = body.failovers, body.servers
+        record["refine_gap"], record["refined"] = gap if body.can_refine else 0.0, result.refined
         if verify:
             record["verified_by"] = body.addresses
             record["verify_max_difference"] = body.max_difference
             record["verify_tolerance"] = body.tolerance
     return _add_speculation(record, result, speculate, draft_tokens, trace_rounds)
+
+
+DEFAULT_REFINE_GAP = 0.02  # logits; flags ~0.7% of SmolLM2's positions (docs/benchmarks.md)
+
+
+def default_refine_gap(codec: str) -> float:
+    """The near-tie guard's gap for a codec: none for the float codecs (nothing to refine), else DEFAULT_REFINE_GAP."""
+    from lambdasplit.client.remote import PRECISE_CODECS
+    from lambdasplit.wire.codecs import get_codec
+
+    return 0.0 if get_codec(codec, default_granularity="token").name in PRECISE_CODECS else DEFAULT_REFINE_GAP
 
 
 def _source(speculate, device, draft_model, sampling):

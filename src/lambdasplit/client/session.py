@@ -151,8 +151,11 @@ class DeviceSession:
                 raise _Stop
 
         try:
+            from lambdasplit.client.run import default_refine_gap
+
+            gap = default_refine_gap(self.codec) if self.mode == "split" else 0.0  # as `generate` guards
             result = self.device.generate(prompt_ids, body=self.remote, max_new_tokens=max_new_tokens,
-                                          sampling=sampling, on_token=on_token)
+                                          sampling=sampling, on_token=on_token, refine_gap=gap)
             finish = "stop" if result.token_ids and result.token_ids[-1] in self.device.eos_ids else "length"
         except _Stop:
             finish = "stop"

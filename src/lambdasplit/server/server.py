@@ -588,6 +588,7 @@ class BodyServer:
                 "codecs": [*FLOAT_KINDS, *(f"int{b}/{g}" for b in range(2, 9) for g in ("tensor", "token", "channel"))],
                 "resume": False,
                 "tree_steps": getattr(service, "tree_steps", False),  # STEP parents / keep (docs/protocol.md)
+                "refine": getattr(service, "refine", False),  # REFINE frames (docs/protocol.md)
             },
         }
 

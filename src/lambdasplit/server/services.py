@@ -28,10 +28,10 @@ from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
-from lambdasplit.wire.calibrated import CALIBRATED, Table
+from lambdasplit.wire.calibrated import CALIBRATED, Table, at_bound
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
-    FrameType, json_frame, parse_json, parse_tree_step, result_frame, token_frame,
+    FrameType, json_frame, parse_json, parse_refine, parse_tree_step, result_frame, token_frame,
 )
 from lambdasplit.llm import tree
 
@@ -161,6 +161,7 @@ def public_model_name(model: str, fingerprint: str) -> str:
     return f"model {fingerprint[:12]}"
 
 
+FP16 = get_codec("fp16", default_granularity="token")  # REFINE's answer: fp16 kept every greedy token (benchmarks)
 CODEC_NAME = re.compile(r"[a-z][a-z0-9+]*(\.[0-9]+)?(/[a-z]+)?")  # fp16, int4/channel, cal7.5; not "int8/", not "INT8"
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -171,6 +172,7 @@ class BodyService(EngineService):
     role = "body"
 
     tree_steps = True  # STEPs may carry parents and keep (llm/tree.py)
+    refine = True  # REFINE: the last RESULT's last position again, in fp16 (docs/protocol.md)
 
     def __init__(self, model: str, layers: str, dtype: str = "float32"):
         self.checkpoint = Checkpoint(model)
@@ -248,6 +250,8 @@ class BodySession(SessionHandler):
         self.seq = 0  # the last STEP's sequence number
         self.tree: tuple = (None, None)  # the checked STEP's (parents, keep): llm/tree.py
         self.needs_tables = codec.kind == CALIBRATED  # a TABLES frame must come before the first STEP
+        self.last_row: tuple | None = None  # (seq, position, [1, 1, D] output) of the last RESULT's last row
+        self.step_bits = codec.bits  # the checked STEP's (a calK STEP may be finer than the session's codec)
 
     @property
     def body(self):
@@ -281,6 +285,8 @@ class BodySession(SessionHandler):
     async def handle_async(self, frame_type, body, emit, run) -> None:
         if frame_type == FrameType.TABLES:
             return await run(self.take_tables, body)
+        if frame_type == FrameType.REFINE:
+            return emit(await run(self.refined, body))
         seq, position, header = self.check_step(frame_type, body)  # headers only: cheap, on the loop
         await self.reserve_kv_async(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = await run(self.decode, body, header)
@@ -296,6 +302,8 @@ class BodySession(SessionHandler):
         """The same as handle_async in the caller's thread (a service driven without a server)."""
         if frame_type == FrameType.TABLES:
             return self.take_tables(body)
+        if frame_type == FrameType.REFINE:
+            return emit(self.refined(body))
         seq, position, header = self.check_step(frame_type, body)
         self.reserve_kv(position + header.shape[1], self.service.per_position_bytes, self.limits)
         hidden = self.decode(body, header)
@@ -307,7 +315,20 @@ class BodySession(SessionHandler):
         emit(self.result(seq, position, int((time.perf_counter() - began) * 1e6), out))
 
     def result(self, seq: int, position: int, compute_us: int, out: torch.Tensor) -> bytes:
-        return result_frame(position, compute_us, [out], self.result_codec, seq=seq)
+        self.last_row = (seq, position + out.shape[1] - 1, out[:, -1:].clone())  # D values: what REFINE resends
+        codec = self.result_codec
+        if self.step_bits != codec.bits:  # a finer calK STEP is answered as finely
+            codec = at_bound(codec, self.step_bits)
+        return result_frame(position, compute_us, [out], codec, seq=seq)
+
+    def refined(self, body) -> bytes:
+        """REFINE: the last RESULT's last row again, in fp16, whatever the session's codec (a near-tie's guard)."""
+        seq = parse_refine(body)
+        if self.last_row is None or seq != self.last_row[0] or seq != self.seq:
+            raise ProtocolError("bad_sequence", f"REFINE names STEP {seq}; only the last answered STEP "
+                                                f"({self.seq if self.last_row else 'none yet'}) can be refined")
+        _, position, row = self.last_row
+        return result_frame(position, 0, [row.float()], FP16, seq=seq)
 
     def decode(self, body, header) -> torch.Tensor:
         hidden = decode_blob(body, header, self.codec.table)
@@ -328,9 +349,11 @@ class BodySession(SessionHandler):
         if len(headers) != 1:
             raise ProtocolError("bad_step", f"a body STEP carries one tensor, got {len(headers)}")
         header = headers[0]
-        if header.codec != self.codec:
-            raise ProtocolError("wrong_codec", f"this session's codec is {self.codec.name}; the STEP's tensor is "
-                                               f"{header.codec.name}")
+        finer = self.codec.kind == CALIBRATED == header.codec.kind and header.codec.bits >= self.codec.bits
+        if header.codec != self.codec and not finer:
+            also = f" (or calK with K >= {self.codec.bits / 4:g})" if self.codec.kind == CALIBRATED else ""
+            raise ProtocolError("wrong_codec", f"this session's codec is {self.codec.name}{also}; the STEP's tensor "
+                                               f"is {header.codec.name}")
         shape, d = header.shape, self.service.hidden_size
         if len(shape) != 3 or shape[0] != 1 or shape[2] != d or shape[1] < 1:
             raise ProtocolError("bad_shape", f"expected hidden states of shape [1, n, {d}], got {list(shape)}")
@@ -355,6 +378,7 @@ class BodySession(SessionHandler):
             raise ProtocolError("out_of_order", f"step starts at position {position} but only {cached} positions are cached")
         self.seq = seq
         self.tree = (parents, keep)
+        self.step_bits = header.codec.bits
         return seq, position, header
 
 

@@ -21,9 +21,13 @@ Blob, after the common `u8 kind | u8 bits | u8 granularity | u8 ndim | u32 x ndi
 (granularity token; T vectors of D values):
 
     u8[4] table digest | f16 x T sigma | i8 x T shift
-    u32 K, u32 x K flat indices (strictly increasing), f32 x K values    components sent exactly
-    u32 length, low bits (k_ti bits per component, all vectors, LSB first)
-    u32 length, high parts in unary (q ones then a zero per value)
+    varint K, u32 x K flat indices (strictly increasing), f32 x K values    components sent exactly
+    varint length, one bit stream (LSB first): the low bits (k_ti bits per component, all
+        vectors), then the high parts in unary (q ones then a zero per value), padded to a byte
+
+(varint: LEB128, 7 bits per byte, least significant group first, at most 5 bytes.) A decode
+step's blob at D = 576 carries 27 bytes besides its codes: the 16-byte common header, 4 of
+digest, 3 of sigma and shift, 1 + 2 of varints, and on average half a byte of padding.
 """
 
 from __future__ import annotations
@@ -66,6 +70,13 @@ def parse_name(name: str):
 
 def codec_name(quarters: int) -> str:
     return "cal" if quarters == DEFAULT_BOUND * QUARTERS else f"cal{quarters / QUARTERS:g}"
+
+
+def at_bound(codec, quarters: int):
+    """The same calK codec (its table too) at another bound: a prompt's step may travel finer (docs/protocol.md)."""
+    from dataclasses import replace
+
+    return replace(codec, name=codec_name(quarters), bits=quarters)
 
 
 def _step(quarters: int) -> float:
@@ -188,28 +199,53 @@ def encode_payload(tensor: torch.Tensor, bound: int, table: Table) -> tuple[byte
     zigzag[exact] = 0
     flat_exact = np.flatnonzero(exact.reshape(-1))
     values = (y.reshape(-1)[flat_exact] * np.repeat(steps[None, :], len(rows), 0).reshape(-1)[flat_exact])
-    low = _pack_low(zigzag & ((1 << rice) - 1), rice)
     high = (zigzag >> rice).reshape(-1)
-    bits = np.ones(int(high.sum()) + high.size, dtype=np.uint8)
-    bits[np.cumsum(high + 1) - 1] = 0
-    unary = np.packbits(bits, bitorder="little").tobytes()
-    side = (table.digest + sigma.astype("<f2").tobytes() + shift.tobytes() + struct.pack("<I", len(flat_exact))
+    unary = np.ones(int(high.sum()) + high.size, dtype=np.uint8)
+    unary[np.cumsum(high + 1) - 1] = 0
+    stream = np.packbits(np.concatenate([_low_bits(zigzag & ((1 << rice) - 1), rice), unary]),
+                         bitorder="little").tobytes()
+    side = (table.digest + sigma.astype("<f2").tobytes() + shift.tobytes() + varint(len(flat_exact))
             + flat_exact.astype("<u4").tobytes() + values.astype("<f4").tobytes())
-    body = side + struct.pack("<I", len(low)) + low + struct.pack("<I", len(unary)) + unary
-    return body, len(low) + len(unary), len(body) - len(low) - len(unary)
+    body = side + varint(len(stream)) + stream
+    return body, len(stream), len(body) - len(stream)
 
 
-def _pack_low(values: np.ndarray, rice: np.ndarray) -> bytes:
-    """The low k_ti bits of every value, in order, LSB first, one stream (a bounded number of rows at a time)."""
+def varint(value: int) -> bytes:
+    """LEB128: 7 bits per byte, least significant first, the high bit set on all but the last."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def read_varint(data: memoryview, position: int) -> tuple[int, int]:
+    """(value, position after it); at most 5 bytes (a u32), else bad_tensor."""
+    value = 0
+    for i in range(5):
+        if position + i >= len(data):
+            raise ProtocolError("bad_tensor", "tensor ends inside a varint")
+        byte = data[position + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if value >= 2**32:
+                break
+            return value, position + i + 1
+    raise ProtocolError("bad_tensor", "a varint longer than a u32")
+
+
+def _low_bits(values: np.ndarray, rice: np.ndarray) -> np.ndarray:
+    """The low k_ti bits of every value, in order, LSB first, as 0/1 bytes (a bounded number of rows at a time)."""
     chunk = max(1, _UNPACK_VALUES // values.shape[1])
-    pieces = []
+    pieces = [np.zeros(0, dtype=np.uint8)]
     for first in range(0, len(values), chunk):
         part, bits = values[first:first + chunk], rice[first:first + chunk]
         top = int(bits.max(initial=0))
         if top:
             planes = ((part[..., None] >> np.arange(top)) & 1).astype(np.uint8)
             pieces.append(planes[np.arange(top)[None, None, :] < bits[..., None]])
-    return np.packbits(np.concatenate(pieces), bitorder="little").tobytes() if pieces else b""
+    return np.concatenate(pieces)
 
 
 def _unpack_low(stream: np.ndarray, rice: np.ndarray) -> np.ndarray:
@@ -255,28 +291,21 @@ def read_header(data: memoryview, start: int, offset: int, kind: int, bits: int,
         raise ProtocolError("bad_tensor", f"a codec-6 tensor of shape {list(shape)} has no vectors")
     tokens = numel // shape[-1]
     position = offset + DIGEST_BYTES + 3 * tokens
-    _need(data, offset, DIGEST_BYTES + 3 * tokens + 4)
+    _need(data, offset, DIGEST_BYTES + 3 * tokens + 1)
     shifts = np.frombuffer(data, np.int8, tokens, offset + DIGEST_BYTES + 2 * tokens)
     if shifts.min() < SHIFTS.start or shifts.max() >= SHIFTS.stop:
         raise ProtocolError("bad_tensor", f"codec-6 tensor with a Rice shift outside {SHIFTS.start}..{SHIFTS.stop - 1}")
-    (count,) = struct.unpack_from("<I", data, position)
+    count, position = read_varint(data, position)
     if count > numel:
         raise ProtocolError("bad_tensor", f"tensor declares {count} exact values for {numel} elements")
-    position += 4
-    _need(data, position, 8 * count + 4)
+    _need(data, position, 8 * count + 1)
     position += 8 * count
-    (low,) = struct.unpack_from("<I", data, position)
-    if low > (numel * MAX_RICE + 7) // 8:
-        raise ProtocolError("bad_tensor", f"low bits of {low} bytes for {numel} values")
-    position += 4
-    _need(data, position, low + 4)
-    position += low
-    (unary,) = struct.unpack_from("<I", data, position)
-    position += 4
-    if not (numel + 7) // 8 <= unary <= (numel * (MAX_UNARY + 1) + 7) // 8:
-        raise ProtocolError("bad_tensor", f"unary stream of {unary} bytes for {numel} values")
-    _need(data, position, unary)
-    position += unary
+    length, position = read_varint(data, position)
+    # every value has its unary zero; none more than MAX_RICE low bits and MAX_UNARY ones
+    if not (numel + 7) // 8 <= length <= (numel * (MAX_RICE + MAX_UNARY + 1) + 7) // 8:
+        raise ProtocolError("bad_tensor", f"a bit stream of {length} bytes for {numel} values")
+    _need(data, position, length)
+    position += length
     return BlobHeader(Codec(codec_name(bits), CALIBRATED, bits, "token"), tuple(shape), start, offset, position)
 
 
@@ -299,25 +328,25 @@ def decode(data: memoryview, header, table: Table | None) -> torch.Tensor:
     position += 3 * tokens
     if not (np.isfinite(sigma).all() and (sigma > 0).all()):
         raise ProtocolError("bad_tensor", "cal tensor spreads must be finite and positive")
-    (count,) = struct.unpack_from("<I", data, position)
-    position += 4
+    count, position = read_varint(data, position)
     indices = np.frombuffer(data, "<u4", count, position).astype(np.int64)
     values = np.frombuffer(data, "<f4", count, position + 4 * count).astype(np.float32)
     position += 8 * count
     if count and (np.any(np.diff(indices) <= 0) or indices[-1] >= header.numel or not np.isfinite(values).all()):
         raise ProtocolError("bad_tensor", "exact components must be finite, strictly increasing and inside the tensor")
     rice = _parameters(table, bound, shift)
-    (low_length,) = struct.unpack_from("<I", data, position)
-    if low_length != (int(rice.sum()) + 7) // 8:
-        raise ProtocolError("bad_tensor", f"cal low bits are {low_length} bytes, the table and shifts need "
-                                          f"{(int(rice.sum()) + 7) // 8}")
-    low = _unpack_low(np.frombuffer(data, np.uint8, low_length, position + 4), rice)
-    position += 4 + low_length
-    (unary_length,) = struct.unpack_from("<I", data, position)
-    zeros = np.flatnonzero(np.unpackbits(np.frombuffer(data, np.uint8, unary_length, position + 4),
-                                         bitorder="little") == 0)
+    length, position = read_varint(data, position)
+    stream = np.frombuffer(data, np.uint8, length, position)
+    low_bits = int(rice.sum())
+    if 8 * length < low_bits + header.numel:
+        raise ProtocolError("bad_tensor", f"cal bit stream of {length} bytes; the table and shifts need "
+                                          f"{low_bits} low bits and a unary part")
+    low = _unpack_low(stream, rice)
+    zeros = np.flatnonzero(np.unpackbits(stream, bitorder="little")[low_bits:] == 0)
     if len(zeros) < header.numel:
         raise ProtocolError("bad_tensor", f"unary stream ends after {len(zeros)} of {header.numel} values")
+    if (low_bits + int(zeros[header.numel - 1]) + 8) // 8 != length:
+        raise ProtocolError("bad_tensor", "cal bit stream longer than its values")
     high = np.diff(zeros[:header.numel], prepend=-1) - 1
     if high.max(initial=0) > MAX_UNARY:
         raise ProtocolError("bad_tensor", f"a unary part longer than {MAX_UNARY}")

@@ -13,6 +13,8 @@ Every frame: u32 length (of what follows, little-endian) | u8 type | body.
     DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
     TABLES  12  client -> server  the `calK` codec's calibration tables, up then down (wire/calibrated.py), when WELCOME says tables_needed,
                                   right after WELCOME and before any STEP; nothing is answered
+    REFINE  13  client -> server  u32 seq: the last RESULT's last position again, in fp16 (a near-tie's precise
+                                  vector under a lossy codec; answered by a RESULT)
 
 Control frames carry small JSON objects; tensors are always raw blobs (wire/codecs.py),
 never JSON lists, base64 or pickle.
@@ -46,6 +48,7 @@ class FrameType(IntEnum):
     TOKEN = 8
     DONE = 9
     TABLES = 12
+    REFINE = 13
 
 
 JSON_FRAMES = {FrameType.HELLO, FrameType.WELCOME, FrameType.ERROR, FrameType.GENERATE, FrameType.DONE}
@@ -132,6 +135,18 @@ def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: 
     `keep` / `parents`: the tree sections (below), None for a chain step."""
     word, sections = encode_tree_fields(position, keep, parents)
     return frame(FrameType.STEP, tensors_body(struct.pack("<II", seq, word) + sections, tensors, codec, stats))
+
+
+def refine_frame(seq: int) -> bytes:
+    """REFINE: ask again for the last position of the RESULT to STEP `seq` (the last one), in fp16."""
+    return frame(FrameType.REFINE, struct.pack("<I", seq))
+
+
+def parse_refine(body: memoryview) -> int:
+    """The `seq` of a REFINE frame (exactly 4 bytes)."""
+    if len(body) != 4:
+        raise ProtocolError("bad_frame", f"a REFINE frame carries one u32 (4 bytes), got {len(body)}")
+    return struct.unpack_from("<I", body, 0)[0]
 
 
 def result_frame(position: int, compute_us: int, tensors: list[torch.Tensor], codec: Codec,
