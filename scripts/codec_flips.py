@@ -14,12 +14,14 @@ step-by-step decoding would. The comparison is with the same forward, not with t
 tokens: a one-pass forward rounds differently from step-by-step decoding, which alone moves a
 few near-ties, 3-4 per 1 200 tokens here, with no codec at all.)
 
-The guard tried here: where the coded top-2 gap is below tau, that position is recomputed with
-its own vector at fp16 in the coded direction(s) (the earlier positions stay coded: their KV
-entries are what a real session holds) and the recomputed argmax is what counts. Flagged
-positions would cost one more round trip and fp16's bytes. It prints, per codec and direction,
-the raw flips, and per tau the fraction flagged and the flips left (a recomputed position is
-compared with the uncoded forward over the same prefix).
+The guard is REFINE's (docs/protocol.md): where the coded top-2 gap is below tau, that position's
+downlink is replaced by its fp16 rounding (the uplink and the earlier positions stay coded: their
+KV entries are what a real session holds) and the recomputed argmax is what counts; flagged
+positions cost one more round trip and fp16's bytes. With only the uplink coded there is nothing
+to refine. `--prompt-codec cal8.5` codes the prompt's positions at that bound instead (what
+`generate --prefill-codec` does). It prints, per codec and direction, the raw flips, and per tau
+the fraction flagged and the flips left (a recomputed position is compared with the uncoded
+forward over the same prefix).
 """
 
 from __future__ import annotations
@@ -45,20 +47,18 @@ def travel(hidden: torch.Tensor, codec) -> torch.Tensor:
 
 @torch.inference_mode()
 def coded_logits(device, body, ids, up, down, precise_row=None, prompt=0, prompt_codec=None) -> torch.Tensor:
-    """Logits of every position with the codecs on the way; `precise_row` travels at fp16 instead,
-    and the first `prompt` positions (the prefill) in `prompt_codec` when one is given."""
+    """Logits of every position with the codecs on the way; `precise_row`'s downlink travels at fp16
+    instead (REFINE), and the first `prompt` positions (the prefill) in `prompt_codec` when given."""
     head, tail, body = device.head.fork(), device.tail.fork(), body.fork()
     hidden = head.forward(torch.tensor([ids]), 0)
     sent = travel(hidden, up)
     if prompt_codec is not None and up is not None:
         sent[:, :prompt] = travel(hidden[:, :prompt], prompt_codec[0])
-    if precise_row is not None:
-        sent[:, precise_row] = travel(hidden[:, precise_row:precise_row + 1], FP16)[:, 0]
     out = body.forward(sent, 0)
     back = travel(out, down)
     if prompt_codec is not None and down is not None:
         back[:, :prompt] = travel(out[:, :prompt], prompt_codec[1])
-    if precise_row is not None:
+    if precise_row is not None and down is not None:
         back[:, precise_row] = travel(out[:, precise_row:precise_row + 1], FP16)[:, 0]
     return tail.forward(back, 0, last_only=False)[0].float()
 
@@ -96,9 +96,10 @@ def main() -> int:
                 plain = coded_logits(device, body, ids, None, None)[n - 1:len(ids) - 1].argmax(-1).numpy()
                 gap = (top.values[:, 0] - top.values[:, 1]).numpy()
                 flips = top.indices[:, 0].numpy() != plain
-                # every position some tau flags, recomputed once with its own vector at fp16
+                # every position some tau flags, recomputed once with its downlink at fp16 (nothing to
+                # refine when only the uplink is coded)
                 refined = flips.copy()
-                for i in np.flatnonzero(gap < max(taus)):
+                for i in np.flatnonzero(gap < max(taus)) if down is not None else []:
                     prefix, row = ids[:n + i], n - 1 + i
                     refined[i] = (coded_logits(device, body, prefix, up, down, row, precise, prefill)[-1].argmax()
                                   != coded_logits(device, body, prefix, None, None)[-1].argmax())

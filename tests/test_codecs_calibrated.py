@@ -163,6 +163,27 @@ def test_payloads_that_lie_or_the_wrong_table_are_refused_when_decoding(tables):
             decode(bytes(forged), table=up)
 
 
+def test_a_refinement_is_sixteen_times_finer_at_a_quarter_of_fp16(planted, tables):
+    up, down = tables
+    x = hidden_at_x(planted, PROMPTS[1])  # not calibration text
+    coarse = encode(x, cal("cal7", up)).blob
+    fine = calibrated.refinement_blob(x, coarse, up)
+    assert len(fine) == 16 + calibrated.DIGEST_BYTES + 1 + 64 * calibrated.REFINE_BITS // 8
+    refined = calibrated.apply_refinement(coarse, fine, up)
+    assert refined.shape == (1, 1, 64)
+    coarse_error = (decode(coarse, table=up)[0][0, -1] - x[0, -1]).norm()
+    assert (refined[0, 0] - x[0, -1]).norm() < coarse_error / 8  # 16 times finer, give or take the exact components
+    for table in (down,):
+        with pytest.raises(ProtocolError, match="does not refine"):
+            calibrated.apply_refinement(coarse, fine, table)
+    with pytest.raises(ProtocolError, match="does not refine"):  # refining a blob of another bound
+        calibrated.apply_refinement(encode(x, cal("cal8", up)).blob, fine, up)
+    with pytest.raises(ProtocolError, match="only answers REFINE"):
+        decode(fine, table=up)
+    with pytest.raises(ProtocolError):
+        read_header(fine[:-1])
+
+
 def test_tables_are_validated_strictly(tables):
     up = tables[0]
     good = up.to_bytes()
@@ -219,15 +240,18 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
             with rawproto.Peer(server.address) as peer:
                 peer.send(rawproto.json_frame(rawproto.HELLO, {**hello, "tables": bad}))
                 assert peer.outcome() == "bad_hello", bad
-        for codec in ("cal", "cal7.5"):
+        for codec, gap in (("cal", "auto"), ("cal7.5", 1e9)):  # 1e9: every step refined (kind 7 answers)
             record = run_generation(model=planted, mode="split", prompt=PROMPTS[0], max_new_tokens=12, split=SPLIT,
-                                    server=server.address, codec=codec, ignore_eos=True, chat=False, device=device)
-            # the same guard and prompt precision as `generate`'s defaults (client/run.py, client/remote.py)
+                                    server=server.address, codec=codec, ignore_eos=True, chat=False, device=device,
+                                    refine_gap=gap)
+            # the same guard and prompt precision as `generate`'s (client/run.py, client/remote.py)
             coded = bench_codecs.CodedBody(body.fork(), cal(codec, up), cal(codec, down), prefill=34)
             expected = device.generate(PROMPTS[0], body=coded, max_new_tokens=12, ignore_eos=True,
-                                       chat=False, refine_gap=0.02)
+                                       chat=False, refine_gap=0.02 if gap == "auto" else gap)
             assert record["codec"] == codec and record["token_ids"] == expected.token_ids, codec
-            assert record["refine_gap"] == 0.02 and record["refined"] == expected.refined
+            assert record["refine_gap"] == (0.02 if gap == "auto" else gap) and record["refined"] == expected.refined
+            if gap != "auto":
+                assert record["refined"] == 12 and record["round_trips"] == 24
             tables_frame = 5 + 2 * Table.size(64)
             # the first session sends the tables; the server keeps them, so the second sends none
             assert (record["bytes_up"] > tables_frame) == (codec == "cal"), (codec, record["bytes_up"])

@@ -33,7 +33,7 @@ import torch
 
 from lambdasplit.bench.report import Column, machine
 from lambdasplit.errors import UsageError
-from lambdasplit.wire.calibrated import CALIBRATED, at_bound, codec_name
+from lambdasplit.wire.calibrated import CALIBRATED, apply_refinement, at_bound, codec_name, refinement_blob
 from lambdasplit.wire.codecs import LLM_CODECS, Codec, encode, get_codec, read_header, decode_blob
 
 DIRECTIONS = ("up", "down", "both")
@@ -80,6 +80,7 @@ class CodedBody:
         self.refined = 0  # of those, refined
         self.prompt_bytes, self.prompt_positions = 0, 0
         self.last_row: torch.Tensor | None = None
+        self.last_down: bytes | None = None  # the last downlink blob (what a calK refinement refines)
         self.last_counted = False
 
     @property
@@ -87,11 +88,17 @@ class CodedBody:
         return self.down is not None and self.down.name not in ("fp32", "fp16", "bf16")
 
     def refine(self) -> torch.Tensor:
-        blob = encode(self.last_row, FP16).blob
+        """As a server answers REFINE (server/services.py): a calK row refined, any other in fp16."""
+        if self.last_down is not None and self.down.kind == CALIBRATED:
+            blob = refinement_blob(self.last_row, self.last_down, self.down.table)
+            out = apply_refinement(self.last_down, blob, self.down.table)
+        else:
+            blob = encode(self.last_row, FP16).blob
+            out = decode_blob(blob, read_header(blob), None)
         if self.last_counted:
             self.bytes["down"] += len(blob)
             self.refined += 1
-        return decode_blob(blob, read_header(blob), None).to(self.last_row.dtype)
+        return out.to(self.last_row.dtype)
 
     def _travel(self, hidden: torch.Tensor, codec: Codec | None, direction: str, start: int) -> torch.Tensor:
         if codec is None:
@@ -99,6 +106,8 @@ class CodedBody:
         if start == 0 and self.prefill:
             codec = at_bound(codec, self.prefill)
         blob = encode(hidden, codec).blob
+        if direction == "down":
+            self.last_down = blob
         if hidden.shape[1] == 1:
             self.bytes[direction] += len(blob)
             self.fp16_bytes[direction] += 4 + 4 * hidden.dim() + 2 * hidden.numel()

@@ -21,11 +21,11 @@ import time
 import torch
 
 from lambdasplit.errors import LambdaSplitError, NetworkError, ProtocolError, RemoteError, UsageError
-from lambdasplit.wire.calibrated import CALIBRATED, at_bound, parse_name
+from lambdasplit.wire.calibrated import CALIBRATED, REFINEMENT, apply_refinement, at_bound, parse_name
 from lambdasplit.wire.codecs import get_codec
 from lambdasplit.wire.frames import (
-    PROTOCOL_VERSION, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq, parse_token, refine_frame,
-    step_frame,
+    PROTOCOL_VERSION, RESULT_BLOB_AT, FrameType, TensorStats, json_frame, frame, parse_json, parse_result_seq,
+    parse_token, refine_frame, step_frame,
 )
 from lambdasplit.wire.link import Link
 from lambdasplit.wire.transport import DEFAULT_MAX_FRAME_BYTES, DEFAULT_TIMEOUT, Transport
@@ -148,6 +148,7 @@ class RemoteBody(Session):
         hello = {"role": "body", "model": fingerprint, "layers": list(split), "dtype": dtype, "codec": self.codec.name}
         self.seq = 0  # STEPs sent in this session (protocol 2 numbers them from 1)
         self.refinements = 0  # REFINE exchanges (near-tie guard)
+        self.last_result: bytes | None = None  # a calK session's last RESULT body
         self.result_table = None  # the downlink's calibration table (a `calK` codec)
         tables = None
         if self.codec.kind == CALIBRATED:  # cached by `lambdasplit calibrate`; checked before connecting
@@ -183,15 +184,24 @@ class RemoteBody(Session):
         return self.send_step(sent, start, parents, keep).to(hidden.dtype)
 
     def refine(self) -> torch.Tensor:
-        """The last RESULT's last position again, in fp16 ([1, 1, D]): one more round trip (a near-tie's guard)."""
+        """The last RESULT's last position again, finer ([1, 1, D]): one more round trip (a near-tie's guard).
+        A calK session's answer refines the coded row (wire/calibrated.py, kind 7); any other is fp16."""
         self.transport.send(refine_frame(self.seq))
-        seq, position, _, tensors = parse_result_seq(self.expect(FrameType.RESULT))
+        body = self.expect(FrameType.RESULT)
         self.round_trips += 1
         self.refinements += 1
-        if seq != self.seq or len(tensors) != 1 or tensors[0].shape[:2] != (1, 1):
+        seq = int.from_bytes(body[:4], "little") if len(body) >= 4 else None
+        if seq != self.seq:
             self.close()
-            raise ProtocolError("bad_result", f"server answered REFINE of STEP {self.seq} with STEP {seq} "
-                                              f"and {len(tensors)} tensor(s)")
+            raise ProtocolError("bad_result", f"server answered REFINE of STEP {self.seq} with STEP {seq}")
+        if self.result_table is not None and len(body) > RESULT_BLOB_AT and body[RESULT_BLOB_AT] == REFINEMENT:
+            return apply_refinement(memoryview(self.last_result)[RESULT_BLOB_AT:], body[RESULT_BLOB_AT:],
+                                    self.result_table)
+        _, _, _, tensors = parse_result_seq(body)
+        if len(tensors) != 1 or tensors[0].shape[:2] != (1, 1):
+            self.close()
+            raise ProtocolError("bad_result", f"server answered REFINE of STEP {self.seq} with "
+                                              f"{len(tensors)} tensor(s) of shape {[list(t.shape) for t in tensors]}")
         return tensors[0]
 
     def send_step(self, sent: torch.Tensor, start: int, parents=None, keep=None) -> torch.Tensor:
@@ -210,7 +220,10 @@ class RemoteBody(Session):
 
     def read_result(self, sent: torch.Tensor, start: int) -> torch.Tensor:
         """The RESULT half of send_step: the answer to the STEP just posted, checked against it."""
-        seq, position, compute_us, tensors = parse_result_seq(self.expect(FrameType.RESULT), self.result_table)
+        body = self.expect(FrameType.RESULT)
+        seq, position, compute_us, tensors = parse_result_seq(body, self.result_table)
+        if self.result_table is not None:
+            self.last_result = bytes(body)  # what a REFINE's refinement refines
         self.round_trips += 1
         self.cloud_seconds += compute_us / 1e6
         if seq != self.seq or position != start or len(tensors) != 1 or tensors[0].shape != sent.shape:

@@ -28,10 +28,11 @@ from lambdasplit.engine import Engine, EngineError
 from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint, dtype_name, parse_dtype
 from lambdasplit.llm.segments import load_body, parse_split
-from lambdasplit.wire.calibrated import CALIBRATED, Table, at_bound
+from lambdasplit.wire.calibrated import CALIBRATED, Table, at_bound, refinement_blob
 from lambdasplit.wire.codecs import decode_blob, get_codec
 from lambdasplit.wire.frames import (
-    FrameType, json_frame, parse_json, parse_refine, parse_tree_step, result_frame, token_frame,
+    FRAME_HEADER, RESULT_BLOB_AT, FrameType, blob_result_frame, json_frame, parse_json, parse_refine, parse_tree_step,
+    result_frame, token_frame,
 )
 from lambdasplit.llm import tree
 
@@ -252,6 +253,7 @@ class BodySession(SessionHandler):
         self.needs_tables = codec.kind == CALIBRATED  # a TABLES frame must come before the first STEP
         self.last_row: tuple | None = None  # (seq, position, [1, 1, D] output) of the last RESULT's last row
         self.step_bits = codec.bits  # the checked STEP's (a calK STEP may be finer than the session's codec)
+        self.last_coarse: bytes | None = None  # a calK session's last RESULT frame
 
     @property
     def body(self):
@@ -319,15 +321,21 @@ class BodySession(SessionHandler):
         codec = self.result_codec
         if self.step_bits != codec.bits:  # a finer calK STEP is answered as finely
             codec = at_bound(codec, self.step_bits)
-        return result_frame(position, compute_us, [out], codec, seq=seq)
+        reply = result_frame(position, compute_us, [out], codec, seq=seq)
+        self.last_coarse = reply if codec.kind == CALIBRATED else None  # what a calK refinement refines
+        return reply
 
     def refined(self, body) -> bytes:
-        """REFINE: the last RESULT's last row again, in fp16, whatever the session's codec (a near-tie's guard)."""
+        """REFINE: the last RESULT's last row again, finer (a near-tie's guard): a calK session gets the
+        refinement of the coded row (kind 7, 4 bits per component), any other fp16."""
         seq = parse_refine(body)
         if self.last_row is None or seq != self.last_row[0] or seq != self.seq:
             raise ProtocolError("bad_sequence", f"REFINE names STEP {seq}; only the last answered STEP "
                                                 f"({self.seq if self.last_row else 'none yet'}) can be refined")
         _, position, row = self.last_row
+        if self.last_coarse is not None:
+            coarse = memoryview(self.last_coarse)[FRAME_HEADER.size + RESULT_BLOB_AT:]
+            return blob_result_frame(seq, position, refinement_blob(row, coarse, self.result_codec.table))
         return result_frame(position, 0, [row.float()], FP16, seq=seq)
 
     def decode(self, body, header) -> torch.Tensor:

@@ -313,6 +313,19 @@ def read_header(data: memoryview, start: int, offset: int, kind: int, bits: int,
 
 def decode(data: memoryview, header, table: Table | None) -> torch.Tensor:
     """Decode a blob `read_header` accepted, with the session's table for that direction."""
+    sigma, codes, steps, indices, values = _components(data, header, table)
+    return _reconstruct(codes * steps[None, :], indices, values, sigma, table, header.shape)
+
+
+def _reconstruct(y, indices, values, sigma, table: Table, shape) -> torch.Tensor:
+    if len(indices):
+        y.reshape(-1)[indices] = values
+    out = (y @ table.basis.T + table.mean[None, :]) * sigma[:, None]
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+
+
+def _components(data: memoryview, header, table: Table | None):
+    """(sigma [T], codes [T, D] float, steps [D], exact indices, exact values) of a checked blob."""
     shape, bound = header.shape, header.codec.bits
     if table is None:
         raise ProtocolError("bad_tensor", "a cal tensor needs the session's calibration table, and there is none")
@@ -353,8 +366,68 @@ def decode(data: memoryview, header, table: Table | None) -> torch.Tensor:
     zigzag = (high.reshape(tokens, width).astype(np.int64) << rice) | low
     codes = np.where(zigzag & 1, -(zigzag + 1) // 2, zigzag // 2).astype(np.float32)
     steps = (table.weight * np.float32(_step(bound))).astype(np.float32)
-    y = codes * steps[None, :]
-    if count:
-        y.reshape(-1)[indices] = values
-    out = (y @ table.basis.T + table.mean[None, :]) * sigma[:, None]
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(shape)
+    return sigma, codes, steps, indices, values
+
+
+# ---------------------------------------------------------------- refinement (REFINE's answer, kind 7)
+#
+# A coarse blob's last vector, made 2^B times finer: per component, where inside its rounding
+# cell the true value lies, in B bits (the components sent exactly need nothing). Both ends hold
+# the coarse blob, so this costs B bits per component instead of a new blob (fp16: 16).
+#
+#   kind 7 header (bits = B in 1..8, granularity token, shape [1, 1, D]) | u8[4] table digest |
+#   u8 the coarse blob's bits | B bits x D, LSB first, padded to a byte
+#
+# component y_i = (c_i + (r_i + 0.5) / 2^B - 0.5) x step_i, c_i the coarse code, r_i the refinement.
+
+REFINEMENT = 7
+REFINE_BITS = 4  # 16 times finer: cal7 refined is about cal11 (fp16's bulk precision is ~2^-11 of a value)
+
+
+def refinement_blob(row: torch.Tensor, coarse: bytes | memoryview, table: Table, bits: int = REFINE_BITS) -> bytes:
+    """The refinement of `coarse`'s last vector towards `row` ([..., D], the value coded there)."""
+    from lambdasplit.wire.codecs import read_header as read_any
+
+    coarse = memoryview(coarse)
+    header = read_any(coarse)
+    sigma, codes, steps, _, _ = _components(coarse, header, table)
+    x = row.detach().float().reshape(-1, table.width)[-1].numpy()
+    y = ((x / sigma[-1] - table.mean) @ table.basis) / steps
+    cells = np.clip(np.floor((y - codes[-1] + 0.5) * (1 << bits)), 0, (1 << bits) - 1).astype(np.int64)
+    planes = ((cells[:, None] >> np.arange(bits)) & 1).astype(np.uint8).reshape(-1)
+    head = struct.pack("<BBBB3I", REFINEMENT, bits, 1, 3, 1, 1, table.width)
+    return head + table.digest + bytes([header.codec.bits]) + np.packbits(planes, bitorder="little").tobytes()
+
+
+def read_refinement_header(data: memoryview, start: int, offset: int, kind: int, bits: int, granularity: str,
+                           shape: tuple[int, ...]):
+    from lambdasplit.wire.codecs import BlobHeader, Codec, _need
+
+    if not 1 <= bits <= 8 or granularity != "token" or len(shape) != 3 or shape[:2] != (1, 1) or shape[2] < 1:
+        raise ProtocolError("bad_tensor", f"a refinement (kind 7) has 1..8 bits, token granularity and shape "
+                                          f"[1, 1, D]; this one declares {bits}, {granularity}, {list(shape)}")
+    size = DIGEST_BYTES + 1 + (bits * shape[2] + 7) // 8
+    _need(data, offset, size)
+    return BlobHeader(Codec(f"refine{bits}", REFINEMENT, bits, "token"), tuple(shape), start, offset, offset + size)
+
+
+def apply_refinement(coarse: bytes | memoryview, refinement: bytes | memoryview, table: Table) -> torch.Tensor:
+    """`coarse`'s last vector refined ([1, 1, D]); bad_tensor when the two do not belong together."""
+    from lambdasplit.wire.codecs import read_header as read_any
+
+    coarse, refinement = memoryview(coarse), memoryview(refinement)
+    header, fine = read_any(coarse), read_any(refinement)
+    if header.codec.kind != CALIBRATED or fine.codec.kind != REFINEMENT:
+        raise ProtocolError("bad_tensor", "a refinement applies to a cal tensor")
+    if fine.shape[2] != header.shape[-1] or bytes(refinement[fine.data:fine.data + DIGEST_BYTES]) != table.digest \
+            or refinement[fine.data + DIGEST_BYTES] != header.codec.bits:
+        raise ProtocolError("bad_tensor", "the refinement does not refine that tensor (width, table or bound)")
+    sigma, codes, steps, indices, values = _components(coarse, header, table)
+    width, bits = header.shape[-1], fine.codec.bits
+    packed = np.frombuffer(refinement, np.uint8, fine.end - fine.data - DIGEST_BYTES - 1, fine.data + DIGEST_BYTES + 1)
+    planes = np.unpackbits(packed, bitorder="little")[:bits * width].reshape(width, bits).astype(np.int64)
+    cells = (planes << np.arange(bits)).sum(axis=1)
+    y = ((codes[-1] + (cells + 0.5) / (1 << bits) - 0.5) * steps)[None, :].astype(np.float32)
+    last = (len(codes) - 1) * width
+    keep = indices >= last  # the last vector's exact components
+    return _reconstruct(y, indices[keep] - last, values[keep], sigma[-1:], table, (1, 1, width))

@@ -259,7 +259,8 @@ _UNPACK_CHUNK = 1 << 20  # values per unpacking chunk (a multiple of 8)
 OUTLIER_KINDS = (outlier_codecs.THRESHOLD_SPLIT, outlier_codecs.ADAPTIVE)
 HEADER_READERS = {0: _float_header, 1: _float_header, 2: _float_header, AFFINE: _affine_header,
                   outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.read_header,
-                  outlier_codecs.ADAPTIVE: outlier_codecs.read_header, calibrated.CALIBRATED: calibrated.read_header}
+                  outlier_codecs.ADAPTIVE: outlier_codecs.read_header, calibrated.CALIBRATED: calibrated.read_header,
+                  calibrated.REFINEMENT: calibrated.read_refinement_header}
 DECODERS = {0: _decode_float, 1: _decode_float, 2: _decode_float, AFFINE: _decode_affine,
             outlier_codecs.THRESHOLD_SPLIT: outlier_codecs.decode, outlier_codecs.ADAPTIVE: outlier_codecs.decode}
 
@@ -294,6 +295,8 @@ def decode_blob(blob: memoryview | bytes, header: BlobHeader, table=None) -> tor
     """
     if header.codec.kind == calibrated.CALIBRATED:
         return calibrated.decode(memoryview(blob), header, table)
+    if header.codec.kind == calibrated.REFINEMENT:
+        raise ProtocolError("bad_tensor", "a refinement (kind 7) only answers REFINE, next to the tensor it refines")
     return DECODERS[header.codec.kind](memoryview(blob), header)
 
 

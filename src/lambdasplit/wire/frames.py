@@ -13,8 +13,8 @@ Every frame: u32 length (of what follows, little-endian) | u8 type | body.
     DONE     9  server -> client  JSON (cloud mode: text, token ids, server compute seconds)
     TABLES  12  client -> server  the `calK` codec's calibration tables, up then down (wire/calibrated.py), when WELCOME says tables_needed,
                                   right after WELCOME and before any STEP; nothing is answered
-    REFINE  13  client -> server  u32 seq: the last RESULT's last position again, in fp16 (a near-tie's precise
-                                  vector under a lossy codec; answered by a RESULT)
+    REFINE  13  client -> server  u32 seq: the last RESULT's last position again, finer (a near-tie's precise
+                                  vector under a lossy codec; answered by a RESULT: a calK refinement, else fp16)
 
 Control frames carry small JSON objects; tensors are always raw blobs (wire/codecs.py),
 never JSON lists, base64 or pickle.
@@ -137,8 +137,16 @@ def step_frame(position: int, tensors: list[torch.Tensor], codec: Codec, stats: 
     return frame(FrameType.STEP, tensors_body(struct.pack("<II", seq, word) + sections, tensors, codec, stats))
 
 
+def blob_result_frame(seq: int, position: int, blob: bytes) -> bytes:
+    """A RESULT of one already encoded blob (REFINE's answer: compute_us 0)."""
+    return frame(FrameType.RESULT, struct.pack("<IIIB", seq, position, 0, 1) + blob)
+
+
+RESULT_BLOB_AT = 13  # a one-tensor RESULT body's blob: after seq, position, compute_us and the count
+
+
 def refine_frame(seq: int) -> bytes:
-    """REFINE: ask again for the last position of the RESULT to STEP `seq` (the last one), in fp16."""
+    """REFINE: ask again for the last position of the RESULT to STEP `seq` (the last one), finer."""
     return frame(FrameType.REFINE, struct.pack("<I", seq))
 
 
