@@ -238,7 +238,8 @@ def codecs_command(args) -> int:
         "agreement: generated tokens equal to fp32's position by position; before 1st diff: tokens before the first "
         "difference; Δ ppl: perplexity change on held-out text against fp32; B/token: blob bytes per decode step in "
         "each coded direction, refinements included; of fp16: coded bytes / fp16 bytes for the same tensors; refined: "
-        "decode steps whose last row came again in fp16 (top-2 logit gap below --refine-gap); prompt at: the calK bound "
+        "decode steps whose last row came again, finer (REFINE: a calK refinement, else fp16; top-2 logit gap below "
+        "--refine-gap); prompt at: the calK bound "
         "of the prompt's step (--prefill-codec), prompt B/position its bytes per position, both coded directions",
         describe_machine(meta["machine"]),
         f"command: `{meta['command']}`",

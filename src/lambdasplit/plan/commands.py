@@ -291,6 +291,7 @@ def measure(candidate, device, server: str, link: str | None, prompt_ids: list[i
             reference: list[int], settings, draft_model: str | None) -> dict:
     """Run the workload for real (the code path of `generate`): tokens/s, TTFT, bytes, memory, agreement."""
     from lambdasplit.client.remote import RemoteBody
+    from lambdasplit.client.run import default_refine_gap
     from lambdasplit.plan.profile import device_bytes
     from lambdasplit.speculative import make_source
 
@@ -301,7 +302,8 @@ def measure(candidate, device, server: str, link: str | None, prompt_ids: list[i
         began = time.perf_counter()
         result = device.generate(list(prompt_ids), body=body, max_new_tokens=new_tokens, ignore_eos=True,
                                  speculate=source, draft_tokens=settings.draft_tokens,
-                                 on_token=lambda token: first or first.append(time.perf_counter()))
+                                 on_token=lambda token: first or first.append(time.perf_counter()),
+                                 refine_gap=default_refine_gap(candidate.codec))
         memory = device_bytes(device)
         body.close()
         nbytes = body.bytes_up + body.bytes_down

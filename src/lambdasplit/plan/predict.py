@@ -94,19 +94,29 @@ class Model:
         for split, by_codec in sessions.items():
             x, y = (int(v) for v in split.split(":"))
             per_layer += [{**r, "per_layer": r["compute"] / max(1, y - x)} for s in by_codec.values()
-                          for r in s["records"]]
+                          for r in _exchanges(s)]
         self.compute_per_layer = _by_n(per_layer, "per_layer")
         # exchange cost, bytes up/down and handshake per codec (median over splits)
         self.exchange, self.up, self.down, self.handshake = {}, {}, {}, {}
         for codec in self.codecs:
             runs = [by_codec[codec] for by_codec in sessions.values() if codec in by_codec]
-            records = [{**r, "exchange": r["wall"] - r["compute"]} for s in runs for r in s["records"]]
+            records = [{**r, "exchange": r["wall"] - r["compute"]} for s in runs for r in _exchanges(s)]
             self.exchange[codec] = _by_n(records, "exchange")
             self.up[codec] = _by_n(records, "up")
             self.down[codec] = _by_n(records, "down")
             self.handshake[codec] = _median(s["handshake_bytes"]["up"] + s["handshake_bytes"]["down"] for s in runs)
         self.agreement = {(split, codec): s.get("agreement") for split, by_codec in sessions.items()
                           for codec, s in by_codec.items()}
+        # the near-tie guard's REFINE exchanges (client/generation.py): per (split, codec), refines per
+        # generated step, and per codec the median refine's wall time and bytes
+        self.refine_rate = {(split, codec): _refine_rate(s) for split, by_codec in sessions.items()
+                            for codec, s in by_codec.items()}
+        self.refine_cost = {}
+        for codec in self.codecs:
+            refines = [r for by_codec in sessions.values() if codec in by_codec
+                       for r in by_codec[codec]["records"] if r["kind"] == "refine"]
+            if refines:
+                self.refine_cost[codec] = {key: _median(r[key] for r in refines) for key in ("wall", "up", "down")}
 
     def exchange_summary(self) -> dict:
         """Per codec, what the profile measured of the path to the server: the round trip of a
@@ -185,11 +195,16 @@ class Model:
         a, n, draft = self.drafting_figures(source)
         ttft = (self.device_seconds(split, p, 1) + self.server_seconds(split, p) + self.exchange_seconds(codec, p))
         step = self.device_seconds(split, n, n) + draft + self.server_seconds(split, n) + self.exchange_seconds(codec, n)
+        refine_up = refine_down = 0.0
+        if source == "none" and codec in self.refine_cost:  # the guard refines plain steps only
+            rate, cost = self.refine_rate.get((split, codec), 0.0), self.refine_cost[codec]
+            refine_up, refine_down = rate * cost["up"], rate * cost["down"]
+            step += rate * cost["wall"] + (self.link_seconds(cost["up"], cost["down"]) * rate if self.link else 0.0)
         steps = (m - 1) / a
         total = ttft + steps * step
         up_p, down_p = self.frame_bytes(codec, p)
         up_n, down_n = self.frame_bytes(codec, n)
-        nbytes = self.handshake[codec] + up_p + down_p + steps * (up_n + down_n)
+        nbytes = self.handshake[codec] + up_p + down_p + steps * (up_n + down_n + refine_up + refine_down)
         breakdown = {
             "step_s": step, "device_s": self.device_seconds(split, n, n), "draft_s": draft,
             "server_s": self.server_seconds(split, n), "exchange_s": interpolate(self.exchange[codec], n),
@@ -209,6 +224,18 @@ class Model:
                     if source == "none" or source in self.drafting["sources"]:
                         out.append(self.predict(split, codec, source))
         return out
+
+
+def _exchanges(session: dict) -> list[dict]:
+    """A profiled session's STEP exchanges (its REFINE records apart)."""
+    return [r for r in session["records"] if r.get("kind") != "refine"]
+
+
+def _refine_rate(session: dict) -> float:
+    """REFINEs per generated step of a profiled session (0 without the guard)."""
+    steps = sum(1 for r in session["records"] if r.get("kind") == "step")
+    refines = sum(1 for r in session["records"] if r.get("kind") == "refine")
+    return refines / steps if steps else 0.0
 
 
 def _by_n(records: list[dict], key: str) -> dict[int, float]:

@@ -38,7 +38,7 @@ from lambdasplit.bench.report import _cpu_model
 from lambdasplit.errors import LambdaSplitError
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue, and what a sunset has to do with it."
-PROFILE_VERSION = 2  # bump when what a profile holds changes (old cache entries are then ignored)
+PROFILE_VERSION = 3  # bump when what a profile holds changes (old cache entries are then ignored)
 
 
 @dataclass(frozen=True)
@@ -234,6 +234,20 @@ class TimedBody:
         return out
 
     @property
+    def can_refine(self) -> bool:
+        return getattr(self.body, "can_refine", False)
+
+    def refine(self) -> torch.Tensor:
+        """REFINE, recorded apart (kind "refine"): the cost model adds it per refined step."""
+        body = self.body
+        up, down = body.bytes_up, body.bytes_down
+        began = time.perf_counter()
+        out = body.refine()
+        self.records.append({"kind": "refine", "n": 1, "wall": time.perf_counter() - began, "compute": 0.0,
+                             "up": body.bytes_up - up, "down": body.bytes_down - down})
+        return out
+
+    @property
     def round_trips(self) -> int:
         return self.body.round_trips
 
@@ -246,13 +260,15 @@ def profile_session(device, server: str, codec: str, prompt_ids: list[int], sett
                     reference: list[int], **options) -> dict:
     """One real session at the device's split with `codec`: exchanges and the tokens' agreement."""
     from lambdasplit.client.remote import RemoteBody
+    from lambdasplit.client.run import default_refine_gap
 
     k1 = settings.draft_tokens + 1
     with RemoteBody.for_device(device, server, codec=codec, **options) as remote:
         timed = TimedBody(remote)
         for stack in (device.head.stack, device.tail.stack):
             stack.truncate(0)
-        result = device.generate(list(prompt_ids), body=timed, max_new_tokens=settings.new_tokens, ignore_eos=True)
+        result = device.generate(list(prompt_ids), body=timed, max_new_tokens=settings.new_tokens, ignore_eos=True,
+                                 refine_gap=default_refine_gap(codec))  # the guard `generate` uses
         # probes: k+1 real positions after the session's end, cut back each time (as a rejected draft is)
         timed.kind = "probe"
         length = device.head.stack.length
