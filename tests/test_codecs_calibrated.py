@@ -273,3 +273,30 @@ def test_a_real_session_takes_the_tables_and_matches_the_in_process_codec(plante
             assert decode(bytes(got[1][13:]), table=down)[0].shape == prompt.shape
             peer.send(rawproto.step_frame(prompt.shape[1], [encode(prompt[:, -1:], cal("cal7", up)).blob], seq=2))
             assert peer.outcome() == "wrong_codec"
+
+
+def test_a_failover_replays_the_prompt_at_its_own_precision(planted, tables):
+    """The prompt's step travels at cal8.5 (RemoteBody.prefill); a replay after a failover sends it
+    again as that step, byte for byte, then the later positions at the session's cal7."""
+    from lambdasplit.client.remote import FailoverBody
+    from lambdasplit.server import BodyServer, BodyService
+
+    device = DeviceModel.load(planted, SPLIT)
+    ids = device.encode(PROMPTS[0], chat=False)
+    n = len(ids)
+    hidden = load_head(planted, 2).forward(torch.tensor([ids + [5, 6, 7]]), 0)
+    first = BodyServer([BodyService(planted, SPLIT)]).start_in_thread()
+    with BodyServer([BodyService(planted, SPLIT)]) as second:
+        capture: list = []
+        with FailoverBody.for_device(device, [first.address, second.address], codec="cal7", capture=capture) as body:
+            body.forward(hidden[:, :n], 0)
+            body.forward(hidden[:, n:n + 1], n)
+            first.stop()
+            body.forward(hidden[:, n + 1:n + 2], n + 1)  # fails over: the replay
+            assert body.failovers == 1 and body.live.round_trips == 2
+    steps = [data for direction, data in capture if direction == "up" and data[4] == rawproto.STEP]
+    prompt, replayed_prompt, rest = steps[0], steps[-2], steps[-1]
+    blob_at = 5 + 4 + 4 + 1  # frame header, seq, position, count
+    assert prompt[blob_at + 1] == replayed_prompt[blob_at + 1] == 34  # cal8.5 in quarter bits
+    assert prompt[blob_at:] == replayed_prompt[blob_at:]
+    assert rest[blob_at + 1] == 28 and struct.unpack_from("<3I", rest, blob_at + 4) == (1, 2, 64)

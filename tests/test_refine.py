@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import torch
 import pytest
 
 import rawproto
@@ -110,3 +111,18 @@ def test_float_codecs_have_no_guard(served):
         result = device.generate("the quick brown fox", body=body, max_new_tokens=4, ignore_eos=True,
                                  refine_gap=EVERY_STEP)
         assert result.refined == 0 and body.round_trips == 4
+
+
+def test_a_refine_after_the_server_died_replays_on_the_next_and_answers_the_same(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    device = DeviceModel.load(folder, "2:4")
+    first = BodyServer([BodyService(folder, "2:4")]).start_in_thread()
+    with BodyServer([BodyService(folder, "2:4")]) as second:
+        with FailoverBody.for_device(device, [first.address, second.address], codec="int4") as body:
+            device.generate("the quick brown fox", body=body, max_new_tokens=5, ignore_eos=True)
+            before = body.refine()
+            first.stop()
+            after = body.refine()  # the first server is gone: a new session, the history replayed, then REFINE
+            assert torch.equal(before, after)
+            assert body.failovers == 1 and body.servers == [first.address, second.address]
+            assert body.live.refinements == 1 and body.live.round_trips == 2  # the replay, the REFINE
