@@ -221,18 +221,21 @@ def codecs_command(args) -> int:
         raise UsageError("--codecs needs at least one codec, --prompts and --new-tokens at least 1")
     for codec in codecs:
         get_codec(codec)  # a bad name is refused before any model loads
+    prompts = default_prompts(args.prompts)
+    if len(prompts) < args.prompts:
+        raise UsageError(f"--prompts {args.prompts}: audit/data/prompts.json has {len(prompts)} prompts")
     model = resolve_model(args.model)
     splits = resolve_splits(args.splits, Checkpoint(model).config.num_hidden_layers)
     weights = [w.strip() for w in args.device_weights.split(",") if w.strip()]
     result = run_codecs_bench(model=model, splits=splits, codecs=codecs, directions=directions,
-                              prompts=default_prompts(args.prompts), new_tokens=args.new_tokens,
+                              prompts=prompts, new_tokens=args.new_tokens,
                               heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json,
                               partial=_partial_rows(args.out), refine_gap=_refine_gap(args.refine_gap),
                               prefill_codec=args.prefill_codec)
     for row in result["rows"]:
         row["model"] = args.model  # its name, not the cache folder it resolved to
     meta = {**result["meta"], "model": args.model, "command": _command_line()}
-    title = (f"Wire codecs: {args.model}, {args.prompts} chat prompts x {args.new_tokens} greedy tokens, "
+    title = (f"Wire codecs: {args.model}, {len(meta['prompts'])} chat prompts x {args.new_tokens} greedy tokens, "
              f"agreement with fp32")
     notes = [
         "agreement: generated tokens equal to fp32's position by position; before 1st diff: tokens before the first "
