@@ -99,7 +99,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--refine-gap", default="auto", type=_refine_gap,
                    help="near-tie guard of a lossy --codec: a step whose top-2 logit gap is below this asks the "
                         "server for that position again in fp16 (one more round trip); 0 = off; auto: 0.02 for "
-                        "lossy codecs (docs/protocol.md REFINE)")
+                        "lossy codecs, off when speculating (docs/protocol.md REFINE)")
     p.add_argument("--prefill-codec", default="auto",
                    help="calK codecs: the prompt's step at this finer calK (its KV entries are read by every later "
                         "token); auto: cal8.5 below it; none: the codec itself")

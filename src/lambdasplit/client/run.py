@@ -96,7 +96,9 @@ def run_generation(*, model: str | Checkpoint, mode: str, prompt: str, max_new_t
     else:
         body = FailoverBody.for_device(device, server, codec=codec, defense=defense, max_failovers=max_failovers,
                                        **options)
-    gap = default_refine_gap(codec) if refine_gap == "auto" else float(refine_gap)
+    # the guard refines plain steps only (StepModel): "auto" leaves it off when speculating
+    speculating = speculate not in (None, "none")
+    gap = (0.0 if speculating else default_refine_gap(codec)) if refine_gap == "auto" else float(refine_gap)
     with body:
         result = device.generate(prompt, body=body, max_new_tokens=max_new_tokens, sampling=sampling, cache=cache,
                                  ignore_eos=ignore_eos, chat=chat, on_text=on_text, speculate=source,
