@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 HELLO, WELCOME, STEP, RESULT, ERROR, CLOSE, GENERATE, TOKEN, DONE = range(1, 10)
+TABLES, REFINE = 12, 13
 
 # Every ERROR code docs/protocol.md documents (internal_error is a bug, never expected).
 DOCUMENTED_CODES = {

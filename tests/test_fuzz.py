@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import rawproto
-from rawproto import DOCUMENTED_CODES, Peer
+from rawproto import DOCUMENTED_CODES, REFINE, Peer
 from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.server.process import ServerProcess
 
@@ -172,8 +172,17 @@ def hostile_steps(rng: random.Random) -> list[tuple[str, list[bytes]]]:
         ("GENERATE to a body", [rawproto.json_frame(rawproto.GENERATE, {"prompt": "x", "max_new_tokens": 1})]),
         ("second HELLO", [rawproto.json_frame(rawproto.HELLO, {"protocol": 2})]),
         ("unknown frame type", [rawproto.frame(77, b"")]),
+        ("REFINE before any STEP", [rawproto.frame(REFINE, struct.pack("<I", 1))]),
+        ("REFINE of a future STEP", [rawproto.step_frame(0, [ok]), rawproto.frame(REFINE, struct.pack("<I", 2))]),
+        ("REFINE of 3 bytes", [rawproto.step_frame(0, [ok]), rawproto.frame(REFINE, b"\x01\x00\x00")]),
+        ("REFINE of 400 bytes", [rawproto.step_frame(0, [ok]), rawproto.frame(REFINE, bytes(400))]),
+        ("a refinement (kind 7) as a STEP's tensor", [rawproto.step_frame(0, [rawproto.blob_header(7, 4, 1, [1, 1, D])
+                                                                              + bytes(5 + D // 2)])]),
         ("length 0", [struct.pack("<IB", 0, rawproto.STEP)]),
     ]
+    for _ in range(10):  # random bytes as a REFINE body, after a good STEP
+        body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 12)))
+        cases.append(("random REFINE body", [rawproto.step_frame(0, [ok]), rawproto.frame(REFINE, body)]))
     for _ in range(30):  # random bytes as a STEP body
         body = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 600)))
         cases.append(("random STEP body", [rawproto.frame(rawproto.STEP, body)]))

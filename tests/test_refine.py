@@ -28,7 +28,7 @@ from lambdasplit.wire.codecs import get_codec
 from rawproto import Peer
 
 D = 64
-REFINE = 13
+REFINE = rawproto.REFINE
 EVERY_STEP = 1e9  # a gap every step is below: the guard refines them all
 
 
