@@ -113,7 +113,7 @@ class Session:
         self.close()
 
 
-PRECISE_CODECS = ("fp32", "fp16", "bf16")  # a refinement (fp16) would add nothing to these
+PRECISE_CODECS = ("fp32", "fp16", "bf16")  # a refinement (fp16 or finer) would add nothing to these
 PREFILL_BOUND = 34  # calK in quarter bits (cal8.5): the prompt's step, whose KV entries every later token reads
 
 
