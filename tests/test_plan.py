@@ -80,8 +80,12 @@ def test_plan_json_lists_predicted_and_measured(plan_run):
         assert error["tokens_per_s"] == pytest.approx(predicted["tokens_per_s"] / measured["tokens_per_s"] - 1)
         # every 2 x 5 ms round trip is paid, so no configuration beats the link's floor
         assert measured["seconds"] >= measured["round_trips"] * 2 * 0.005
-        if row["codec"] in ("fp32", "fp16", "bf16", "int8") and row["speculate"] == "none":
+        if row["codec"] in ("fp32", "fp16", "bf16") and row["speculate"] == "none":
             assert abs(error["bytes_per_token"]) < 0.01, row  # fixed-size frames: bytes are predicted exactly
+        elif row["codec"] == "int8" and row["speculate"] == "none":
+            # fixed-size frames too, plus the near-tie guard's REFINEs, predicted from the profile's
+            # rate (a few per short run on a random model): one more or fewer moves bytes by ~2%
+            assert abs(error["bytes_per_token"]) < 0.05, row
         assert abs(error["device_memory"]) < 0.05, row  # weights + KV, as loaded after the run
     assert plan["max_abs_error_tokens_per_s"] == max(abs(r["error"]["tokens_per_s"]) for r in plan["measured"])
     assert isinstance(plan["recommendation_on_measured_front"], bool)

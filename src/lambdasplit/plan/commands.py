@@ -208,7 +208,10 @@ def make_plan(args, progress: bool = True) -> dict:
             for candidate in candidates:
                 if candidate.split in leakage:
                     candidate.leakage, candidate.leakage_attack = leakage[candidate.split]
-            the_front = pareto.front(candidates)
+            # the front of what the constraints allow (a codec that loses the answer, or a split
+            # that leaks too much, dominates nothing); of every candidate when none is allowed
+            allowed = [c for c in candidates if not constraints.reasons(c)]
+            the_front = pareto.front(allowed or candidates)
             chosen = pareto.recommend(candidates, constraints)
 
             # ---- measure

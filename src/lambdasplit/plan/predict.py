@@ -195,16 +195,18 @@ class Model:
         a, n, draft = self.drafting_figures(source)
         ttft = (self.device_seconds(split, p, 1) + self.server_seconds(split, p) + self.exchange_seconds(codec, p))
         step = self.device_seconds(split, n, n) + draft + self.server_seconds(split, n) + self.exchange_seconds(codec, n)
-        refine_up = refine_down = 0.0
+        steps = (m - 1) / a
+        refine_s = refine_bytes = 0.0  # the near-tie guard's REFINEs, per step (the prompt's included)
         if source == "none" and codec in self.refine_cost:  # the guard refines plain steps only
             rate, cost = self.refine_rate.get((split, codec), 0.0), self.refine_cost[codec]
-            refine_up, refine_down = rate * cost["up"], rate * cost["down"]
-            step += rate * cost["wall"] + (self.link_seconds(cost["up"], cost["down"]) * rate if self.link else 0.0)
-        steps = (m - 1) / a
+            refine_s = rate * (cost["wall"] + (self.link_seconds(cost["up"], cost["down"]) if self.link else 0.0))
+            refine_bytes = rate * (cost["up"] + cost["down"])
+        ttft += refine_s
+        step += refine_s
         total = ttft + steps * step
         up_p, down_p = self.frame_bytes(codec, p)
         up_n, down_n = self.frame_bytes(codec, n)
-        nbytes = self.handshake[codec] + up_p + down_p + steps * (up_n + down_n + refine_up + refine_down)
+        nbytes = self.handshake[codec] + up_p + down_p + steps * (up_n + down_n) + (1 + steps) * refine_bytes
         breakdown = {
             "step_s": step, "device_s": self.device_seconds(split, n, n), "draft_s": draft,
             "server_s": self.server_seconds(split, n), "exchange_s": interpolate(self.exchange[codec], n),
