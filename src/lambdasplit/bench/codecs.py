@@ -32,6 +32,7 @@ import time
 import torch
 
 from lambdasplit.bench.report import Column, machine
+from lambdasplit.client.remote import PRECISE_CODECS
 from lambdasplit.errors import UsageError
 from lambdasplit.wire.calibrated import CALIBRATED, apply_refinement, at_bound, codec_name, refinement_blob
 from lambdasplit.wire.codecs import LLM_CODECS, Codec, encode, get_codec, read_header, decode_blob
@@ -85,7 +86,7 @@ class CodedBody:
 
     @property
     def can_refine(self) -> bool:
-        return self.down is not None and self.down.name not in ("fp32", "fp16", "bf16")
+        return self.down is not None and self.down.name not in PRECISE_CODECS
 
     def refine(self) -> torch.Tensor:
         """As a server answers REFINE (server/services.py): a calK row refined, any other in fp16."""

@@ -188,24 +188,11 @@ def _partial_rows(out: str | None):
     return Path(out) / "rows.partial.jsonl"
 
 
-def _refine_gap(text: str):
-    from lambdasplit.errors import UsageError
-
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UsageError(f"--refine-gap must be auto or a number >= 0, got {text!r}")
-    return value
-
-
 def codecs_command(args) -> int:
     import torch
 
     from lambdasplit.bench.codecs import COLUMNS, DIRECTIONS, default_prompts, resolve_model, run_codecs_bench, write_chart
+    from lambdasplit.client.commands import parse_refine_gap
     from lambdasplit.bench.llm import resolve_splits
     from lambdasplit.bench.report import describe_machine, report
     from lambdasplit.errors import UsageError
@@ -213,6 +200,7 @@ def codecs_command(args) -> int:
     from lambdasplit.wire.codecs import get_codec
 
     torch.set_num_threads(args.threads)
+    refine_gap = parse_refine_gap(args.refine_gap)
     directions = [d.strip() for d in args.directions.split(",") if d.strip()]
     if not directions or any(d not in DIRECTIONS for d in directions):
         raise UsageError(f"--directions takes a comma-separated subset of {', '.join(DIRECTIONS)}")
@@ -230,7 +218,7 @@ def codecs_command(args) -> int:
     result = run_codecs_bench(model=model, splits=splits, codecs=codecs, directions=directions,
                               prompts=prompts, new_tokens=args.new_tokens,
                               heldout_tokens=args.heldout_tokens, device_weights=weights, progress=not args.json,
-                              partial=_partial_rows(args.out), refine_gap=_refine_gap(args.refine_gap),
+                              partial=_partial_rows(args.out), refine_gap=refine_gap,
                               prefill_codec=args.prefill_codec)
     for row in result["rows"]:
         row["model"] = args.model  # its name, not the cache folder it resolved to

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -96,7 +95,7 @@ def add_commands(subparsers) -> None:
                    help="hidden states on the wire, both directions: fp32, fp16, bf16, int8 .. int2 (per-token affine), "
                         "intN+ts (threshold split: outliers exact), adaptiveK (error ~ sigma/2^K, Rice-coded); "
                         "lossy ones change the output, a warning says so; see `bench codecs`")
-    p.add_argument("--refine-gap", default="auto", type=_refine_gap,
+    p.add_argument("--refine-gap", default="auto",
                    help="near-tie guard of a lossy --codec: a step whose top-2 logit gap is below this asks the "
                         "server for that position again in fp16 (one more round trip); 0 = off; auto: 0.02 for "
                         "lossy codecs, off when speculating (docs/protocol.md REFINE)")
@@ -137,7 +136,10 @@ def add_commands(subparsers) -> None:
     d.set_defaults(func=demo_command)
 
 
-def _refine_gap(text: str):
+def parse_refine_gap(text: str) -> float | str:
+    """`--refine-gap`: "auto" or a number >= 0; else a one-line usage error."""
+    from lambdasplit.errors import UsageError
+
     if text == "auto":
         return text
     try:
@@ -145,7 +147,7 @@ def _refine_gap(text: str):
     except ValueError:
         value = -1.0
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"--refine-gap must be auto or a number >= 0, got {text!r}")
+        raise UsageError(f"--refine-gap must be auto or a number >= 0, got {text!r}")
     return value
 
 
@@ -163,6 +165,7 @@ def lossy_codec_warning(codec: str, dtype: str) -> str | None:
 
 
 def generate_command(args) -> int:
+    refine_gap = parse_refine_gap(args.refine_gap)  # before anything loads
     if args.mode == "split":
         warning = lossy_codec_warning(args.codec, args.dtype)
         if warning:
@@ -185,7 +188,7 @@ def generate_command(args) -> int:
         timeout=args.timeout, insecure=args.insecure,
         speculate=args.speculate, draft_model=args.draft_model, draft_tokens=_draft_tokens(args.draft_tokens),
         verify=args.verify, max_failovers=args.max_failovers, trace_rounds=args.trace_rounds,
-        refine_gap=args.refine_gap, prefill_codec=args.prefill_codec,
+        refine_gap=refine_gap, prefill_codec=args.prefill_codec,
     )
     if args.json:
         print(json.dumps(record))

@@ -334,7 +334,6 @@ class FailoverBody:
         self.uplink = _Uplink()
         self.last_start = 0  # where the last step started (a keep refers to it)
         self.failovers = 0
-        self.needs_replay = False
         self.prompt_length = 0  # positions of the last step at position 0 (a replay re-sends them as that step)
         self.servers: list[str] = []  # which served, in order (an address again after a failover back)
         self.failures: list[str] = []  # one line per failover
@@ -376,29 +375,18 @@ class FailoverBody:
             self.uplink.compact(self.last_start, keep)
         if start > self.uplink.length:
             raise LambdaSplitError(f"a step at position {start} after only {self.uplink.length} positions")
-        replay, self.needs_replay = self.needs_replay, False  # a failed REFINE left a fresh session
+        replay = False
         while True:
             try:
-                if replay:  # everything the lost session held, and this step, in one STEP from position 0
+                if replay:  # everything the lost session held, and this step
                     history = torch.cat([self.uplink.upto(start), sent.to(self.uplink.buffer.dtype)], dim=1) \
                         if start else sent
-                    # ... or two, when the prompt's step travelled finer (RemoteBody.prefill): the same bytes again
-                    first = self.prompt_length if self.live.prefill and 0 < self.prompt_length < start else 0
-                    if first:
-                        self.live.send_step(history[:, :first], 0)
-                    # a tree step's roots hang off the history's last position, now in the same step
-                    shifted = None if parents is None else \
-                        list(range(-1, start - first - 1)) + [p + start - first if p >= 0 else start - first - 1
-                                                              for p in parents]
-                    out = self.live.send_step(history[:, first:], first, shifted)[:, start - first:]
+                    out = self._replay(history, start, parents)
                 else:
                     out = self.live.send_step(sent, start, parents, keep)
                 break
             except (NetworkError, RemoteError, ProtocolError) as error:  # ProtocolError: a garbled answer
-                address = self.servers[-1]
-                self._retire()
-                self._failed(address, error)
-                self._open()
+                self._fail_over(error)
                 replay = True
         self.uplink.put(start, sent)
         self.last_start = start
@@ -406,30 +394,40 @@ class FailoverBody:
             self.prompt_length = sent.shape[1]
         return out.to(hidden.dtype)
 
+    def _replay(self, history: torch.Tensor, start: int, parents: list[int] | None = None) -> torch.Tensor:
+        """`history` (the lost session's `start` positions, then a step's rows) to the fresh session in one
+        STEP from position 0, or two when the prompt's step travelled finer (RemoteBody.prefill): the same
+        bytes again. Returns the outputs of the rows after `start`."""
+        first = self.prompt_length if self.live.prefill and 0 < self.prompt_length < start else 0
+        if first:
+            self.live.send_step(history[:, :first], 0)
+        # a tree step's roots hang off the history's last position, now in the same step
+        shifted = None if parents is None else \
+            list(range(-1, start - first - 1)) + [p + start - first if p >= 0 else start - first - 1 for p in parents]
+        return self.live.send_step(history[:, first:], first, shifted)[:, start - first:]
+
+    def _fail_over(self, error: Exception) -> None:
+        address = self.servers[-1]
+        self._retire()
+        self._failed(address, error)
+        self._open()
+
     @property
     def can_refine(self) -> bool:
         return self.live is not None and self.live.can_refine
 
     def refine(self) -> torch.Tensor:
         """The live session's REFINE. When that server fails, the next one first gets the whole uplink
-        history in one STEP (as a failover does), then the REFINE: the answer is the same."""
+        history (as a failover does), then the REFINE: the answer is the same."""
+        replay = False
         while True:
             try:
-                if self.needs_replay:
-                    history, first = self.uplink.upto(self.uplink.length), self.prompt_length
-                    if self.live.prefill and 0 < first < history.shape[1]:
-                        self.live.send_step(history[:, :first], 0)
-                        self.live.send_step(history[:, first:], first)
-                    else:
-                        self.live.send_step(history, 0)
-                    self.needs_replay = False
+                if replay:
+                    self._replay(self.uplink.upto(self.uplink.length), self.uplink.length)
                 return self.live.refine()
             except (NetworkError, RemoteError, ProtocolError) as error:
-                address = self.servers[-1]
-                self._retire()
-                self._failed(address, error)
-                self._open()
-                self.needs_replay = True
+                self._fail_over(error)
+                replay = True
 
     def _retire(self) -> None:
         if self.live is not None:
