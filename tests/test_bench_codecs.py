@@ -78,7 +78,23 @@ def test_rows_count_bytes_per_direction(planted):
     fp16_blob = 4 + 4 * 3 + 2 * 64
     assert down["down_bytes_per_token"] == pytest.approx(down["fraction_of_fp16"] * fp16_blob)
     fp32 = measure(planted, "fp32")
-    assert fp32["agreement"] == 1.0 and fp32["perplexity_change"] == 0.0
+    assert fp32["agreement"] == 1.0 and fp32["perplexity_change"] == 0.0 and fp32["flips_per_1k"] == 0.0
+
+
+def test_teacher_forced_flips_count_what_the_codec_changes(planted):
+    plain, better = measure(planted, "int8"), measure(planted, "adaptive")
+    assert plain["flips_per_1k"] > better["flips_per_1k"] >= 0.0, (plain, better)
+    assert plain["flips_per_1k"] >= 1000 / plain["tokens"]  # int8 here loses tokens, so it flips some
+    device, body = bench_codecs._workload(planted, SPLIT)
+    reference = bench_codecs._reference(planted, SPLIT, PROMPTS[0], 24)
+    prompt_ids = device.encode(PROMPTS[0])
+    up, down = bench_codecs._codecs_for("int8", "both")
+    assert bench_codecs.teacher_forced_flips(device, body, prompt_ids, reference, None, None, None, 0.0) == 0
+    # a guard that flags every position recomputes each with its last downlink row in fp16: on this
+    # model that undoes the flip int8 makes on the first prompt
+    raw = bench_codecs.teacher_forced_flips(device, body, prompt_ids, reference, up, down, None, 0.0)
+    guarded = bench_codecs.teacher_forced_flips(device, body, prompt_ids, reference, up, down, None, 1e9)
+    assert raw >= 1 and guarded < raw, (raw, guarded)
 
 
 def test_a_real_session_negotiates_each_codec_and_matches_the_in_process_measurement(planted):

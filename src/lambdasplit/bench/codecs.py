@@ -7,6 +7,12 @@ body's comes back in fp32; down: the reverse; both), measured in process against
                   position, over --new-tokens tokens per prompt (EOS masked, so every prompt
                   runs its full length), on chat prompts (audit/data/prompts.json)
     prefix        tokens before the first difference, as a fraction of all tokens (stricter)
+    flips / 1k    teacher-forced: each prompt followed by its fp32 reference, one forward with
+                  the codec(s) on the way (the prompt's positions at the prefill bound, the near-
+                  tie guard as REFINE applies it: a flagged position's last downlink row refined),
+                  positions whose argmax differs from the same forward without codecs, per 1000
+                  tokens. One early flip costs a whole prompt's agreement; this counts each once,
+                  so it is the steadier figure for comparing codecs (see `teacher_forced_flips`)
     perplexity    on held-out text (audit/data/kjv_heldout.txt, disjoint from the prompts),
                   teacher-forced in one forward, and its change against fp32
     bytes/token   blob bytes per decode step (one position) in each coded direction, and
@@ -49,6 +55,7 @@ COLUMNS = [
     Column("direction", "coded", numeric=False),
     Column("agreement", "agreement", lambda v: f"{100 * v:.1f}%"),
     Column("prefix_agreement", "before 1st diff", lambda v: f"{100 * v:.1f}%"),
+    Column("flips_per_1k", "flips / 1k", ".1f"),
     Column("perplexity", "perplexity", ".3f"),
     Column("perplexity_change", "Δ ppl", lambda v: f"{100 * v:+.2f}%"),
     Column("up_bytes_per_token", "up B/token", ".0f"),
@@ -235,6 +242,60 @@ def _perplexity(device, body, ids: list[int]) -> float:
     return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
 
 
+def _travel_all(hidden: torch.Tensor, codec: Codec | None, prompt: int, prefill: int | None) -> torch.Tensor:
+    """Every row through `codec` (each vector is coded on its own), the first `prompt` at the prefill bound."""
+    if codec is None:
+        return hidden
+    out = hidden.clone()
+    for lo, hi, use in ((0, prompt, at_bound(codec, prefill) if prefill else codec), (prompt, hidden.shape[1], codec)):
+        if hi > lo:
+            blob = encode(hidden[:, lo:hi], use).blob
+            out[:, lo:hi] = decode_blob(blob, read_header(blob), use.table).to(hidden.dtype)
+    return out
+
+
+def _refined(row: torch.Tensor, down: Codec) -> torch.Tensor:
+    """One downlink row as REFINE returns it (server/services.py): calK refined (kind 7), else fp16."""
+    if down.kind == CALIBRATED:
+        blob = encode(row, down).blob
+        return apply_refinement(blob, refinement_blob(row, blob, down.table), down.table).to(row.dtype)
+    blob = encode(row, FP16).blob
+    return decode_blob(blob, read_header(blob), None).to(row.dtype)
+
+
+@torch.inference_mode()
+def _teacher_forced_logits(device, body, ids: list[int], up, down, prompt: int, prefill, refine_last=False):
+    head, tail = device.head.fork(), device.tail.fork()
+    hidden = head.forward(torch.tensor([ids]), 0)
+    out = body.fork().forward(_travel_all(hidden, up, prompt, prefill), 0)
+    back = _travel_all(out, down, prompt, prefill)
+    if refine_last:
+        back[:, -1:] = _refined(out[:, -1:], down)
+    return tail.forward(back, 0, last_only=False)[0].float()
+
+
+def teacher_forced_flips(device, body, prompt_ids: list[int], reference: list[int], up, down, prefill,
+                         refine_gap: float) -> int:
+    """Greedy flips of a codec over one prompt + its fp32 reference, teacher-forced, guard included.
+
+    Compared with the same forward without codecs, not with `reference`: one forward over many
+    positions rounds differently from step-by-step decoding, which alone moves a few near-ties
+    (scripts/codec_flips.py). A position the guard flags (coded top-2 gap below `refine_gap`, the
+    downlink coded) is recomputed over its prefix with its last downlink row refined, and compared
+    with the uncoded forward over the same prefix."""
+    ids, n = prompt_ids + reference, len(prompt_ids)
+    coded = _teacher_forced_logits(device, body, ids, up, down, n, prefill)[n - 1:len(ids) - 1]
+    plain = _teacher_forced_logits(device, body, ids, None, None, n, None)[n - 1:len(ids) - 1].argmax(-1)
+    top = coded.topk(2, -1)
+    flips = top.indices[:, 0] != plain
+    if down is not None and refine_gap > 0:
+        for i in torch.nonzero(top.values[:, 0] - top.values[:, 1] < refine_gap)[:, 0].tolist():
+            prefix = ids[:n + i]
+            again = _teacher_forced_logits(device, body, prefix, up, down, n, prefill, refine_last=True)[-1]
+            flips[i] = again.argmax() != _teacher_forced_logits(device, body, prefix, None, None, n, None)[-1].argmax()
+    return int(flips.sum())
+
+
 def _codecs_for(codec: str, direction: str, workload=None) -> tuple[Codec | None, Codec | None]:
     """(uplink codec, downlink codec); a `calK` codec gets each direction's table (wire/calibrate.py)."""
     if direction not in DIRECTIONS:
@@ -262,7 +323,7 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
     prompts = default_prompts() if prompts is None else prompts
     device, body = _workload(model, split, device_weights)
     up, down = _codecs_for(codec, direction, _workload(model, split))
-    agree = prefix = total = 0
+    agree = prefix = total = flips = 0
     coded_codec = up or down
     prefill = prefill_bound(coded_codec, prefill_codec) if coded_codec is not None and coded_codec.kind == CALIBRATED \
         else None
@@ -276,6 +337,7 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
         agree += sum(a == b for a, b in zip(reference, tokens))
         prefix += next((i for i, (a, b) in enumerate(zip(reference, tokens)) if a != b), len(reference))
         total += len(reference)
+        flips += teacher_forced_flips(device, body, device.encode(prompt), reference, up, down, prefill, gap)
     ids = device.tokenizer(heldout_text(), add_special_tokens=False)["input_ids"][:heldout_tokens]
     reference_ppl = _reference_perplexity(model, split, tuple(ids))
     ppl = _perplexity(device, CodedBody(body.fork(), up, down), ids)  # every position at the codec's own bound
@@ -286,7 +348,7 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
         "model": model, "split": split, "codec": codec if up is None and down is None else (up or down).name,
         "direction": direction, "device_weights": device_weights,
         "agreement": agree / max(total, 1), "prefix_agreement": prefix / max(total, 1), "tokens": total,
-        "prompts": len(prompts), "perplexity": ppl, "reference_perplexity": reference_ppl,
+        "prompts": len(prompts), "flips_per_1k": 1000 * flips / max(total, 1), "perplexity": ppl, "reference_perplexity": reference_ppl,
         "perplexity_change": ppl / reference_ppl - 1,
         "up_bytes_per_token": per_token["up"], "down_bytes_per_token": per_token["down"],
         "fp16_bytes_per_token": fp16 / steps / (2 if direction == "both" else 1) if fp16 else None,

@@ -227,7 +227,9 @@ def codecs_command(args) -> int:
              f"agreement with fp32")
     notes = [
         "agreement: generated tokens equal to fp32's position by position; before 1st diff: tokens before the first "
-        "difference; Δ ppl: perplexity change on held-out text against fp32; B/token: blob bytes per decode step in "
+        "difference; flips / 1k: teacher-forced (prompt + fp32 reference in one forward), positions whose greedy "
+        "choice the codec changes, guard included, per 1000 tokens (each counted once, not the rest of its prompt); "
+        "Δ ppl: perplexity change on held-out text against fp32; B/token: blob bytes per decode step in "
         "each coded direction, refinements included; of fp16: coded bytes / fp16 bytes for the same tensors; refined: "
         "decode steps whose last row came again, finer (REFINE: a calK refinement, else fp16; top-2 logit gap below "
         "--refine-gap); prompt at: the calK bound "
