@@ -9,6 +9,7 @@ import torch
 from lambdasplit.diffusion.client import imagine
 from lambdasplit.server import BodyServer
 from lambdasplit.shares import ring
+from lambdasplit.shares.audit import parse_capture
 from lambdasplit.shares.layers import fixed_conv
 from lambdasplit.shares.service import SharesService
 from lambdasplit.shares.unet import imagine_shared, load_device
@@ -50,8 +51,11 @@ def test_digits_image_within_40_db_of_the_unsplit_pipeline(digits_path, hosts):
     record = result.record
     assert record["protocol"] == "shared" and record["round_trips_per_step"] > 50
     assert record["bytes_up_per_server"][1] < record["bytes_up_per_server"][0] / 100  # B gets no inputs
-    # what server 0 received is uniform bytes: nothing of the latent or the prompt
-    up = b"".join(data for d, data in captures[0] if d == "up")
+    # what server 0 received is uniform bytes: nothing of the latent or the prompt. The shares only
+    # (frame and request headers are not random), after the describe request; a conv request's
+    # payload starts with its 4-byte spatial header, the shares are 8-byte words
+    requests, _ = parse_capture(captures[0])
+    up = b"".join(r["payload"][len(r["payload"]) % 8:] for r in requests[1:])
     counts = np.bincount(np.frombuffer(up[-2_000_000:], dtype=np.uint8), minlength=256)
     from scipy import stats
 
