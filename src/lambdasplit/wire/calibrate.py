@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from lambdasplit.wire.calibrated import DEFAULT_BOUND, MAX_RICE, MAX_WEIGHT, Table
 
@@ -33,7 +34,7 @@ SEQUENCES = 160  # chat-formatted passages of calibration text (~24k positions: 
 GRADIENT_SEQUENCES = 12  # of those, the ones that also measure the Fisher information (a backward pass each)
 MAX_TOKENS = 200  # per passage
 SINK_SIGMAS = 200.0
-VERSION = 2  # bump when the procedure changes: old cached tables are then recomputed
+VERSION = 3  # bump when the procedure changes: old cached tables are then recomputed
 
 
 def calibration_passages(tokenizer, count: int = SEQUENCES) -> list[list[int]]:
@@ -143,7 +144,10 @@ def calibrate(device, body, *, progress: bool = False, sequences: int = SEQUENCE
             bar.advance(task)
     up_x, up_g, down_x, down_g = (torch.cat(p).numpy() for p in grads)
     all_up, all_down = np.concatenate([up_x, *[t.numpy() for t in rows[0]]]), np.concatenate([down_x, *[t.numpy() for t in rows[1]]])
-    return fit_table(all_up, up_g, up_x), fit_table(all_down, down_g, down_x)
+    # numpy's BLAS rounds matmul and eigh differently with its thread count (measured: OMP_NUM_THREADS=1
+    # and the default give different tables for SmolLM2); one thread makes a table the same everywhere
+    with threadpool_limits(limits=1, user_api="blas"):
+        return fit_table(all_up, up_g, up_x), fit_table(all_down, down_g, down_x)
 
 
 def load_cached(fingerprint: str, split: tuple[int, int]) -> tuple[Table, Table]:
