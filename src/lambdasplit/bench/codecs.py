@@ -97,12 +97,7 @@ class CodedBody:
 
     def refine(self) -> torch.Tensor:
         """As a server answers REFINE (server/services.py): a calK row refined, any other in fp16."""
-        if self.last_down is not None and self.down.kind == CALIBRATED:
-            blob = refinement_blob(self.last_row, self.last_down, self.down.table)
-            out = apply_refinement(self.last_down, blob, self.down.table)
-        else:
-            blob = encode(self.last_row, FP16).blob
-            out = decode_blob(blob, read_header(blob), None)
+        blob, out = refinement(self.last_row, self.last_down, self.down)
         if self.last_counted:
             self.bytes["down"] += len(blob)
             self.refined += 1
@@ -254,13 +249,14 @@ def _travel_all(hidden: torch.Tensor, codec: Codec | None, prompt: int, prefill:
     return out
 
 
-def _refined(row: torch.Tensor, down: Codec) -> torch.Tensor:
-    """One downlink row as REFINE returns it (server/services.py): calK refined (kind 7), else fp16."""
+def refinement(row: torch.Tensor, coarse: bytes, down: Codec) -> tuple[bytes, torch.Tensor]:
+    """REFINE's answer for `row` (server/services.py) and what it decodes to: in a calK session a
+    refinement of `coarse` (the blob the row travelled in, kind 7), in any other the row in fp16."""
     if down.kind == CALIBRATED:
-        blob = encode(row, down).blob
-        return apply_refinement(blob, refinement_blob(row, blob, down.table), down.table).to(row.dtype)
+        blob = refinement_blob(row, coarse, down.table)
+        return blob, apply_refinement(coarse, blob, down.table)
     blob = encode(row, FP16).blob
-    return decode_blob(blob, read_header(blob), None).to(row.dtype)
+    return blob, decode_blob(blob, read_header(blob), None)
 
 
 @torch.inference_mode()
@@ -270,7 +266,8 @@ def _teacher_forced_logits(device, body, ids: list[int], up, down, prompt: int, 
     out = body.fork().forward(_travel_all(hidden, up, prompt, prefill), 0)
     back = _travel_all(out, down, prompt, prefill)
     if refine_last:
-        back[:, -1:] = _refined(out[:, -1:], down)
+        row = out[:, -1:]
+        back[:, -1:] = refinement(row, encode(row, down).blob, down)[1].to(row.dtype)
     return tail.forward(back, 0, last_only=False)[0].float()
 
 
@@ -348,7 +345,8 @@ def measure_codec(model: str, split: str, codec: str, prompts: list[str] | None 
         "model": model, "split": split, "codec": codec if up is None and down is None else (up or down).name,
         "direction": direction, "device_weights": device_weights,
         "agreement": agree / max(total, 1), "prefix_agreement": prefix / max(total, 1), "tokens": total,
-        "prompts": len(prompts), "flips_per_1k": 1000 * flips / max(total, 1), "perplexity": ppl, "reference_perplexity": reference_ppl,
+        "prompts": len(prompts), "flips_per_1k": 1000 * flips / max(total, 1),
+        "perplexity": ppl, "reference_perplexity": reference_ppl,
         "perplexity_change": ppl / reference_ppl - 1,
         "up_bytes_per_token": per_token["up"], "down_bytes_per_token": per_token["down"],
         "fp16_bytes_per_token": fp16 / steps / (2 if direction == "both" else 1) if fp16 else None,
