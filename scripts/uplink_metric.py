@@ -80,9 +80,9 @@ def step_for_rate(transform, z_fit, z_eval, rate: float) -> float:
 
 
 def variants(z, grads, lams):
-    sigma_rows = np.abs(z).max(axis=1) < cal.SINK_SIGMAS
-    mean = np.median(z[sigma_rows], axis=0)
-    centered = z[sigma_rows] - mean
+    bulk = np.abs(z).max(axis=1) < cal.SINK_SIGMAS
+    mean = np.median(z[bulk], axis=0)
+    centered = z[bulk] - mean
     cov = centered.T @ centered / len(centered)
     _, basis = np.linalg.eigh(cov)
     basis = basis[:, ::-1]
