@@ -33,7 +33,7 @@ from lambdasplit.wire.calibrated import _robust_spread, _zigzag
 
 
 def gather(device, body, count: int, gradient_count: int):
-    """(rows z [n, D], sigma [n], fisher grads in z units [m, D]) from the calibration passages."""
+    """(hidden states x [n, D], log-likelihood gradients in units of x / sigma [m, D]) from the calibration passages."""
     generator = torch.Generator().manual_seed(0)
     passages = cal.calibration_passages(device.tokenizer, count)
     rows, grads = [], []
