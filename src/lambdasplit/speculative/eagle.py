@@ -7,7 +7,11 @@ from this position's features and the next token's embedding:
     f^_{t+1} = layer(fc([embed(x_{t+1}); f_t]))        one decoder layer with its own KV cache
     logits_{t+1} = lm_head(final_norm(f^_{t+1}))        the target's own norm and LM head
 
-and drafts autoregressively from its own predictions. Only `fc` and the layer are
+and drafts autoregressively from its own predictions. A head trained with a draft
+vocabulary (EAGLE-3's) drafts only from those tokens, plus every token of the sequence it
+drafts for (so a prompt's rare words can be copied): the LM head over that subset costs a
+fraction of the whole vocabulary's. The target verifies over its whole vocabulary, so the
+output is unchanged; a token outside the subset is simply never drafted. Only `fc` and the layer are
 trained (zoo/draft_train.py, `lambdasplit zoo train smollm2-draft`); the embedding, norm
 and LM head are the device's, so the head adds a few MB to the device, nothing to the
 server, and sees nothing the device does not already hold.
@@ -51,7 +55,8 @@ def head_config(target_config, intermediate_size: int | None = None) -> LlamaCon
                        rms_norm_eps=getattr(target_config, "rms_norm_eps", 1e-5),
                        rope_theta=float(getattr(target_config, "rope_theta", None) or 10000.0),
                        max_position_embeddings=getattr(target_config, "max_position_embeddings", 8192),
-                       vocab_size=1, attn_implementation="sdpa")
+                       vocab_size=1, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                       attn_implementation="sdpa")  # no tokens of its own: the target's embedding and LM head
 
 
 def causal_mask(queries: int, past: int) -> torch.Tensor:
@@ -162,9 +167,16 @@ class Tree:
 
 class EagleSource:
 
-    def __init__(self, head: EagleHead, embed, tail, width: int = 1, branch: int = 1):
-        """width = branch = 1: a greedy chain; wider: EAGLE-2's tree, verified along its best path."""
+    def __init__(self, head: EagleHead, embed, tail, width: int = 1, branch: int = 1,
+                 vocab: list[int] | None = None):
+        """width = branch = 1: a greedy chain; wider: EAGLE-2's tree, verified along its best path.
+        vocab: the token ids the head drafts from (None: the whole vocabulary)."""
         self.head, self.embed, self.tail = head, embed, tail
+        self.vocab = list(vocab) if vocab is not None else None
+        if self.vocab is not None:
+            self._members = set(self.vocab)
+            self._vocab_ids = torch.tensor(self.vocab)
+            self._vocab_weight = tail.lm_head.weight.detach()[self._vocab_ids]
         self.width, self.branch = max(1, width), max(1, branch)
         self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
         # a tree is verified whole where the decoding allows (greedy, a server taking tree steps);
@@ -186,11 +198,33 @@ class EagleSource:
         if device is not None and meta.get("target_fingerprint") not in (None, device.checkpoint.fingerprint):
             raise UsageError(f"the draft head in {path} was trained for another model "
                              f"({meta.get('target')}); train one for this model")
-        return cls(head, device.head.embed, device.tail, width=width, branch=branch)
+        return cls(head, device.head.embed, device.tail, width=width, branch=branch, vocab=meta.get("draft_vocab"))
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's logits for the head's predicted features, over the draft vocabulary (index i is
+        token self._token(i))."""
         tail = self.tail
-        return tail.family.logits(tail.config, tail.lm_head(tail.norm(features)))
+        normed = tail.norm(features)
+        if self.vocab is None:
+            return tail.family.logits(tail.config, tail.lm_head(normed))
+        bias = getattr(tail.lm_head, "bias", None)
+        bias = bias[self._vocab_ids] if bias is not None else None
+        return tail.family.logits(tail.config, torch.nn.functional.linear(normed, self._vocab_weight, bias))
+
+    def _token(self, index: int) -> int:
+        return self.vocab[index] if self.vocab is not None else index
+
+    def _add_sequence_tokens(self, sequence: list[int]) -> None:
+        """Let the head draft any token already in the sequence (prompt or answer), not only its vocabulary's."""
+        if self.vocab is None:
+            return
+        missing = sorted(set(sequence) - self._members)
+        if missing:
+            self.vocab += missing
+            self._members.update(missing)
+            extra = torch.tensor(missing)
+            self._vocab_ids = torch.cat([self._vocab_ids, extra])
+            self._vocab_weight = torch.cat([self._vocab_weight, self.tail.lm_head.weight.detach()[extra]])
 
     def _cut(self, length: int) -> None:
         extra = self.cache.get_seq_length() - length
@@ -202,6 +236,7 @@ class EagleSource:
         last = len(sequence) - 2  # the last position the target has processed (its features are known)
         if last < 0 or not all(p in self.features for p in range(self.fed, last + 1)):
             return False
+        self._add_sequence_tokens(sequence)
         self._cut(self.fed)
         if self.fed <= last:
             feats = torch.stack([self.features.pop(p) for p in range(self.fed, last + 1)])[None]
@@ -238,7 +273,7 @@ class EagleSource:
     def _chain(self, k: int) -> list[int]:
         predicted, drafts = self.last_prediction, []
         for i in range(k):
-            token = int(torch.argmax(self._logits(predicted)[0, -1]))
+            token = self._token(int(torch.argmax(self._logits(predicted)[0, -1])))
             drafts.append(token)
             if i + 1 < k:
                 predicted = self.head(predicted, self.embed(torch.tensor([[token]])), self.fed + i, self.cache)
@@ -256,8 +291,8 @@ class EagleSource:
             candidates = []
             for row, parent in enumerate(frontier):
                 base = tree.scores[parent] if parent >= 0 else 0.0
-                for lp, token in zip(top.values[row].tolist(), top.indices[row].tolist()):
-                    candidates.append((base + lp, parent, token, row))
+                for lp, index in zip(top.values[row].tolist(), top.indices[row].tolist()):
+                    candidates.append((base + lp, parent, self._token(index), row))
             candidates.sort(key=lambda c: -c[0])
             kept = candidates[:self.width * self.branch] if level else candidates  # every root child
             new, rows = [], []
