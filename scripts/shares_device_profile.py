@@ -7,7 +7,8 @@ generation (EOS masked) with time.process_time as the profiler's clock, so only 
 CPU counts (the servers are other processes). Prints, per generated token (the prompt's step
 included), the device CPU split into: the requests (SharePair.run: the share arithmetic, and
 the framing and socket calls of sending and receiving), and the rest (the model's non-linear
-parts, the generation loop, sampling), then the functions with the most own time. Local fp32
+parts, the generation loop, sampling), then the functions with the most own time; and the
+same generation unprofiled, before it. Local fp32
 generation of the same prompt is timed alongside (no profiler) for scale. cProfile adds its
 own overhead per call: the split is what to read, not the totals.
 
@@ -59,6 +60,10 @@ def main() -> int:
         addresses = [s.address for s in servers]
         run_shared(model=None, device=device, prompt=PROMPT, servers=addresses, max_new_tokens=2, ignore_eos=True)
         began = time.process_time()
+        run_shared(model=None, device=device, prompt=PROMPT, servers=addresses, max_new_tokens=args.tokens,
+                   ignore_eos=True)
+        unprofiled_ms = 1e3 * (time.process_time() - began) / args.tokens
+        began = time.process_time()
         local.generate(PROMPT, max_new_tokens=args.tokens, ignore_eos=True)
         local_ms = 1e3 * (time.process_time() - began) / args.tokens
         profiler = cProfile.Profile(time.process_time)
@@ -72,15 +77,15 @@ def main() -> int:
     stats = pstats.Stats(profiler)
     per_token = 1e3 / args.tokens
     total = stats.total_tt * per_token
-    requests = cumulative(stats, "shares/device.py", "run") * per_token
+    requests = cumulative(stats, "shares/device.py", "exchange") * per_token
     sends = cumulative(stats, "shares/device.py", "send") * per_token
     receives = cumulative(stats, "shares/device.py", "receive") * per_token
     print(f"{args.model}, {'merged' if device.merge else 'plain'} layers, {record['round_trips_per_token']:.0f} "
           f"requests / token to each server, {args.tokens} tokens"
           + (", servers pinned to CPU 0, device to CPU 1" if args.pin else ""))
-    print(f"device CPU / token, profiled: {total:.1f} ms (unprofiled: {record['device_cpu_seconds'] * per_token:.1f} ms; "
+    print(f"device CPU / token, profiled: {total:.1f} ms (unprofiled: {unprofiled_ms:.1f} ms; "
           f"local fp32: {local_ms:.1f} ms)")
-    print(f"  requests (SharePair.run):        {requests:6.1f} ms")
+    print(f"  requests (SharePair.exchange):      {requests:6.1f} ms")
     print(f"    share arithmetic + bookkeeping {requests - sends - receives:6.1f} ms")
     print(f"    sending (framing, sendall)     {sends:6.1f} ms")
     print(f"    receiving (transport, recv)    {receives:6.1f} ms")

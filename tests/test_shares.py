@@ -25,7 +25,7 @@ from lambdasplit.shares.audit import audit_shares
 from lambdasplit.shares.device import SharedDevice
 from lambdasplit.shares.layers import MIN_INPUT_BOUND, FixedPointError, fixed_linear
 from lambdasplit.shares.run import run_shared
-from lambdasplit.shares.service import SharesService
+from lambdasplit.shares.service import PLAN_MARK, SharesService
 from rawproto import ERROR, PROTOCOL, RESULT, STEP, Peer, frame
 
 PROMPTS = ["the quick brown fox", "seven birds sing in the old tree", "a lazy dog sleeps near our house"]
@@ -252,6 +252,78 @@ def test_bad_requests_are_refused_and_the_server_keeps_serving(servers, shared_d
     finally:
         pair.close()
     assert ERROR  # (a refusal is an ERROR frame; Peer.outcome reads its code)
+
+
+def plan_frame(seq: int, rows: int, groups: list[list[int]]) -> bytes:
+    body = struct.pack("<IHIH", seq, PLAN_MARK, rows, len(groups))
+    for indices in groups:
+        body += struct.pack(f"<H{len(indices)}H", len(indices), *indices)
+    return frame(STEP, body)
+
+
+def test_plans_are_share_1_only_checked_whole_and_bounded(model, servers, shared_device):
+    from lambdasplit.server.server import Limits
+
+    fingerprint = shared_device.checkpoint.fingerprint
+    hello = {"protocol": PROTOCOL, "role": "shares", "model": fingerprint, "share": 0, "lm_head": True, "dtype": "float32",
+             "merge": shared_device.merge}
+    describe = frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0))
+    with Peer(servers[0]) as peer:  # share 0's inputs come with each request: no plans
+        peer.hello(hello)
+        peer.send(describe)
+        assert peer.receive()[0] == RESULT
+        peer.send(plan_frame(1, 1, [[0, 1, 2]]))
+        assert peer.outcome() == "bad_step"
+    with Peer(servers[1]) as peer:  # the second request names a layer that does not exist: nothing is answered
+        peer.hello({**hello, "share": 1})
+        peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))
+        assert peer.receive()[0] == RESULT
+        peer.send(plan_frame(1, 1, [[0, 1, 2], [60000]]))
+        assert peer.outcome() == "bad_step"
+    with Peer(servers[1]) as peer:  # a valid plan: one RESULT per request, in sequence
+        peer.hello({**hello, "share": 1})
+        peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))
+        assert peer.receive()[0] == RESULT
+        peer.send(plan_frame(1, 2, [[0, 1, 2], [3, 4, 5]]))
+        seqs = [struct.unpack_from("<I", peer.receive()[1])[0] for _ in range(2)]
+        assert seqs == [1, 2]
+    lm_head = len(shared_device.shared_names) - 1
+    pair = shared_device.connect(servers)
+    pair.close()
+    over = 2**19 // (8 * pair.table[lm_head]["out"]) + 1  # requests whose answers add up to more than 0.5 MiB
+    host = BodyServer([SharesService(str(model), 1)], port=0, limits=Limits(max_unsent_mb=0.5)).start_in_thread()
+    try:
+        with Peer(host.address) as peer:  # its answers would exceed what the server lets wait unread
+            peer.hello({**hello, "share": 1})
+            peer.send(frame(STEP, struct.pack("<IH", 0, 0) + struct.pack("<I", 0) + bytes(32)))
+            assert peer.receive()[0] == RESULT
+            peer.send(plan_frame(1, 1, [[lm_head]] * over))
+            assert peer.outcome() == "frame_too_large"
+    finally:
+        host.stop()
+
+
+def test_a_planned_request_equals_an_unplanned_one_and_settle_keeps_the_pair_in_step(servers, shared_device):
+    width = shared_device.connect(servers).table[0]["in"]
+    x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
+    pair = shared_device.connect(servers)
+    try:
+        expected = pair.exchange((0, 1, 2), x)
+    finally:
+        pair.close()
+    pair = shared_device.connect(servers)
+    try:
+        pair.plan([((0, 1, 2), 1), ((0, 1, 2), 1), ((0, 1, 2), 1)])
+        b_up = pair.bytes_up[1]
+        assert np.array_equal(pair.exchange((0, 1, 2), x), expected)  # W x exactly, whatever the masks
+        assert pair.bytes_up[1] == b_up  # server 1 was sent nothing more
+        with pytest.raises(LambdaSplitError, match="out of the planned order"):
+            pair.exchange((3, 4, 5), x)
+        pair.settle()  # the two planned requests no one took: read, dropped, their masks consumed
+        assert not pair.broken
+        assert np.array_equal(pair.exchange((0, 1, 2), x), expected)  # both servers still in step
+    finally:
+        pair.close()
 
 
 def test_an_answer_beyond_the_frame_limit_is_refused_before_compute(model, shared_device):

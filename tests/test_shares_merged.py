@@ -22,6 +22,8 @@ from lambdasplit.shares.layers import FixedPointError, MergedSpec, merge_plan, m
 from lambdasplit.shares.merged import MAX_INPUT_SHIFT
 from lambdasplit.shares.run import run_shared
 from lambdasplit.shares.service import SharesService
+from lambdasplit.audit.capture import split_frames
+from lambdasplit.wire.frames import FrameType
 
 PROMPTS = ["the quick brown fox", "seven birds sing in the old tree"]
 
@@ -76,6 +78,61 @@ def test_merged_equals_plain_and_local_and_costs_2_requests_per_layer(model, mer
         assert unmerged["round_trips"] == unmerged["steps"] * (4 * layers + 1)
         # the same bytes up: [a ; r] and [m ; h] are as wide as the plain q/k/v, o, gate/up and down inputs
         assert record["bytes_up_per_server"][0] <= unmerged["bytes_up_per_server"][0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_the_decode_step_equals_the_modules_and_plans_server_1(tiny_model_dir, family):
+    """shares/decode.py (one position as array code, one PLAN per step to server 1) against the family's own
+    layers with the merged modules: the same tokens, logits within float32 rounding, the same requests."""
+    path = str(tiny_model_dir(family))
+    hosts = serve(path, True)
+    try:
+        device = SharedDevice.load_shared(path, merge=True)
+        assert device.body().decode is not None
+        runs = {}
+        for decode_step in (True, False):
+            device.decode_step = decode_step
+            captures = [[], []]
+            runs[decode_step] = run_shared(model=None, device=device, prompt=PROMPTS[1], servers=[h.address for h in hosts],
+                                           max_new_tokens=8, ignore_eos=True, keep_logits=True, captures=captures)
+            frames_to_b = sum(1 for kind, _ in split_frames(b"".join(d for way, d in captures[1] if way == "up"))
+                              if kind == FrameType.STEP)
+            requests, answers = parse_capture(captures[1])
+            per_step = 2 * device.num_layers + 2
+            assert len(requests) - 1 == len(answers) - 1 == runs[decode_step]["steps"] * per_step
+            # describe, the prompt step's requests one by one, then one PLAN per decode step (or every request)
+            steps = runs[decode_step]["steps"]
+            assert frames_to_b == 1 + per_step + (steps - 1 if decode_step else (steps - 1) * per_step)
+        fast, modules = runs[True], runs[False]
+        assert fast["token_ids"] == modules["token_ids"]
+        error = max(float((a - b).nan_to_num(0).abs().max()) for a, b in zip(fast["_logits"], modules["_logits"]))
+        assert error < 1e-4, error
+        assert fast["round_trips"] == modules["round_trips"]
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def test_speculation_mixes_verify_steps_and_decode_steps_exactly(model, merged):
+    """Drafted blocks go through the modules, single positions through the decode step, rejected positions are
+    cut from the one cache both use: greedy tokens equal local generation's."""
+    device, servers = merged
+    prompt = "one two three one two three one two three one two"
+    local = DeviceModel.load(str(model)).generate(prompt, max_new_tokens=12, ignore_eos=True)
+    captures = [[], []]
+    record = run_shared(model=None, device=device, prompt=prompt, servers=servers, max_new_tokens=12, ignore_eos=True,
+                        speculate="lookup", draft_tokens=3, captures=captures)
+    assert record["token_ids"] == local.token_ids
+    requests, _ = parse_capture(captures[0])
+    after_prompt = [r["rows"] for r in requests[1 + 2 * device.num_layers + 2:]]
+    assert 1 in after_prompt and max(after_prompt) > 1  # both kinds of step ran
+
+
+def test_sliding_window_layers_keep_the_modules(tiny_model_dir):
+    path = str(tiny_model_dir("mistral"))
+    device = SharedDevice.load_shared(path, merge=True)
+    body = device.body()
+    assert body.decode is None and "sliding" in body.decode_refusal
 
 
 def test_lm_head_on_the_device_is_2_requests_per_layer_plus_1(model):

@@ -35,7 +35,7 @@ from lambdasplit.audit.capture import split_frames
 from lambdasplit.client.generation import Sampling
 from lambdasplit.shares import ring
 from lambdasplit.shares.device import SharedDevice
-from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROWS
+from lambdasplit.shares.service import PLAN_COUNT, PLAN_MARK, REQUEST_HEAD, RESULT_HEAD, ROWS
 from lambdasplit.wire.frames import FrameType
 
 
@@ -48,6 +48,16 @@ def parse_capture(chunks: list[tuple[str, bytes]]) -> tuple[list[dict], list[np.
             if direction == "up" and frame_type == FrameType.STEP:
                 seq, count = REQUEST_HEAD.unpack_from(body, 0)
                 offset = REQUEST_HEAD.size
+                if count == PLAN_MARK:  # share 1's PLAN: one entry per request it stands for
+                    (rows,) = ROWS.unpack_from(body, offset)
+                    (planned,) = PLAN_COUNT.unpack_from(body, offset + ROWS.size)
+                    offset += ROWS.size + PLAN_COUNT.size
+                    for j in range(planned):
+                        (k,) = PLAN_COUNT.unpack_from(body, offset)
+                        indices = list(np.frombuffer(body[offset + 2:offset + 2 + 2 * k], dtype="<u2"))
+                        offset += 2 + 2 * k
+                        out.append({"seq": seq + j, "indices": indices, "rows": rows, "payload": b""})
+                    continue
                 indices = list(np.frombuffer(body[offset:offset + 2 * count], dtype="<u2"))
                 offset += 2 * count
                 (rows,) = ROWS.unpack_from(body, offset)

@@ -26,6 +26,7 @@ import json
 import math
 import struct
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,10 +40,10 @@ from lambdasplit.errors import LambdaSplitError, ProtocolError
 from lambdasplit.llm.checkpoint import Checkpoint
 from lambdasplit.llm.families import family_for
 from lambdasplit.llm.segments import LayerStack, Tail, load_head
-from lambdasplit.shares import ring
+from lambdasplit.shares import decode, ring
 from lambdasplit.shares.layers import in_out, is_linear, linear_names, merge_plan, merge_refusal, table_digest, tied_lm_head
 from lambdasplit.shares.merged import wire_merged
-from lambdasplit.shares.service import REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS, SPATIAL
+from lambdasplit.shares.service import PLAN_COUNT, PLAN_MARK, REQUEST_HEAD, RESULT_HEAD, ROLE, ROWS, SPATIAL
 from lambdasplit.wire.frames import FRAME_HEADER, FrameType
 from lambdasplit.wire.link import Link
 
@@ -63,6 +64,16 @@ class SharesSession(Session):
         if spatial is not None:
             head += SPATIAL.pack(*spatial)
         body = head + payload  # bytes + memoryview: one copy
+        data = FRAME_HEADER.pack(len(body) + 1, FrameType.STEP) + body
+        self.transport.send(data)
+        return len(data)
+
+    def send_plan(self, groups: list, rows: int) -> int:
+        """A PLAN (share 1): the next len(groups) requests of `rows` rows each, in one frame."""
+        parts = [REQUEST_HEAD.pack(self.seq, PLAN_MARK), ROWS.pack(rows), PLAN_COUNT.pack(len(groups))]
+        for indices in groups:
+            parts.append(struct.pack(f"<H{len(indices)}H", len(indices), *indices))
+        body = b"".join(parts)
         data = FRAME_HEADER.pack(len(body) + 1, FrameType.STEP) + body
         self.transport.send(data)
         return len(data)
@@ -114,6 +125,8 @@ class SharePair:
                                    "fixed-point format)")
         self.table = tables[0]["layers"]
         self._plans: dict[tuple, tuple] = {}
+        self._planned: deque = deque()  # (indices, n) server 1 was told to compute and not yet answered
+        self.broken = ""  # why the two sessions' mask streams no longer match, if they do not
         # The tighter bound of the two (a server cannot widen what the other guarantees).
         self.x_bounds = [min(a["x_bound"], b["x_bound"]) for a, b in zip(tables[0]["layers"], tables[1]["layers"])]
 
@@ -132,28 +145,45 @@ class SharePair:
         layers' bound is refused, unless `max_shift` > 0 (merged layers, which read the raw residual
         stream): then it is encoded with k <= max_shift fewer fractional bits, the fewest that bring
         it within the bound (exact in the ring: W (x 2^-k) 2^k = W x), at 2^-(FRAC_X - k) input
-        resolution. The servers never learn k. Numpy throughout:
-        per request the device's own work is a few O(d) array passes, so interpreter overhead
-        is what counts (see docs/benchmarks.md, device time)."""
-        began, cpu_began = time.perf_counter(), time.thread_time()
-        key = tuple(indices)
-        plan = self._plans.get(key)
-        if plan is None:  # per layer group, once: its bound, output widths, convolution parameters
-            plan = self._plans[key] = (min(self.x_bounds[i] for i in indices), [self.table[i]["out"] for i in indices],
-                                       self.table[indices[0]].get("conv"))
-        bound, outs_per_layer, conv = plan
+        resolution. The servers never learn k."""
+        conv = self._plan(indices)[2]
         if conv is not None:  # [B, C, H, W]: n maps
             rows = x.detach().contiguous().numpy()
-            n, spatial = rows.shape[0], tuple(rows.shape[2:])
+            spatial = tuple(rows.shape[2:])
             out_hw = conv_output_size(spatial, conv)
-            lead, area = (n,), out_hw[0] * out_hw[1]
+            lead, area = (rows.shape[0],), out_hw[0] * out_hw[1]
         elif isinstance(x, (list, tuple)):
             rows = np.concatenate([part.detach().reshape(-1, part.shape[-1]).numpy() for part in x], axis=1)
-            n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x[0].shape[:-1]), 1
+            spatial, out_hw, lead, area = None, (), tuple(x[0].shape[:-1]), 1
         else:
             rows = x.detach().reshape(-1, x.shape[-1]).numpy()
-            n, spatial, out_hw, lead, area = rows.shape[0], None, (), tuple(x.shape[:-1]), 1
-        peak = float(max(rows.max(), -rows.min())) if rows.size else 0.0
+            spatial, out_hw, lead, area = None, (), tuple(x.shape[:-1]), 1
+        values = torch.from_numpy(self.exchange(indices, rows, max_shift, spatial, area))
+        outs_per_layer = self._plan(indices)[1]
+        n = rows.shape[0]
+        parts = values.split([n * out * area for out in outs_per_layer]) if len(outs_per_layer) > 1 else (values,)
+        return [part.view(*lead, out, *out_hw) for part, out in zip(parts, outs_per_layer)]
+
+    def _plan(self, indices) -> tuple:
+        """Per layer group, once: its input bound, output widths, convolution parameters, input width."""
+        key = tuple(indices)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = (min(self.x_bounds[i] for i in indices), [self.table[i]["out"] for i in indices],
+                                       self.table[indices[0]].get("conv"), self.table[indices[0]]["in"])
+        return plan
+
+    def exchange(self, indices, rows: np.ndarray, max_shift: int = 0, spatial: tuple | None = None,
+                 area: int = 1) -> np.ndarray:
+        """The request itself, on a float array [n, in] (or [n, C, H, W]): its answers decoded to
+        float32, flat, layer after layer. Numpy throughout: per request the device's own work is a
+        few O(d) array passes, so interpreter overhead is what counts (docs/benchmarks.md, device time)."""
+        if self.broken:
+            raise LambdaSplitError(f"shares: this pair of sessions is out of step ({self.broken}); connect again")
+        began, cpu_began = time.perf_counter(), time.thread_time()
+        bound, outs_per_layer, _, _ = self._plan(indices)
+        n = rows.shape[0]
+        peak = float(np.abs(rows).max()) if rows.size else 0.0
         shift = 0
         if not peak <= bound and max_shift and peak <= bound * 2 ** max_shift:
             shift = max(1, math.ceil(math.log2(peak / bound)))  # peak 2^-shift <= bound
@@ -162,33 +192,37 @@ class SharePair:
             names = ", ".join(self.table[i]["name"] for i in indices)
             raise LambdaSplitError(f"shares: the input of {names} reaches {peak:.4g}, beyond the fixed-point bound "
                                    f"{bound:.4g} of that layer (2^63 / 2^{ring.FRAC_Y} / its L1 norm): refused, not run")
+        planned = False
+        if self._planned:  # server 1 already has this request (plan()): it must be the next one
+            if self._planned[0] != (tuple(indices), n):
+                raise LambdaSplitError(f"shares: request {list(indices)} x {n} out of the planned order "
+                                       f"(next planned: {list(self._planned[0][0])} x {self._planned[0][1]})")
+            self._planned.popleft()
+            planned = True
         x_ring = ring.encode(rows, ring.FRAC_X - shift)
         masked = ring.share(x_ring, self.masks)
         sent, cpu_sent = time.perf_counter(), time.thread_time()
         first, second = self.sessions
         before = (first.bytes_up, second.bytes_up, first.bytes_down, second.bytes_down)
         first.send(indices, n, masked.data, spatial)
-        second.send(indices, n, b"", spatial)
+        if not planned:
+            second.send(indices, n, b"", spatial)
         (a, ta), (b, tb) = first.receive(), second.receive()
-        if n == 1 and conv is None:
-            costs = self.costs
+        costs = self.costs
+        if n == 1 and spatial is None:
             costs.single_row_requests += 1
             costs.single_row_up[0] += first.bytes_up - before[0]
             costs.single_row_up[1] += second.bytes_up - before[1]
             costs.single_row_down[0] += first.bytes_down - before[2]
             costs.single_row_down[1] += second.bytes_down - before[3]
         answered, cpu_answered = time.perf_counter(), time.thread_time()
-        widths = [out * area for out in outs_per_layer]
-        expected = 8 * n * sum(widths)
+        expected = 8 * n * area * sum(outs_per_layer)
         if len(a) != expected or len(b) != expected:
             raise ProtocolError("bad_result", f"a shares server answered {min(len(a), len(b))} bytes, expected {expected}")
         total = np.frombuffer(a, dtype="<u8") + np.frombuffer(b, dtype="<u8")  # modulo 2^64
-        values = torch.from_numpy(ring.decode_float32(total, ring.FRAC_Y - shift))
+        values = ring.decode_float32(total, ring.FRAC_Y - shift)
         if self.observer is not None:
             self.observer(indices, x_ring, total)
-        parts = values.split([n * width for width in widths]) if len(widths) > 1 else (values,)
-        outs = [part.view(*lead, out, *out_hw) for part, out in zip(parts, outs_per_layer)]
-        costs = self.costs
         costs.requests += 1
         costs.rows += n
         costs.server_seconds += max(ta, tb)
@@ -196,7 +230,37 @@ class SharePair:
         costs.share_seconds += (time.perf_counter() - began) - (answered - sent)
         costs.arithmetic_cpu += (time.thread_time() - cpu_answered) + (cpu_sent - cpu_began)
         costs.io_cpu += cpu_answered - cpu_sent
-        return outs
+        return values
+
+    def plan(self, requests: list[tuple[tuple[int, ...], int]]) -> None:
+        """Tell server 1 the next requests (layer groups, each of the same n rows) in one PLAN frame:
+        it computes them on its mask stream as they come, and exchange() sends it nothing more."""
+        if self._planned:
+            raise LambdaSplitError("shares: a plan is already under way")
+        rows = {n for _, n in requests}
+        if len(rows) != 1:
+            raise LambdaSplitError("shares: a plan's requests all have the same rows")
+        second = self.sessions[1]
+        before = second.bytes_up
+        second.send_plan([indices for indices, _ in requests], rows.pop())
+        if requests[0][1] == 1:
+            self.costs.single_row_up[1] += second.bytes_up - before
+        self._planned.extend((tuple(indices), n) for indices, n in requests)
+
+    def settle(self) -> None:
+        """After a step that stopped early: read and drop server 1's planned answers that no request took,
+        consuming the same masks, so both sides stay in step (else the pair is marked out of step)."""
+        if not self._planned:
+            return
+        try:
+            while self._planned:
+                indices, n = self._planned.popleft()
+                self.masks.next(n * self._plan(indices)[3])
+                self.sessions[1].receive()
+        except Exception as error:  # noqa: BLE001 - whatever stopped it, the streams no longer match
+            self._planned.clear()
+            self.broken = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.close()
 
     @property
     def bytes_up(self) -> list[int]:
@@ -265,6 +329,7 @@ class SharedDevice(DeviceModel):
     """DeviceModel whose whole decoder stack runs here, with every shared layer a SharedLinear."""
 
     pair: SharePair | None = None
+    decode_step = True  # one new position through decode.DecodeStep where the model allows it
 
     @classmethod
     def load_shared(cls, model: str | Checkpoint, lm_head: bool = True, merge: bool | None = None) -> "SharedDevice":
@@ -360,12 +425,19 @@ class SharedDevice(DeviceModel):
 
 
 class SharedBody:
-    """The decoder stack on the device over shares: the BodyLink the generation loop calls."""
+    """The decoder stack on the device over shares: the BodyLink the generation loop calls.
+
+    One new position goes through decode.DecodeStep where the model allows it (the steady state);
+    everything else (the prompt, drafted positions) through the family's layers with the proxies."""
 
     def __init__(self, stack: LayerStack, device: SharedDevice):
         self.stack, self.device = stack, device
+        self.decode_refusal = decode.refusal(device, stack) if device.decode_step else "turned off"
+        self.decode = decode.DecodeStep(device, stack) if self.decode_refusal is None else None
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        if self.decode is not None and hidden.shape[0] == 1 and hidden.shape[1] == 1:
+            return self.decode.forward(hidden, start)
         return self.stack.forward(hidden, start)
 
     @property

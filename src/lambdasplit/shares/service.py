@@ -15,6 +15,12 @@ It answers one kind of request (docs/protocol.md, "Secret-shared mode"):
                      32-byte ChaCha20 key (ring.MaskStream), drawn fresh by the device
     RESULT  u32 seq | u32 compute microseconds | for each layer, n x out uint64 (W share (+ bias on share 0))
 
+    PLAN    u32 seq | u16 0xFFFF | u32 n | u16 m | m x (u16 k | k x u16 layer index)   (share 1 only)
+            m requests of n rows at once, answered by m RESULTs (seq .. seq + m - 1) streamed as
+            each is computed: share 1's inputs are its mask stream, so it can run a whole decode
+            step's requests without waiting for the device, and the device sends it one frame
+            per step instead of one per request
+
 With `--shares-merge` (auto: where layers.merge_refusal allows) the table is the merged one
 (layers.merge_plan: 2 requests per decoder layer, RMSNorm folded into the weights).
 The two servers are configured independently and never talk to each other; server 0 adds
@@ -40,6 +46,9 @@ from lambdasplit.wire.frames import FrameType, frame
 
 ROLE = "shares"
 MAX_LAYERS_PER_REQUEST = 16
+PLAN_MARK = 0xFFFF  # in a STEP's layer count: a plan follows (share 1)
+MAX_PLAN_REQUESTS = 4096
+PLAN_COUNT = struct.Struct("<H")
 REQUEST_HEAD = struct.Struct("<IH")
 ROWS = struct.Struct("<I")
 SPATIAL = struct.Struct("<HH")
@@ -108,6 +117,8 @@ class SharesSession(SessionHandler):
     def handle(self, frame_type, body, emit) -> None:
         if frame_type != FrameType.STEP:
             raise ProtocolError("unexpected_frame", f"a shares session takes STEP frames, got {frame_type.name}")
+        if len(body) >= REQUEST_HEAD.size and REQUEST_HEAD.unpack_from(body, 0)[1] == PLAN_MARK:
+            return self.run_plan(body, emit)
         began = time.perf_counter()
         layers, rows, payload, seq = self.parse(body)
         if not layers:
@@ -122,6 +133,67 @@ class SharesSession(SessionHandler):
                 raise ProtocolError("bad_shape", f"{layers[0].name}: {str(error).splitlines()[0]}") from None
         compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
         emit(frame(FrameType.RESULT, RESULT_HEAD.pack(seq, compute_us) + out))
+
+    def run_plan(self, body: memoryview, emit) -> None:
+        """A PLAN: every request checked first, then each answered as soon as it is computed."""
+        seq, _ = REQUEST_HEAD.unpack_from(body, 0)
+        if self.service.share != 1:
+            raise ProtocolError("bad_step", "only share 1 runs plans (share 0's inputs come with each request)")
+        if self.masks is None:
+            raise ProtocolError("bad_step", "share 1 needs the describe request (the mask key) first")
+        if seq != self.next:
+            raise ProtocolError("out_of_order", f"expected request {self.next}, got {seq}")
+        offset = REQUEST_HEAD.size
+        if len(body) < offset + ROWS.size + PLAN_COUNT.size:
+            raise ProtocolError("bad_frame", "shares PLAN frame too short")
+        (rows,) = ROWS.unpack_from(body, offset)
+        (count,) = PLAN_COUNT.unpack_from(body, offset + ROWS.size)
+        offset += ROWS.size + PLAN_COUNT.size
+        if not 1 <= count <= MAX_PLAN_REQUESTS:
+            raise ProtocolError("bad_step", f"a plan of {count} requests; it takes 1..{MAX_PLAN_REQUESTS}")
+        if not 1 <= rows <= self.limits.max_positions:
+            raise ProtocolError("too_many_positions", f"{rows} rows in one request; need 1..{self.limits.max_positions}")
+        self.spatial = None
+        plan, answer_bytes = [], 0
+        for _ in range(count):
+            if len(body) < offset + PLAN_COUNT.size:
+                raise ProtocolError("bad_frame", "shares PLAN frame too short for its requests")
+            (k,) = PLAN_COUNT.unpack_from(body, offset)
+            if not 1 <= k <= MAX_LAYERS_PER_REQUEST:
+                raise ProtocolError("bad_step", f"{k} layers in one planned request; it takes 1..{MAX_LAYERS_PER_REQUEST}")
+            if len(body) < offset + PLAN_COUNT.size + 2 * k:
+                raise ProtocolError("bad_frame", "shares PLAN frame too short for its layer lists")
+            layers = self.layers_of(struct.unpack_from(f"<{k}H", body, offset + PLAN_COUNT.size))
+            offset += PLAN_COUNT.size + 2 * k
+            if layers[0].conv is not None:
+                raise ProtocolError("bad_step", f"{layers[0].name} is a convolution: plans take linear layers only")
+            self.check_answer_size(layers, rows)
+            plan.append(layers)
+            answer_bytes += 8 * rows * sum(layer.out_features for layer in layers)
+        if offset != len(body):
+            raise ProtocolError("bad_frame", f"shares PLAN frame has {len(body) - offset} bytes after its requests")
+        if answer_bytes > self.limits.max_unsent_bytes:
+            raise ProtocolError("frame_too_large", f"a plan answered by {answer_bytes} bytes, above this server's "
+                                                   f"{self.limits.max_unsent_bytes}-byte limit of unread replies: "
+                                                   "plan fewer requests or rows")
+        self.next = seq + count
+        for j, layers in enumerate(plan):
+            began = time.perf_counter()
+            shares = self.share_of(layers[0], rows, b"")
+            out = b"".join(layer.apply(shares, False).astype("<u8", copy=False).tobytes() for layer in layers)
+            compute_us = min(int((time.perf_counter() - began) * 1e6), 2**32 - 1)
+            emit(frame(FrameType.RESULT, RESULT_HEAD.pack(seq + j, compute_us) + out))
+
+    def layers_of(self, indices) -> list:
+        table = self.service.layers
+        for index in indices:
+            if index >= len(table):
+                raise ProtocolError("bad_step", f"layer {index} does not exist (this model has {len(table)} shared layers)")
+        layers = [table[i] for i in indices]
+        if len({(layer.in_features, layer.conv is None) for layer in layers}) > 1:
+            raise ProtocolError("bad_step", "the layers of one request must take the same input "
+                                            f"({', '.join(layer.name for layer in layers)} do not)")
+        return layers
 
     def parse(self, body: memoryview):
         if len(body) < REQUEST_HEAD.size:
@@ -139,14 +211,7 @@ class SharesSession(SessionHandler):
         offset += 2 * count
         (rows,) = ROWS.unpack_from(body, offset)
         offset += ROWS.size
-        table = self.service.layers
-        for index in indices:
-            if index >= len(table):
-                raise ProtocolError("bad_step", f"layer {index} does not exist (this model has {len(table)} shared layers)")
-        layers = [table[i] for i in indices]
-        if len({(layer.in_features, layer.conv is None) for layer in layers}) > 1:
-            raise ProtocolError("bad_step", "the layers of one request must take the same input "
-                                            f"({', '.join(layer.name for layer in layers)} do not)")
+        layers = self.layers_of(indices)
         if layers and not 1 <= rows <= self.limits.max_positions:
             raise ProtocolError("too_many_positions", f"{rows} rows in one request; need 1..{self.limits.max_positions}")
         self.spatial = None
