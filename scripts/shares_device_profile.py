@@ -1,16 +1,18 @@
 """Where the device's CPU goes per generated token in the secret-shared mode (cProfile on process time).
 
-    python scripts/shares_device_profile.py [--model zoo:smollm2] [--merge auto|off] [--tokens 16] [--top 12] [--pin]
+    python scripts/shares_device_profile.py [--model zoo:smollm2] [--merge auto|off] [--decode-step on|off]
+                                            [--tokens 16] [--top 12] [--pin]
 
 Starts two `serve --component shares` processes on loopback, warms up, then profiles one greedy
 generation (EOS masked) with time.process_time as the profiler's clock, so only this process's
 CPU counts (the servers are other processes). Prints, per generated token (the prompt's step
-included), the device CPU split into: the requests (SharePair.run: the share arithmetic, and
-the framing and socket calls of sending and receiving), and the rest (the model's non-linear
-parts, the generation loop, sampling), then the functions with the most own time; and the
-same generation unprofiled, before it. Local fp32
-generation of the same prompt is timed alongside (no profiler) for scale. cProfile adds its
-own overhead per call: the split is what to read, not the totals.
+included), the device CPU split into: the requests (SharePair.exchange: the share arithmetic,
+and the framing and socket calls of sending and receiving), and the rest (the model's
+non-linear parts, the generation loop, sampling), then the functions with the most own time.
+The same generation unprofiled (before it) and local fp32 generation of the same prompt are
+timed alongside for scale. cProfile adds its own overhead per call: the split is what to
+read, not the profiled total. --decode-step off runs single positions through the family's
+modules instead of shares/decode.py.
 
 --pin runs both servers on CPU 0 and this process (the device, and local generation) on CPU 1:
 the nearest this one machine comes to servers on other machines, where the device would not
@@ -43,6 +45,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="zoo:smollm2")
     parser.add_argument("--merge", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument("--decode-step", choices=["on", "off"], default="on")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--pin", action="store_true", help="servers on CPU 0, the device on CPU 1")
@@ -56,6 +59,7 @@ def main() -> int:
         os.sched_setaffinity(0, {1})
     try:
         device = SharedDevice.load_shared(args.model, merge=parse_merge(args.merge))
+        device.decode_step = args.decode_step == "on"
         local = DeviceModel.load(args.model)
         addresses = [s.address for s in servers]
         run_shared(model=None, device=device, prompt=PROMPT, servers=addresses, max_new_tokens=2, ignore_eos=True)
@@ -82,7 +86,8 @@ def main() -> int:
     receives = cumulative(stats, "shares/device.py", "receive") * per_token
     print(f"{args.model}, {'merged' if device.merge else 'plain'} layers, {record['round_trips_per_token']:.0f} "
           f"requests / token to each server, {args.tokens} tokens"
-          + (", servers pinned to CPU 0, device to CPU 1" if args.pin else ""))
+          + (", servers pinned to CPU 0, device to CPU 1" if args.pin else "")
+          + ("" if device.decode_step else ", decode step off"))
     print(f"device CPU / token, profiled: {total:.1f} ms (unprofiled: {unprofiled_ms:.1f} ms; "
           f"local fp32: {local_ms:.1f} ms)")
     print(f"  requests (SharePair.exchange):      {requests:6.1f} ms")

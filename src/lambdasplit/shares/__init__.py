@@ -16,6 +16,8 @@ residuals, sampling) runs on the device.
     service.py  `lambdasplit serve --component shares --share 0|1` (role "shares")
     device.py   the device runtime: the model with every linear layer a proxy over two sessions
     merged.py   the device's modules for the merged table (norms that record, answers that wait)
+    decode.py   one new position over the merged table as numpy code (the steady state), with one
+                PLAN frame per step to server 1 instead of a request header per layer group
     unet.py     `imagine --protocol shared`: the diffusers U-Net with its convolutions and linear
                 projections as proxies (group norm, attention, scheduler, VAE on the device)
     run.py      `generate --mode shared --servers A,B` and its record

@@ -289,7 +289,7 @@ def run(args) -> int:
     notes = [describe_machine(meta["machine"]),
              f"device weights in memory: {memory['device_weight_bytes'] / 1e6:.1f} MB shared mode vs "
              f"{memory['local_weight_bytes'] / 1e6:.1f} MB local (parameters and buffers; KV cache excluded, the same)",
-             "A = share-0 server (gets x - r), B = share-1 server (gets a key once, then request headers only)"]
+             "A = share-0 server (gets x - r), B = share-1 server (gets a key once, then request headers, or one PLAN per decode step)"]
     if args.json:
         import json
 

@@ -10,7 +10,8 @@ proxy, when called, computes its layer through the two servers:
     x (float) -> x_int = round(x 2^FRAC_X)      O(d) on the device
     r = next masks of ChaCha20(key), s0 = x_int - r      O(d)
     server 0 <- s0, server 1 <- (header only)    both requests sent, then both answers read
-                                                 (server 1 got the key once, at the session's start)
+                                                 (server 1 got the key once, at the session's start;
+                                                 a decode step tells it all its requests in one PLAN)
     y = decode(W s0 + W r) = W x                 O(d_out) on the device; O(d d_out) on each server
 
 Linear layers that read the same tensor (q, k, v; gate, up) go in ONE request: the first
