@@ -330,7 +330,7 @@ class SharedDevice(DeviceModel):
     """DeviceModel whose whole decoder stack runs here, with every shared layer a SharedLinear."""
 
     pair: SharePair | None = None
-    decode_step = True  # one new position through decode.DecodeStep where the model allows it
+    decode_step = True  # the decoder layers as array code (decode.DecodeStep) where the model allows it
 
     @classmethod
     def load_shared(cls, model: str | Checkpoint, lm_head: bool = True, merge: bool | None = None) -> "SharedDevice":
@@ -428,8 +428,8 @@ class SharedDevice(DeviceModel):
 class SharedBody:
     """The decoder stack on the device over shares: the BodyLink the generation loop calls.
 
-    One new position goes through decode.DecodeStep where the model allows it (the steady state);
-    everything else (the prompt, drafted positions) through the family's layers with the proxies."""
+    A causal chain of positions (the prompt, each new token, a drafted block) goes through
+    decode.DecodeStep where the model allows it; otherwise through the family's layers with the proxies."""
 
     def __init__(self, stack: LayerStack, device: SharedDevice):
         self.stack, self.device = stack, device
@@ -437,7 +437,7 @@ class SharedBody:
         self.decode = decode.DecodeStep(device, stack) if self.decode_refusal is None else None
 
     def forward(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        if self.decode is not None and hidden.shape[0] == 1 and hidden.shape[1] == 1:
+        if self.decode is not None and hidden.shape[0] == 1:
             return self.decode.forward(hidden, start)
         return self.stack.forward(hidden, start)
 
