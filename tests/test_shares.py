@@ -304,7 +304,9 @@ def test_plans_are_share_1_only_checked_whole_and_bounded(model, servers, shared
 
 
 def test_a_planned_request_equals_an_unplanned_one_and_settle_keeps_the_pair_in_step(servers, shared_device):
-    width = shared_device.connect(servers).table[0]["in"]
+    pair = shared_device.connect(servers)
+    pair.close()
+    width = pair.table[0]["in"]
     x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
     pair = shared_device.connect(servers)
     try:

@@ -73,7 +73,6 @@ def _head_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 class DecodeStep:
     """The decoder layers of one device stack as array code (the merged table's indices, the layers' constants)."""
 
-    use_plan = True
 
     def __init__(self, device, stack):
         config = stack.config
@@ -115,6 +114,11 @@ class DecodeStep:
         half = self.head_dim // 2
         self.swap = np.concatenate([np.arange(half, self.head_dim), np.arange(half)])
 
+    def _qkv_rows(self, answer: np.ndarray, n: int) -> np.ndarray:
+        """An answer's q, k, v (each n rows, one after the other) -> [n, q | k | v]."""
+        parts = np.split(answer, [n * self.q_width, n * (self.q_width + self.kv_width)])
+        return np.concatenate([part.reshape(n, -1) for part in parts], axis=1)
+
     def _qkv(self, qkv: np.ndarray, entry, cos, sin_signed):
         """q, k (rotated) and v [n, heads, head_dim] from the rows [n, q | k | v] of an answer."""
         n = qkv.shape[0]
@@ -142,7 +146,7 @@ class DecodeStep:
         sin_signed = np.concatenate([-sin[:, :half], sin[:, half:]], axis=1)
         # positions j may attend to cached positions t <= start + j (a causal chain), as the family's mask
         future = None if n == 1 else np.arange(start + n)[None, :] > (start + np.arange(n))[:, None]
-        if self.use_plan and n == 1:  # a plan's answers wait unread at server 1: one position's fit its limit
+        if n == 1:  # a plan's answers wait unread at server 1: one position's fit its limit
             pair.plan([(indices, 1) for indices in self.requests])
         try:
             with np.errstate(over="ignore"):  # silu's exp(-gate) for gate < -88: inf, and gate / inf = -0 as it should
@@ -160,9 +164,7 @@ class DecodeStep:
         n, hidden = r.shape
         weight, eps = self.first_norm
         x = weight * (r * _rms_scale(r, eps))
-        qkv = pair.exchange(self.qkv0, x).reshape(-1)
-        qkv = np.concatenate([part.reshape(n, -1) for part in np.split(qkv, [n * self.q_width,
-                                                                             n * (self.q_width + self.kv_width)])], axis=1)
+        qkv = self._qkv_rows(pair.exchange(self.qkv0, x), n)
         for i, (layer_idx, entry) in enumerate(zip(self.stack.layer_indices, self.layers)):
             q, k, v = self._qkv(qkv, entry, cos, sin_signed)
             keys, values = cache.layers[layer_idx].update(torch.from_numpy(k.transpose(1, 0, 2)[None]),
@@ -190,6 +192,5 @@ class DecodeStep:
             answer = pair.exchange(entry["down"], np.concatenate([m, h], axis=1), MAX_INPUT_SHIFT)
             r = h + answer[:n * hidden].reshape(n, hidden)
             scale = _rms_scale(r, self.layers[i + 1]["eps_in"])
-            rest = np.split(answer[n * hidden:], [n * self.q_width, n * (self.q_width + self.kv_width)])
-            qkv = np.concatenate([part.reshape(n, -1) for part in rest], axis=1) * scale
+            qkv = self._qkv_rows(answer[n * hidden:], n) * scale
         raise AssertionError("unreachable: the last layer returns")

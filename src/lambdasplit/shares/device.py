@@ -147,7 +147,7 @@ class SharePair:
         stream): then it is encoded with k <= max_shift fewer fractional bits, the fewest that bring
         it within the bound (exact in the ring: W (x 2^-k) 2^k = W x), at 2^-(FRAC_X - k) input
         resolution. The servers never learn k."""
-        conv = self._plan(indices)[2]
+        _, outs_per_layer, conv, _ = self._plan(indices)
         if conv is not None:  # [B, C, H, W]: n maps
             rows = x.detach().contiguous().numpy()
             spatial = tuple(rows.shape[2:])
@@ -160,7 +160,6 @@ class SharePair:
             rows = x.detach().reshape(-1, x.shape[-1]).numpy()
             spatial, out_hw, lead, area = None, (), tuple(x.shape[:-1]), 1
         values = torch.from_numpy(self.exchange(indices, rows, max_shift, spatial, area))
-        outs_per_layer = self._plan(indices)[1]
         n = rows.shape[0]
         parts = values.split([n * out * area for out in outs_per_layer]) if len(outs_per_layer) > 1 else (values,)
         return [part.view(*lead, out, *out_hw) for part, out in zip(parts, outs_per_layer)]
