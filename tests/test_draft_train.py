@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from rich.progress import Progress
 
@@ -150,3 +151,21 @@ def test_a_draft_vocabulary_limits_drafts_and_keeps_output_exact(tiny_model_dir)
     for seen, tokens in drafted:
         assert all(t in vocab or t in seen for t in tokens)
     assert set(prompt) <= set(source.vocab)  # the sequence's own tokens joined the vocabulary
+
+
+def test_prompt_sets_are_seeded_distinct_and_disjoint_from_the_evaluation():
+    from lambdasplit.bench.wan import PROMPTS
+    from lambdasplit.zoo.draft_data import prompt_set
+
+    diverse = prompt_set("diverse", 3000)
+    assert len(diverse) == len(set(diverse)) > 2 * 1193  # many more distinct prompts than the templated set
+    assert prompt_set("diverse", 50) == diverse[:50]  # a count is a prefix of the same seeded order
+    assert prompt_set("diverse", 50, seed=1) != diverse[:50]
+    assert prompt_set("templates", 20) == training_prompts(20)
+    evaluation = {p for _, p in PROMPTS}
+    assert not evaluation & set(diverse)
+    kinds = {"word": "the word", "code": "function that", "stdlib": "in Python? Show", "summary": "passage"}
+    for kind, marker in kinds.items():
+        assert any(marker in p for p in diverse), kind
+    with pytest.raises(ValueError, match="templates or diverse"):
+        prompt_set("other", 3)

@@ -60,6 +60,10 @@ def add_train_arguments(p) -> None:
     p.add_argument("--draft-vocab", type=int, default=DEFAULTS["draft_vocab"],
                    help="tokens the head drafts from, the answers' most frequent (0: the whole vocabulary; "
                         "default %(default)s)")
+    p.add_argument("--prompt-set", choices=["templates", "diverse"], default="templates",
+                   help="training prompts: templates (1193, the bundled head's) or diverse (2690: vocabulary words, "
+                        "countries, the standard library, composed code tasks, passages; zoo/draft_data.py)")
+    p.add_argument("--init", type=Path, help="start from this trained head's folder (its draft vocabulary joins the new one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s: an idle 2-core machine)")
     p.set_defaults(func=train_command)
@@ -73,7 +77,7 @@ def train_command(args) -> int:
                    generate_batch=args.generate_batch, steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
                    batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                    ce_fraction=args.ce_fraction, ce_weight=args.ce_weight, unroll=args.unroll,
-                   draft_vocab=args.draft_vocab)
+                   draft_vocab=args.draft_vocab, prompt_set=args.prompt_set, init=args.init)
     vocab = result.get("draft_vocab")
     print(json.dumps({**{k: v for k, v in result.items() if k not in ("config", "draft_vocab")},
                       "draft_vocab_size": len(vocab) if vocab else None}, indent=1))
@@ -170,13 +174,13 @@ def cached_features(path: Path, key: dict, device, sequences: list[list[int]], p
 def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batch: int, steps: int, minutes: float,
           seq_len: int, batch_size: int, lr: float, seed: int, threads: int, ce_fraction: float = DEFAULTS["ce_fraction"],
           ce_weight: float = DEFAULTS["ce_weight"], unroll: int = DEFAULTS["unroll"],
-          draft_vocab: int = DEFAULTS["draft_vocab"]) -> dict:
+          draft_vocab: int = DEFAULTS["draft_vocab"], prompt_set: str = "templates", init: Path | None = None) -> dict:
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from lambdasplit.client.device import DeviceModel
     from lambdasplit.speculative.eagle import EagleHead, head_config
-    from lambdasplit.zoo.draft_data import training_prompts
+    from lambdasplit.zoo.draft_data import prompt_set as named_prompts
 
     torch.set_num_threads(threads)
     _seed(seed)
@@ -192,8 +196,10 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
         progress.add_task = _with_info(progress.add_task)
         data_file = out / "data.pt"
         wanted = {"model": device.checkpoint.fingerprint, "prompts": prompts, "new_tokens": new_tokens, "seed": seed}
+        if prompt_set != "templates":  # (the templated set's key is what it always was)
+            wanted["prompt_set"] = prompt_set
         cached = torch.load(data_file) if data_file.exists() else None
-        prompt_list = training_prompts(prompts, seed)
+        prompt_list = named_prompts(prompt_set, prompts, seed)
         if cached is not None and cached["key"] == wanted:
             sequences = cached["sequences"]
         else:
@@ -209,8 +215,14 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
         test_ids, train_ids = order[:holdout], order[holdout:]
         vocab_list = draft_vocabulary([sequences[i] for i in train_ids], [answer_starts[i] for i in train_ids],
                                       draft_vocab)
+        if init is not None:
+            head, init_meta = EagleHead.load(Path(init))
+            head.float()
+            if vocab_list is not None and init_meta.get("draft_vocab"):
+                vocab_list = sorted(set(vocab_list) | set(init_meta["draft_vocab"]))
+        else:
+            head = EagleHead(head_config(device.checkpoint.config))
         vocab = torch.tensor(vocab_list) if vocab_list is not None else None
-        head = EagleHead(head_config(device.checkpoint.config))
         embed, tail = device.head.embed, device.tail
         for module in (embed, tail.norm, tail.lm_head):
             module.requires_grad_(False)
@@ -222,7 +234,8 @@ def train(*, model: str, out: Path, prompts: int, new_tokens: int, generate_batc
     meta = {
         "target": model, "target_fingerprint": device.checkpoint.fingerprint,
         "command": "lambdasplit " + " ".join(sys.argv[1:]) if sys.argv and "zoo" in sys.argv else None,
-        "seed": seed, "prompts": len(sequences), "tokens": sum(len(s) for s in sequences), "steps": step,
+        "seed": seed, "prompt_set": prompt_set, "init": str(init) if init is not None else None,
+        "prompts": len(sequences), "tokens": sum(len(s) for s in sequences), "steps": step,
         "seq_len": seq_len, "batch_size": batch_size, "lr": lr, "ce_fraction": ce_fraction,
         "ce_weight": ce_weight, "unroll": unroll, "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
         "holdout_sequences": len(test_ids), "holdout_next_token_accuracy": figures["answer"],
