@@ -133,6 +133,34 @@ def test_tree_accepted_by():
     assert tree.best_path() == [0, 2]
 
 
+def test_tree_graft_adds_a_path_sharing_its_prefix():
+    tree = Tree(tokens=[5, 6, 7], parents=[-1, -1, 0], depths=[1, 1, 2], scores=[-1.0, -2.0, -1.5])
+    tree.graft([5, 7, 9])  # 5 -> 7 exists: only 9 is new, under node 2
+    assert tree.tokens == [5, 6, 7, 9] and tree.parents == [-1, -1, 0, 2] and tree.depths == [1, 1, 2, 3]
+    assert tree.scores[3] == -1.5 and tree.accepted_by([5, 7, 9, 1]) == 3
+    tree.graft([8, 5])  # a new root and its child; nodes stay parents-first
+    assert tree.tokens[4:] == [8, 5] and tree.parents[4:] == [-1, 4] and tree.depths[4:] == [1, 2]
+    assert all(p < i for i, p in enumerate(tree.parents))
+    before = list(tree.tokens)
+    assert tree.graft([6]).tokens == before and Tree().graft([]).tokens == []
+
+
+def test_eagle_lookup_grafts_the_lookup_continuation(llama):
+    """eagle+lookup's tree holds the head's best k nodes and lookup's k tokens as a path."""
+    from lambdasplit.speculative.sources import lookup_continuation, make_source
+
+    device, _ = llama
+    source = EagleSource(_head(device), device.head.embed, device.tail, width=4, branch=4, lookup=True)
+    assert source.name == "eagle+lookup" and source.verify_trees
+    sequence = [3, 4, 5, 6, 3, 4]
+    chain = lookup_continuation(sequence, 3)
+    assert chain == [5, 6, 3]
+    tree = source.propose_tree(sequence, 3)  # the head has no features yet: lookup's path alone
+    assert tree.tokens == chain and tree.parents == [-1, 0, 1]
+    with pytest.raises(Exception, match="no draft head|no EAGLE"):
+        make_source("eagle+lookup", device, draft_model="/nonexistent")
+
+
 class TruthSource:
     """Drafts the plain run's tokens with every third one wrong: acceptance and rejection at known places."""
 
@@ -179,11 +207,11 @@ def test_bench_wan_tiny_eagle_tree(capsys, tiny_model_dir, tmp_path):
     _head(device).save(head_dir, {"target": folder, "target_fingerprint": device.checkpoint.fingerprint})
     out = tmp_path / "wan"
     assert main(["bench", "wan", "--model", folder, "--delays", "5", "--presets", "", "--prompts", "1",
-                 "--new-tokens", "8", "--sources", "eagle,eagle-tree", "--draft-model", str(head_dir),
+                 "--new-tokens", "8", "--sources", "eagle,eagle-tree,eagle+lookup", "--draft-model", str(head_dir),
                  "--out", str(out), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     rows = json.loads((out / "table.json").read_text())
-    assert [r["speculate"] for r in rows] == ["none", "eagle", "eagle-tree"]
+    assert [r["speculate"] for r in rows] == ["none", "eagle", "eagle-tree", "eagle+lookup"]
     assert all(r["same_ids"] is True and r["drafted_positions"] > 0 for r in rows[1:])
     tree = json.loads((out / "tree.json").read_text())
     assert printed["tree"] == tree and tree["rounds"] > 0 and tree["nodes_per_tree"] > tree["depth"]

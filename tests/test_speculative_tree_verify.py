@@ -85,13 +85,25 @@ def test_tree_verification_equals_plain_split(family, servers):
     torch.manual_seed(0)
     eagle = EagleSource(EagleHead(head_config(device.checkpoint.config)).eval(), device.head.embed, device.tail,
                         width=4, branch=4)  # untrained: exactness needs no quality
-    for name, source in (("scripted", ScriptedTree(len(prompt_ids), plain.token_ids)), ("eagle-tree", eagle)):
+    hybrid = EagleSource(eagle.head, device.head.embed, device.tail, width=4, branch=4, lookup=True)
+    sizes = []  # eagle+lookup's tree sizes: above k only with a grafted lookup path
+    propose_tree = hybrid.propose_tree
+
+    def recorded(sequence, k):
+        tree = propose_tree(sequence, k)
+        sizes.append((k, len(tree.tokens)))
+        return tree
+    hybrid.propose_tree = recorded
+    for name, source in (("scripted", ScriptedTree(len(prompt_ids), plain.token_ids)), ("eagle-tree", eagle),
+                         ("eagle+lookup", hybrid)):
         for k in (4, "auto"):
             result, trips = _run(device, server, prompt_ids, source, max_new_tokens=NEW_TOKENS, ignore_eos=True,
                                  draft_tokens=k)
             assert result.token_ids == plain.token_ids, f"{family} {name} k={k}"
             torch.testing.assert_close(torch.stack(result.logits), torch.stack(plain.logits), atol=1e-4, rtol=0)
             assert trips == result.steps
+    # lookup's paths were grafted on and sent (the prompt repeats itself, so lookup finds continuations)
+    assert any(n > k for k, n in sizes)
     scripted = ScriptedTree(len(prompt_ids), plain.token_ids)
     result, trips = _run(device, server, prompt_ids, scripted, max_new_tokens=NEW_TOKENS, ignore_eos=True,
                          draft_tokens=4)

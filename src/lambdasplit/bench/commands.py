@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 
+from lambdasplit.speculative.sources import SOURCES
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 
@@ -135,7 +136,7 @@ def add_commands(subparsers) -> None:
     w.add_argument("--model", default=DEFAULT_LLM, help="default %(default)s")
     w.add_argument("--split", help="X:Y (default 2:N-2)")
     w.add_argument("--sources", default="lookup,lookahead", help="comma-separated --speculate sources besides none "
-                   "(lookup, lookahead, draft, eagle, eagle-tree; default %(default)s)")
+                   "(lookup, lookahead, draft, eagle, eagle-tree, eagle+lookup; default %(default)s)")
     w.add_argument("--draft-model", help="for the draft and eagle sources")
     w.add_argument("--draft-tokens", default="auto", help="K or auto (default %(default)s)")
     w.add_argument("--delays", default="5,20,40,80", help="one-way delays in ms (default %(default)s)")
@@ -393,7 +394,7 @@ def wan_command(args) -> int:
     from lambdasplit.bench.wan import COLUMNS, run_wan, write_chart
     from lambdasplit.speculative.adaptive import parse_draft_tokens
 
-    sources = list(_names(args.sources, {"none", "lookup", "lookahead", "draft", "eagle", "eagle-tree"}))
+    sources = list(_names(args.sources, set(SOURCES)))
     result = run_wan(model=args.model, split=args.split, sources=sources, delays=args.delays, presets=args.presets,
                      new_tokens=args.new_tokens, prompts=args.prompts, codec=args.codec, draft_model=args.draft_model,
                      draft_tokens=parse_draft_tokens(args.draft_tokens), threads=args.threads, progress=not args.json)

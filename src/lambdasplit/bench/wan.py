@@ -21,6 +21,7 @@ from lambdasplit.client.device import DeviceModel
 from lambdasplit.client.run import run_generation
 from lambdasplit.errors import LambdaSplitError
 from lambdasplit.llm.checkpoint import Checkpoint
+from lambdasplit.speculative.sources import DRAFT_MODEL_SOURCES
 
 SUMMARY_TEXT = (
     "The town library opened in 1904 with four hundred books donated by local families. For decades it "
@@ -92,7 +93,7 @@ def run_wan(*, model: str, split: str | None = None, sources: list[str], delays:
         def generate(prompt: str, source: str, link: str | None) -> dict:
             return run_generation(model=checkpoint, mode="split", prompt=prompt, max_new_tokens=new_tokens,
                                   split=split, server=server.address, codec=codec, link=link, device=device,
-                                  speculate=source, draft_model=draft_model if source in ("draft", "eagle", "eagle-tree") else None,
+                                  speculate=source, draft_model=draft_model if source in DRAFT_MODEL_SOURCES else None,
                                   draft_tokens=draft_tokens, trace_rounds=True)
 
         generate(chosen[0][1], "none", None)  # warm-up: first-call costs stay out of the table

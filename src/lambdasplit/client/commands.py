@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from lambdasplit.speculative.sources import SOURCES
 from lambdasplit.zoo.registry import DEFAULT_LLM
 
 
@@ -118,7 +119,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--defense-seed", type=int, default=None,
                    help="for experiments only: makes the defense noise reproducible and so removable "
                         "(default: a fresh seed from secrets.randbits(63))")
-    p.add_argument("--speculate", default="none", choices=["none", "lookup", "lookahead", "draft", "eagle", "eagle-tree"],
+    p.add_argument("--speculate", default="none", choices=SOURCES,
                    help="draft tokens on the device and verify several per round trip (docs/speculative.md)")
     p.add_argument("--draft-model", help="--speculate draft: a causal LM sharing the tokenizer; eagle: a draft head folder")
     p.add_argument("--draft-tokens", default="auto", help="tokens drafted per step, or auto (default: chosen from "

@@ -297,9 +297,10 @@ def measure(candidate, device, server: str, link: str | None, prompt_ids: list[i
     from lambdasplit.client.run import default_refine_gap
     from lambdasplit.plan.profile import device_bytes
     from lambdasplit.speculative import make_source
+    from lambdasplit.speculative.sources import DRAFT_MODEL_SOURCES
 
     source = make_source(candidate.speculate, device,
-                         draft_model=draft_model if candidate.speculate in ("draft", "eagle") else None)
+                         draft_model=draft_model if candidate.speculate in DRAFT_MODEL_SOURCES else None)
     first: list[float] = []
     with RemoteBody.for_device(device, server, codec=candidate.codec, link=link) as body:
         began = time.perf_counter()

@@ -331,12 +331,13 @@ def profile_drafting(device, prompt_ids: list[int], new_tokens: int, sources: li
     """Per source: a local run of the workload (greedy) with the whole model `device`: tokens and
     positions per round trip, its time. Source "none" gives the workload's reference tokens."""
     from lambdasplit.speculative import make_source
+    from lambdasplit.speculative.sources import DRAFT_MODEL_SOURCES
 
     out: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name in sources:
         try:
-            source = make_source(name, device, draft_model=draft_model if name in ("draft", "eagle") else None)
+            source = make_source(name, device, draft_model=draft_model if name in DRAFT_MODEL_SOURCES else None)
         except LambdaSplitError as error:
             skipped[name] = str(error)
             continue

@@ -39,7 +39,7 @@ from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from lambdasplit.errors import UsageError
-from lambdasplit.speculative.sources import Draft, Step
+from lambdasplit.speculative.sources import Draft, Step, lookup_continuation
 
 BUNDLED = Path(__file__).resolve().parent.parent / "zoo" / "data" / "smollm2_draft"
 WEIGHTS, CONFIG = "draft_head.safetensors", "draft_head.json"
@@ -152,6 +152,25 @@ class Tree:
                     parents=[index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in kept],
                     depths=[self.depths[i] for i in kept], scores=[self.scores[i] for i in kept])
 
+    def graft(self, chain: list[int]) -> "Tree":
+        """This tree with `chain` (tokens after the committed sequence) added as a path: the nodes it
+        shares with the tree are reused, the rest appended parents-first, each with its parent's score."""
+        children: dict[int, dict[int, int]] = {}
+        for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
+            children.setdefault(parent, {}).setdefault(token, i)
+        node = -1
+        for depth, token in enumerate(chain, 1):
+            child = children.get(node, {}).get(token)
+            if child is None:
+                child = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.depths.append(depth)
+                self.scores.append(self.scores[node] if node >= 0 else 0.0)
+                children.setdefault(node, {})[token] = child
+            node = child
+        return self
+
     def accepted_by(self, truth: list[int]) -> int:
         """How many tokens of `truth` (the target's own continuation) the deepest matching path covers:
         what verifying the whole tree in one step would accept (greedy)."""
@@ -168,20 +187,22 @@ class Tree:
 class EagleSource:
 
     def __init__(self, head: EagleHead, embed, tail, width: int = 1, branch: int = 1,
-                 vocab: list[int] | None = None):
+                 vocab: list[int] | None = None, lookup: bool = False):
         """width = branch = 1: a greedy chain; wider: EAGLE-2's tree, verified along its best path.
-        vocab: the token ids the head drafts from (None: the whole vocabulary)."""
+        vocab: the token ids the head drafts from (None: the whole vocabulary).
+        lookup: a verified tree also holds prompt lookup's continuation as a path (eagle+lookup)."""
         self.head, self.embed, self.tail = head, embed, tail
+        self.lookup = lookup
         self.vocab = list(vocab) if vocab is not None else None
         if self.vocab is not None:
             self._members = set(self.vocab)
             self._vocab_ids = torch.tensor(self.vocab)
             self._vocab_weight = tail.lm_head.weight.detach()[self._vocab_ids]
         self.width, self.branch = max(1, width), max(1, branch)
-        self.name = "eagle" if self.width == self.branch == 1 else "eagle-tree"
+        self.name = "eagle" if self.width == self.branch == 1 else "eagle+lookup" if lookup else "eagle-tree"
         # a tree is verified whole where the decoding allows (greedy, a server taking tree steps);
         # False: only its best path, as a chain
-        self.verify_trees = self.name == "eagle-tree"
+        self.verify_trees = self.name != "eagle"
         self.trees: list[tuple[int, Tree, list[int]]] | None = None  # set to [] to record (length, tree, path sent)
         self.cache = DynamicCache(config=head.config)
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
@@ -189,7 +210,7 @@ class EagleSource:
         self.last_prediction: torch.Tensor | None = None  # the head's output at the last fed pair
 
     @classmethod
-    def load(cls, folder: str | None, device, width: int = 1, branch: int = 1) -> "EagleSource":
+    def load(cls, folder: str | None, device, width: int = 1, branch: int = 1, lookup: bool = False) -> "EagleSource":
         path = Path(folder) if folder else default_head_folder()
         if path is None or not (path / WEIGHTS).exists():
             raise UsageError("no EAGLE draft head for this model: train one with `lambdasplit zoo train smollm2-draft` "
@@ -198,7 +219,8 @@ class EagleSource:
         if device is not None and meta.get("target_fingerprint") not in (None, device.checkpoint.fingerprint):
             raise UsageError(f"the draft head in {path} was trained for another model "
                              f"({meta.get('target')}); train one for this model")
-        return cls(head, device.head.embed, device.tail, width=width, branch=branch, vocab=meta.get("draft_vocab"))
+        return cls(head, device.head.embed, device.tail, width=width, branch=branch, vocab=meta.get("draft_vocab"),
+                   lookup=lookup)
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
         """The target's logits for the head's predicted features, over the draft vocabulary (index i is
@@ -248,12 +270,16 @@ class EagleSource:
 
     @torch.inference_mode()
     def propose_tree(self, sequence: list[int], k: int) -> Tree:
-        """eagle-tree with whole-tree verification: the best k-node subtree of a k-level EAGLE-2 tree."""
-        if k <= 0 or not self._catch_up(sequence):
+        """eagle-tree with whole-tree verification: the best k-node subtree of a k-level EAGLE-2 tree;
+        eagle+lookup adds prompt lookup's k-token continuation to it as one more path (up to 2k nodes:
+        the head drafts new text, lookup copies text the prompt or the answer already holds)."""
+        if k <= 0:
             return Tree()
-        tree = self.draft_tree(k).top(k)
-        self._cut(self.fed)
-        return tree
+        tree = Tree()
+        if self._catch_up(sequence):
+            tree = self.draft_tree(k).top(k)
+            self._cut(self.fed)
+        return tree.graft(lookup_continuation(sequence, k)) if self.lookup else tree
 
     @torch.inference_mode()
     def propose(self, sequence: list[int], k: int) -> Draft:

@@ -11,19 +11,22 @@ model's cache, the lookahead n-gram pool, the EAGLE head's cache) can follow.
     lookahead  Jacobi iteration with an n-gram pool (lookahead.py)
     draft      a small causal LM sharing the tokenizer (draft_model.py, --draft-model)
     eagle      the feature-level draft head (eagle.py, --draft-model or the bundled one): a greedy chain
-    eagle-tree the same head drafting EAGLE-2's tree on the device, verified along its best path
+    eagle-tree the same head drafting EAGLE-2's tree on the device, verified whole (greedy)
+    eagle+lookup  eagle-tree's tree with prompt lookup's continuation grafted on as one more path
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import torch
+from typing import TYPE_CHECKING, Protocol
 
 from lambdasplit.errors import UsageError
 
-SOURCES = ("none", "lookup", "lookahead", "draft", "eagle", "eagle-tree")
+if TYPE_CHECKING:  # torch only in annotations: the CLI reads SOURCES without importing it
+    import torch
+
+SOURCES = ("none", "lookup", "lookahead", "draft", "eagle", "eagle-tree", "eagle+lookup")
+DRAFT_MODEL_SOURCES = ("draft", "eagle", "eagle-tree", "eagle+lookup")  # the ones --draft-model is for
 TREE = (4, 4)  # eagle-tree: width (nodes expanded per level) x branch (children per node)
 
 
@@ -105,5 +108,5 @@ def make_source(name: str, device=None, *, draft_model: str | None = None, sampl
         return DraftModelSource.load(draft_model, device, sampling=sampling)
     from lambdasplit.speculative.eagle import EagleSource
 
-    width, branch = TREE if name == "eagle-tree" else (1, 1)
-    return EagleSource.load(draft_model, device, width=width, branch=branch)
+    width, branch = TREE if name in ("eagle-tree", "eagle+lookup") else (1, 1)
+    return EagleSource.load(draft_model, device, width=width, branch=branch, lookup=name == "eagle+lookup")
