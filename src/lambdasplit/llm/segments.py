@@ -20,6 +20,7 @@ from lambdasplit.errors import LambdaSplitError, SplitError
 from lambdasplit.llm import tree
 from lambdasplit.llm.checkpoint import Checkpoint, parse_dtype
 from lambdasplit.llm.families import Family, family_for
+from lambdasplit.llm.small_rows import pad_small_rows  # the LM head only: where 2-3 rows cost most
 
 
 def parse_split(text: str, num_layers: int) -> tuple[int, int]:
@@ -238,4 +239,4 @@ def load_tail(model: str | Checkpoint, y: int, dtype="float32", head: Head | Non
         aliases = {family.lm_head: family.embed} if tied else None
         checkpoint.load_modules(skeleton, [family.lm_head], aliases=aliases)
     stack = _stack(checkpoint, skeleton, family, y, n)
-    return Tail(stack, skeleton.get_submodule(family.norm).eval(), lm_head.eval(), family, config)
+    return Tail(stack, skeleton.get_submodule(family.norm).eval(), pad_small_rows(lm_head.eval()), family, config)
