@@ -108,9 +108,7 @@ def verify_tree(logits: torch.Tensor, tree, sampler) -> tuple[list[int], list[in
     """Greedy verification of a whole tree: logits row 0 predicts after the pending token, row 1 + j after
     tree node j. Walks from the root along the target's own tokens while a node drafted them. Returns the
     tokens to commit (the accepted path, then the target's next token) and the row each was read from."""
-    children: dict[int, dict[int, int]] = {}
-    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
-        children.setdefault(parent, {}).setdefault(token, node)
+    children = tree.children()
     tokens, rows, node, row = [], [], -1, 0
     while True:
         token = sampler(logits[row])

@@ -152,12 +152,17 @@ class Tree:
                     parents=[index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in kept],
                     depths=[self.depths[i] for i in kept], scores=[self.scores[i] for i in kept])
 
-    def graft(self, chain: list[int]) -> "Tree":
-        """This tree with `chain` (tokens after the committed sequence) added as a path: the nodes it
-        shares with the tree are reused, the rest appended parents-first, each with its parent's score."""
+    def children(self) -> dict[int, dict[int, int]]:
+        """parent node (-1: the committed sequence) -> {token: its first child node drafting that token}."""
         children: dict[int, dict[int, int]] = {}
         for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
             children.setdefault(parent, {}).setdefault(token, i)
+        return children
+
+    def graft(self, chain: list[int]) -> "Tree":
+        """This tree with `chain` (tokens after the committed sequence) added as a path: the nodes it
+        shares with the tree are reused, the rest appended parents-first, each with its parent's score."""
+        children = self.children()
         node = -1
         for depth, token in enumerate(chain, 1):
             child = children.get(node, {}).get(token)
@@ -175,9 +180,7 @@ class Tree:
         """How many tokens of `truth` (the target's own continuation) the deepest matching path covers:
         what verifying the whole tree in one step would accept (greedy)."""
         node, depth = -1, 0
-        children: dict[int, dict[int, int]] = {}
-        for i, (token, parent) in enumerate(zip(self.tokens, self.parents)):
-            children.setdefault(parent, {}).setdefault(token, i)
+        children = self.children()
         while depth < len(truth) and truth[depth] in children.get(node, {}):
             node = children[node][truth[depth]]
             depth += 1
