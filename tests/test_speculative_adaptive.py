@@ -132,6 +132,57 @@ def test_probes_are_cheap_on_a_fast_link():
     assert max(chosen[10:]) == 1 and sum(chosen[10:]) <= 5, chosen
 
 
+def drive_tree(length, rounds, *, plain, per_node, accepted_by_k, seed=0, catch_up=0.0):
+    """Rounds of a tree source: a k-node tree accepts `accepted_by_k(k)` tokens on average (not a chain's
+    alpha^k: siblings cover the draft's other guesses) and costs `per_node` seconds per node; the first
+    drafting decode round also pays `catch_up` (the head reading the prompt). Returns the k chosen."""
+    rng = random.Random(seed)
+    length.update(30, 0.03, 0, 0, 0.0, round_seconds=0.03)  # the prompt's round: no features yet, no tree
+    chosen, drafted_before = [], False
+    for _ in range(rounds):
+        k = length.choose(100)
+        mean = accepted_by_k(k) if k else 0.0
+        accepted = min(k, int(mean) + (rng.random() < mean - int(mean)))
+        extra = per_node * k + (catch_up if k and not drafted_before else 0.0)
+        drafted_before = drafted_before or k > 0
+        length.update(k + 1, plain + per_node * k, k, accepted, 0.0, round_seconds=plain + extra, chosen=k)
+        chosen.append(k)
+    return chosen
+
+
+def tree_acceptance(k):
+    return {1: 0.25, 2: 0.45}.get(k, 0.9 if k >= 5 else 0.6)  # a 5-node tree: 0.9 accepted per round
+
+
+def test_a_tree_source_drafts_whole_trees_where_the_chain_model_would_not():
+    # 40 ms link: a plain round 150 ms, 12 ms per node; a 5-node tree commits 1.9 tokens in 210 ms (1.36x).
+    from lambdasplit.speculative.adaptive import TREE_BUDGET
+
+    slow = dict(plain=0.150, per_node=0.012, accepted_by_k=tree_acceptance, catch_up=0.060)
+    chosen = drive_tree(DraftLength("auto", tree=True), 60, **slow)
+    assert sum(k == TREE_BUDGET for k in chosen[-30:]) >= 27, chosen
+    # the chain rule extrapolates from small trees (alpha 0.25 at k = 1) and drafts little and small
+    chain = drive_tree(DraftLength("auto"), 60, **slow)
+    assert sum(chain[-30:]) < sum(chosen[-30:]) / 2, chain
+
+
+def test_a_tree_source_decodes_plainly_on_a_fast_link_and_probes_with_whole_trees():
+    # 5 ms link: a plain round 60 ms; a 5-node tree costs 120 ms for 1.9 tokens (0.95x): plain, with probes.
+    from lambdasplit.speculative.adaptive import TREE_BUDGET
+
+    fast = dict(plain=0.060, per_node=0.012, accepted_by_k=tree_acceptance)
+    chosen = drive_tree(DraftLength("auto", tree=True), 120, **fast)
+    late = [k for k in chosen[10:] if k]
+    assert late and len(late) <= 5 and set(late) == {TREE_BUDGET}, chosen
+
+
+def test_a_tree_sources_first_drafting_round_does_not_price_its_trees():
+    # The head's catch-up over a long prompt (0.3 s once) must not switch drafting off at 40 ms.
+    slow = dict(plain=0.150, per_node=0.012, accepted_by_k=tree_acceptance, catch_up=0.300)
+    chosen = drive_tree(DraftLength("auto", tree=True), 40, **slow)
+    assert sum(k > 0 for k in chosen[-30:]) >= 27, chosen
+
+
 def test_trace_rounds_records_every_round(tiny_model_dir):
     # generate --json --trace-rounds: per round the k chosen, why, the fitted costs and what it measured
     from lambdasplit.client.run import run_generation

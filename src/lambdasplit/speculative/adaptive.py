@@ -23,6 +23,17 @@ after each probe (up to MAX_PROBE_EVERY), so a slow link, a source whose accepta
 improves, or one that learns only while drafting (lookahead) switches back on, while a
 fast link pays for few, cheap probes.
 
+A tree source (eagle-tree, eagle+lookup: a whole draft tree verified in one step) gets a
+different rule, since a k-node tree accepts more than the chain model predicts from its
+acceptance at another k (siblings cover the head's second and third guesses: measured at
+40 ms, the chain model's `auto` drafted on 26% of a code prompt's rounds where a 5-node
+tree committed 2.24 tokens per round trip). There the choice is between two arms, plain
+and a TREE_BUDGET-node tree (the tree adapts its own shape within the budget), each priced
+by what its own rounds measured: E = 1 + the tree rounds' mean accepted length (a prior of
+one round at alpha 0.5), cost = the median extra wall time of the latest tree rounds over a
+plain round, drafting included; it drafts when E / (a + cost) beats 1 / a by MARGIN, and
+probes with a whole tree.
+
 Why this rule (issue #12): the previous one fitted round - drafting = a + s * k by least
 squares over all decode rounds. When plain rounds dominate, a drifts (the link, the load)
 and the few drafting rounds are confounded with that drift, so the slope swung from 0 to
@@ -45,6 +56,7 @@ MARGIN = 1.05  # draft only when the model expects it to beat plain decoding by 
 # the noise of the fitted costs, while a wrong "draft" costs every round until the fit corrects it
 PROBE_EVERY = 8  # plain rounds before the first re-probe; doubled after each probe that does not pay
 MAX_PROBE_EVERY = 64
+TREE_BUDGET = 5  # nodes of an auto tree: at 40 ms, 5 gave 1.25x plain and 8 1.15x (docs/benchmarks.md, eagle+lookup)
 RECENT = 9  # costs are the median of the latest rounds: one stalled round (a loaded machine) moves nothing,
 # and a link that slows is tracked within a few rounds
 
@@ -62,9 +74,14 @@ def parse_draft_tokens(value) -> int | str:
 
 
 class DraftLength:
-    def __init__(self, setting: int | str = "auto", max_tokens: int = MAX_AUTO_TOKENS):
+    def __init__(self, setting: int | str = "auto", max_tokens: int = MAX_AUTO_TOKENS, tree: bool = False):
         self.setting = parse_draft_tokens(setting)
         self.max_tokens = max_tokens
+        self.tree_budget = min(TREE_BUDGET, max_tokens) if tree else 0  # > 0: the two-arm rule of a tree source
+        prior = sum(0.5 ** i for i in range(1, self.tree_budget + 1))
+        self.tree_accepted, self.tree_count = prior, 1.0  # decayed accepted length of full tree rounds
+        self.tree_extra: list[float] = []  # round - a of the latest full tree rounds, drafting included
+        self.tree_rounds = 0  # full tree decode rounds timed
         self.drafted, self.accepted = 2.0, 1.0  # trials and successes; prior alpha = 0.5, worth two drafts
         self.plain: list[float] = []  # round - drafting seconds of the latest plain decode rounds
         self.extra: list[float] = []  # extra seconds per drafted position of the latest drafting rounds
@@ -97,6 +114,13 @@ class DraftLength:
             rates.append(expected / (a + (s + d) * k))
         return rates
 
+    def tree_rates(self) -> tuple[float, float]:
+        """Expected committed tokens per second: (plain, a TREE_BUDGET-node tree round)."""
+        a, s, d = self.cost()
+        extra = median(self.tree_extra) if self.tree_extra else (s + d) * self.tree_budget
+        expected = 1.0 + self.tree_accepted / self.tree_count
+        return 1.0 / a, expected / (a + extra)
+
     def choose(self, limit: int) -> int:
         """Tokens to draft now; never more than `limit` (the room left before max_new_tokens)."""
         k, why = self._choose(limit)
@@ -105,16 +129,22 @@ class DraftLength:
             if self.plain_rounds and self.drafting_rounds:
                 a, s, d = self.cost()
                 self._last_choice.update(a=a, s=s, d=d, alpha=self.acceptance)
+                if self.tree_budget:
+                    self._last_choice.update(tree_rate=self.tree_rates()[1], tree_accepted=self.tree_accepted / self.tree_count)
         return k
 
     def _choose(self, limit: int) -> tuple[int, str]:
         if self.setting != "auto":
             return max(0, min(self.setting, limit)), "fixed"
-        warm = max(0, min(WARMUP_TOKENS, limit))
+        warm = max(0, min(self.tree_budget or WARMUP_TOKENS, limit))
         if self.observed and not self.plain_rounds:
             return 0, "warm-up"  # the first decode round is plain: it prices a plain round
-        if not self.drafting_rounds:
-            return warm, "warm-up"  # the prompt's round, and the first drafting decode round
+        if not self.drafting_rounds or (self.tree_budget and not self.tree_extra):
+            # the prompt's round, and the first drafting decode round (a tree source: the first two, since the
+            # first one's drafting includes the head's catch-up over the whole prompt, not a per-round cost)
+            return warm, "warm-up"
+        if self.tree_budget:
+            return self._choose_tree(limit)
         rates = self.rates(limit)
         best = max(range(1, len(rates)), key=rates.__getitem__) if len(rates) > 1 else 0
         if best and rates[best] > MARGIN * rates[0]:
@@ -129,11 +159,24 @@ class DraftLength:
             return best, "probe"
         return 0, "model"
 
+    def _choose_tree(self, limit: int) -> tuple[int, str]:
+        plain, tree = self.tree_rates()
+        k = max(0, min(self.tree_budget, limit))
+        if k and tree > MARGIN * plain:
+            self.plain_streak, self.probe_every = 0, PROBE_EVERY
+            return k, "model"
+        self.plain_streak += 1
+        if k and self.plain_streak > self.probe_every:
+            self.plain_streak = 0
+            self.probe_every = min(MAX_PROBE_EVERY, self.probe_every * 2)
+            return k, "probe"
+        return 0, "model"
+
     def update(self, positions: int, step_seconds: float, drafted: int, accepted: int, draft_seconds: float,
-               round_seconds: float | None = None) -> None:
+               round_seconds: float | None = None, chosen: int | None = None) -> None:
         """One round: its step's positions and seconds, drafts and accepted drafts, drafting seconds, and
         the round's whole wall time (drafting, step, verifying, the source's bookkeeping); without it,
-        step + drafting seconds."""
+        step + drafting seconds. `chosen`: the k `choose` returned (a tree's node count may differ)."""
         self.observed += 1
         if round_seconds is None:
             round_seconds = step_seconds + draft_seconds
@@ -141,6 +184,10 @@ class DraftLength:
             self.trace.append({**self._last_choice, "drafted": drafted, "accepted": accepted, "positions": positions,
                                "step_s": step_seconds, "draft_s": draft_seconds, "round_s": round_seconds})
             self._last_choice = {}
+        full_tree = self.tree_budget and drafted and (chosen if chosen is not None else drafted) == self.tree_budget
+        if full_tree:
+            self.tree_accepted = self.tree_accepted * DECAY + accepted
+            self.tree_count = self.tree_count * DECAY + 1
         if drafted:
             # Drafts after the first rejection are never tested: the trials are the accepted drafts
             # plus that rejection (the maximum-likelihood estimate of a per-draft acceptance rate).
@@ -158,6 +205,10 @@ class DraftLength:
             # over all rounds: when the link's delay drifts, a drifting intercept biases that slope)
             a, _, _ = self.cost()
             self.extra = [*self.extra, max(0.0, rest - a) / drafted][-RECENT:]
+            if full_tree:
+                self.tree_rounds += 1
+                if self.tree_rounds > 1:  # the first one paid the head's catch-up over the prompt
+                    self.tree_extra = [*self.tree_extra, max(0.0, round_seconds - a)][-RECENT:]
         else:
             self.plain_rounds += 1
             self.plain = [*self.plain, rest][-RECENT:]

@@ -31,11 +31,11 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
                          eos_ids: set[int], ignore_eos: bool = False, draft_tokens: int | str = "auto",
                          on_token=None, keep_logits: bool = False) -> GenerationResult:
     result = GenerationResult(token_ids=[], prompt_ids=list(prompt_ids), speculate=source.name)
-    length = DraftLength(draft_tokens)
-    length.trace = result.rounds = []  # per round: the k chosen, why, the fitted costs, what it measured
     # Whole-tree verification (a source with `propose_tree`, eagle-tree): greedy only, since the
     # speculative-sampling rule here is the chain's; with sampling such a source drafts its best path.
-    trees = getattr(source, "verify_trees", False) and sampler.greedy and model.tree_steps
+    trees = bool(getattr(source, "verify_trees", False) and sampler.greedy and model.tree_steps)
+    length = DraftLength(draft_tokens, tree=trees)
+    length.trace = result.rounds = []  # per round: the k chosen, why, the fitted costs, what it measured
     sequence = list(prompt_ids)
     processed = 0  # positions every cache holds that are committed
     keep = None  # after a tree step: its offsets to keep (the accepted path), sent with the next step
@@ -100,7 +100,7 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
         source.observe(sequence, step)
         # the whole round's wall time: what a drafted position really costs includes verifying and observing
         length.update(len(inputs), t2 - t1, len(draft.tokens), accepted, draft_seconds,
-                      round_seconds=time.perf_counter() - t0)
+                      round_seconds=time.perf_counter() - t0, chosen=k)
     return result
 
 
