@@ -18,6 +18,8 @@ scripts/uplink_metric.py), at positions whose coded gap is below --tau:
     linear    RMS of delta - sum over all (j, i) of G E: the first-order model's error
     top m     RMS of delta - sum over the top m pairs: what m pairs from the server would leave
     rows      how many rows carry 90% of sum G^2 (the server's ranking), of how many in the history
+    shares    the mean share of sum G^2 in the position's own row, the last 8 rows, the prompt's rows
+              and the first row (the attention sink)
 
 and the flips (coded argmax != fp32's) before and after each correction. Prints JSON lines.
 """
@@ -83,9 +85,13 @@ def positions(device, body, ids, n, transform, step, tau, own_down=False):
         order = np.argsort(-np.abs(big).ravel())
         row_energy = np.sort((big ** 2).sum(axis=1))[::-1]
         rows90 = int(np.searchsorted(np.cumsum(row_energy), 0.9 * row_energy.sum()) + 1)
+        energy = (big ** 2).sum(axis=1)
+        energy = energy / energy.sum()
         truth = int(exact[t].argmax())
         record = {"t": t, "gap_coded": gap_coded, "delta": delta, "linear": delta - float(contributions.sum()),
                   "rows90": rows90, "history": t + 1, "flip": int(top[0]) != truth,
+                  "share_own": float(energy[t]), "share_last8": float(energy[-8:].sum()),
+                  "share_prompt": float(energy[:n].sum()), "share_first": float(energy[0]),
                   "spread_rest": {}}
         record["wrong"] = {}
         for m in (*TOPS, None):
@@ -143,6 +149,8 @@ def main() -> int:
                **{f"top{m}": rms(f"top{m}") for m in TOPS},
                "rows90_median": float(np.median([r["rows90"] for r in records])) if records else None,
                "history_median": float(np.median([r["history"] for r in records])) if records else None,
+               **{f"{key}_mean": round(float(np.mean([r[key] for r in records])), 3) if records else None
+                  for key in ("share_own", "share_last8", "share_prompt", "share_first")},
                "wrong_after": {str(m): sum(r["wrong"][m] for r in records) for m in (*TOPS, "all")}}
     print(json.dumps(summary), flush=True)
     for r in records:
