@@ -143,9 +143,10 @@ def drive_tree(length, rounds, *, plain, per_node, accepted_by_k, seed=0, catch_
         k = length.choose(100)
         mean = accepted_by_k(k) if k else 0.0
         accepted = min(k, int(mean) + (rng.random() < mean - int(mean)))
-        extra = per_node * k + (catch_up if k and not drafted_before else 0.0)
+        once = catch_up if k and not drafted_before else 0.0
         drafted_before = drafted_before or k > 0
-        length.update(k + 1, plain + per_node * k, k, accepted, 0.0, round_seconds=plain + extra, chosen=k)
+        length.update(k + 1, plain + per_node * k, k, accepted, once, round_seconds=plain + per_node * k + once,
+                      chosen=k, catch_up=once)
         chosen.append(k)
     return chosen
 

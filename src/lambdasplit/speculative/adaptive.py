@@ -32,7 +32,9 @@ and a TREE_BUDGET-node tree (the tree adapts its own shape within the budget), e
 by what its own rounds measured: E = 1 + the tree rounds' mean accepted length (a prior of
 one round at alpha 0.5), cost = the median extra wall time of the latest tree rounds over a
 plain round, drafting included; it drafts when E / (a + cost) beats 1 / a by MARGIN, and
-probes with a whole tree.
+probes with a whole tree. The first tree round's price leaves out the catch-up the source
+reports (EAGLE's head reading the whole prompt: once per generation, 0.3 s on a long prompt
+here, which switched drafting off on both summaries when it was priced as a round).
 
 Why this rule (issue #12): the previous one fitted round - drafting = a + s * k by least
 squares over all decode rounds. When plain rounds dominate, a drifts (the link, the load)
@@ -140,9 +142,7 @@ class DraftLength:
         if self.observed and not self.plain_rounds:
             return 0, "warm-up"  # the first decode round is plain: it prices a plain round
         if not self.drafting_rounds or (self.tree_budget and not self.tree_extra):
-            # the prompt's round, and the first drafting decode round (a tree source: the first two, since the
-            # first one's drafting includes the head's catch-up over the whole prompt, not a per-round cost)
-            return warm, "warm-up"
+            return warm, "warm-up"  # the prompt's round, and the first drafting decode round (a tree source: a full tree)
         if self.tree_budget:
             return self._choose_tree(limit)
         rates = self.rates(limit)
@@ -173,10 +173,11 @@ class DraftLength:
         return 0, "model"
 
     def update(self, positions: int, step_seconds: float, drafted: int, accepted: int, draft_seconds: float,
-               round_seconds: float | None = None, chosen: int | None = None) -> None:
+               round_seconds: float | None = None, chosen: int | None = None, catch_up: float = 0.0) -> None:
         """One round: its step's positions and seconds, drafts and accepted drafts, drafting seconds, and
         the round's whole wall time (drafting, step, verifying, the source's bookkeeping); without it,
-        step + drafting seconds. `chosen`: the k `choose` returned (a tree's node count may differ)."""
+        step + drafting seconds. `chosen`: the k `choose` returned (a tree's node count may differ);
+        `catch_up`: the source's seconds feeding what it had not seen (EAGLE's head), part of drafting."""
         self.observed += 1
         if round_seconds is None:
             round_seconds = step_seconds + draft_seconds
@@ -207,8 +208,9 @@ class DraftLength:
             self.extra = [*self.extra, max(0.0, rest - a) / drafted][-RECENT:]
             if full_tree:
                 self.tree_rounds += 1
-                if self.tree_rounds > 1:  # the first one paid the head's catch-up over the prompt
-                    self.tree_extra = [*self.tree_extra, max(0.0, round_seconds - a)][-RECENT:]
+                # the first tree round's catch-up read the whole prompt: a once-only cost, not a round's price
+                once = catch_up if self.tree_rounds == 1 else 0.0
+                self.tree_extra = [*self.tree_extra, max(0.0, round_seconds - once - a)][-RECENT:]
         else:
             self.plain_rounds += 1
             self.plain = [*self.plain, rest][-RECENT:]

@@ -52,6 +52,7 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
             draft = source.propose(sequence, k) if k > 0 and not trees else Draft()
             draft.tokens = draft.tokens[:k]
         draft_seconds = time.perf_counter() - t0
+        catch_up = getattr(source, "catch_up_seconds", 0.0) if k > 0 else 0.0
         model.local_seconds += draft_seconds
         start, pending = processed, sequence[processed:]
         inputs = pending + draft.tokens
@@ -100,7 +101,7 @@ def speculative_generate(model: StepModel, source, prompt_ids: list[int], *, max
         source.observe(sequence, step)
         # the whole round's wall time: what a drafted position really costs includes verifying and observing
         length.update(len(inputs), t2 - t1, len(draft.tokens), accepted, draft_seconds,
-                      round_seconds=time.perf_counter() - t0, chosen=k)
+                      round_seconds=time.perf_counter() - t0, chosen=k, catch_up=catch_up)
     return result
 
 

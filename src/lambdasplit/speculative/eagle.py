@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,6 +212,7 @@ class EagleSource:
         self.fed = 0  # pairs (f_t, x_{t+1}) in the head's cache, t = 0 .. fed - 1
         self.features: dict[int, torch.Tensor] = {}  # target features of committed positions not yet fed
         self.last_prediction: torch.Tensor | None = None  # the head's output at the last fed pair
+        self.catch_up_seconds = 0.0  # the latest catch-up's head forward (the first one reads the whole prompt)
 
     @classmethod
     def load(cls, folder: str | None, device, width: int = 1, branch: int = 1, lookup: bool = False) -> "EagleSource":
@@ -263,12 +265,15 @@ class EagleSource:
             return False
         self._add_sequence_tokens(sequence)
         self._cut(self.fed)
+        self.catch_up_seconds = 0.0
         if self.fed <= last:
+            began = time.perf_counter()
             feats = torch.stack([self.features.pop(p) for p in range(self.fed, last + 1)])[None]
             tokens = torch.tensor([sequence[self.fed + 1:last + 2]])
             predicted = self.head(feats, self.embed(tokens), self.fed, self.cache)[:, -1:]
             self.fed = last + 1
             self.last_prediction = predicted
+            self.catch_up_seconds = time.perf_counter() - began
         return self.last_prediction is not None
 
     @torch.inference_mode()
