@@ -144,25 +144,17 @@ class DraftLength:
         if not self.drafting_rounds or (self.tree_budget and not self.tree_extra):
             return warm, "warm-up"  # the prompt's round, and the first drafting decode round (a tree source: a full tree)
         if self.tree_budget:
-            return self._choose_tree(limit)
+            plain, tree = self.tree_rates()
+            return self._draft_or_probe(max(0, min(self.tree_budget, limit)), tree > MARGIN * plain)
         rates = self.rates(limit)
+        # a probe drafts what the model would draft (1 when drafting looks poor): the cheapest round that
+        # still measures the acceptance and the cost of a drafted position
         best = max(range(1, len(rates)), key=rates.__getitem__) if len(rates) > 1 else 0
-        if best and rates[best] > MARGIN * rates[0]:
-            self.plain_streak, self.probe_every = 0, PROBE_EVERY
-            return best, "model"
-        self.plain_streak += 1
-        if best and self.plain_streak > self.probe_every:
-            # a probe drafts what the model would draft (1 when drafting looks poor): the cheapest
-            # round that still measures the acceptance and the cost of a drafted position
-            self.plain_streak = 0
-            self.probe_every = min(MAX_PROBE_EVERY, self.probe_every * 2)
-            return best, "probe"
-        return 0, "model"
+        return self._draft_or_probe(best, rates[best] > MARGIN * rates[0])
 
-    def _choose_tree(self, limit: int) -> tuple[int, str]:
-        plain, tree = self.tree_rates()
-        k = max(0, min(self.tree_budget, limit))
-        if k and tree > MARGIN * plain:
+    def _draft_or_probe(self, k: int, pays: bool) -> tuple[int, str]:
+        """Draft k when the model says it pays; else plain, but for a probe of k after a growing gap."""
+        if k and pays:
             self.plain_streak, self.probe_every = 0, PROBE_EVERY
             return k, "model"
         self.plain_streak += 1
