@@ -10,9 +10,10 @@ import random
 from lambdasplit.speculative.adaptive import DraftLength
 
 
-def drive(length, rounds, *, plain, position, drafting, alpha, seed=0, prompt=(30, 0.030), outside=0.0):
+def drive(length, rounds, *, plain, position, drafting, alpha, seed=0, prompt=(30, 0.030), outside=0.0, catch_up=0.0):
     """Rounds through `length`; returns the k chosen each round. `prompt` is (positions, seconds) or None;
-    `outside`: seconds per drafted token spent in the round outside the step and `propose` (verify, observe)."""
+    `outside`: seconds per drafted token spent in the round outside the step and `propose` (verify, observe);
+    `catch_up`: seconds the first drafting round's `propose` spends reading the prompt (reported as such)."""
     rng = random.Random(seed)
     if prompt is not None:
         length.update(prompt[0], prompt[1], 0, 0, 0.0, round_seconds=prompt[1])
@@ -23,7 +24,9 @@ def drive(length, rounds, *, plain, position, drafting, alpha, seed=0, prompt=(3
         while accepted < k and rng.random() < alpha:
             accepted += 1
         step = plain + position * k
-        length.update(k + 1, step, k, accepted, drafting * k, round_seconds=step + (drafting + outside) * k)
+        once, catch_up = (catch_up, 0.0) if k else (0.0, catch_up)
+        length.update(k + 1, step, k, accepted, drafting * k + once, round_seconds=step + (drafting + outside) * k + once,
+                      catch_up=once)
         chosen.append(k)
     return chosen
 
@@ -65,6 +68,11 @@ def test_the_drafting_cost_is_the_measured_one():
     cheap = drive(DraftLength("auto"), 60, **link, drafting=0.005)[-20:]
     dear = drive(DraftLength("auto"), 60, **link, drafting=0.150)[-20:]
     assert sum(cheap) / 20 >= 2 and sum(k > 0 for k in dear) <= 2, (cheap, dear)
+
+
+def test_the_catch_up_over_the_prompt_is_not_a_drafted_tokens_price():
+    # EAGLE's head reads a long prompt once (0.3 s) in the first drafting round: drafting still pays on a long link.
+    assert min(drive(DraftLength("auto"), 60, **SLOW, catch_up=0.300)[-20:]) >= 1
 
 
 def test_the_whole_round_is_counted():

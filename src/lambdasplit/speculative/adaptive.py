@@ -10,7 +10,7 @@ what this generation has measured so far:
   `observe`): per drafting round, (round - drafting seconds - a) / k, and the median of
   the latest such rounds;
 - d: the device's drafting seconds per drafted token, measured around `propose` as it
-  runs (a source's catch-up work after plain rounds included);
+  runs (a source's catch-up work after plain rounds included, its first one over the prompt not);
 - alpha: the acceptance of a draft (measured, prior 0.5 worth two drafts).
 
 A round drafting k tokens commits E(k) = 1 + alpha + ... + alpha^k tokens on average in
@@ -32,9 +32,12 @@ and a TREE_BUDGET-node tree (the tree adapts its own shape within the budget), e
 by what its own rounds measured: E = 1 + the tree rounds' mean accepted length (a prior of
 one round at alpha 0.5), cost = the median extra wall time of the latest tree rounds over a
 plain round, drafting included; it drafts when E / (a + cost) beats 1 / a by MARGIN, and
-probes with a whole tree. The first tree round's price leaves out the catch-up the source
-reports (EAGLE's head reading the whole prompt: once per generation, 0.3 s on a long prompt
-here, which switched drafting off on both summaries when it was priced as a round).
+probes with a whole tree.
+
+Either rule leaves the source's first catch-up out of its prices (`catch_up`: EAGLE's head
+reading the whole prompt, once per generation, up to 0.3 s on a long prompt here; priced as a
+round it switched tree drafting off on both summaries, and in d it would weigh on the chain's
+price for dozens of rounds).
 
 Why this rule (issue #12): the previous one fitted round - drafting = a + s * k by least
 squares over all decode rounds. When plain rounds dominate, a drifts (the link, the load)
@@ -83,7 +86,7 @@ class DraftLength:
         prior = sum(0.5 ** i for i in range(1, self.tree_budget + 1))
         self.tree_accepted, self.tree_count = prior, 1.0  # decayed accepted length of full tree rounds
         self.tree_extra: list[float] = []  # round - a of the latest full tree rounds, drafting included
-        self.tree_rounds = 0  # full tree decode rounds timed
+        self.caught_up = False  # whether the source's first catch-up (over the prompt) has been seen
         self.drafted, self.accepted = 2.0, 1.0  # trials and successes; prior alpha = 0.5, worth two drafts
         self.plain: list[float] = []  # round - drafting seconds of the latest plain decode rounds
         self.extra: list[float] = []  # extra seconds per drafted position of the latest drafting rounds
@@ -177,6 +180,9 @@ class DraftLength:
             self.trace.append({**self._last_choice, "drafted": drafted, "accepted": accepted, "positions": positions,
                                "step_s": step_seconds, "draft_s": draft_seconds, "round_s": round_seconds})
             self._last_choice = {}
+        # the source's first catch-up read the whole prompt: a once-only cost, not a drafted token's price
+        once = catch_up if catch_up and not self.caught_up else 0.0
+        self.caught_up = self.caught_up or catch_up > 0
         full_tree = self.tree_budget and drafted and (chosen if chosen is not None else drafted) == self.tree_budget
         if full_tree:
             self.tree_accepted = self.tree_accepted * DECAY + accepted
@@ -187,7 +193,7 @@ class DraftLength:
             self.drafted = self.drafted * DECAY + accepted + (1 if accepted < drafted else 0)
             self.accepted = self.accepted * DECAY + accepted
         if draft_seconds or drafted:
-            self.draft_seconds = self.draft_seconds * DECAY + draft_seconds
+            self.draft_seconds = self.draft_seconds * DECAY + draft_seconds - once
             self.draft_count = self.draft_count * DECAY + drafted
         if self.observed == 1:
             return  # the prompt's round: batched prefill says nothing about one more decode position
@@ -199,9 +205,6 @@ class DraftLength:
             a, _, _ = self.cost()
             self.extra = [*self.extra, max(0.0, rest - a) / drafted][-RECENT:]
             if full_tree:
-                self.tree_rounds += 1
-                # the first tree round's catch-up read the whole prompt: a once-only cost, not a round's price
-                once = catch_up if self.tree_rounds == 1 else 0.0
                 self.tree_extra = [*self.tree_extra, max(0.0, round_seconds - once - a)][-RECENT:]
         else:
             self.plain_rounds += 1
