@@ -147,6 +147,42 @@ def test_front_and_recommendation_under_constraints():
     assert not pareto.dominates((1.0, 30, 0, 0), (1.02, 20, 0, 0), speed_tie=0.05)
 
 
+def test_int8_device_weights_are_held_to_the_agreement_like_a_lossy_codec():
+    exact = _candidate("a", 5.0, 100, 100, codec="fp32", agreement=None)
+    int8 = Candidate(split="b", codec="fp32", speculate="none", tokens_per_s=5.0, bytes_per_token=100,
+                     device_memory=30, agreement=0.6, device_weights="int8")
+    assert pareto.Constraints().reasons(exact) == [] and pareto.Constraints().reasons(int8) == ["agreement too low"]
+    assert pareto.recommend([exact, int8], pareto.Constraints(device_memory=50)) is None
+    int8.agreement = 1.0
+    assert pareto.recommend([exact, int8], pareto.Constraints(device_memory=50)) is int8
+    assert int8.label == "b fp32 int8-weights"
+
+
+def test_plan_with_int8_device_weights(model, tmp_path, monkeypatch):
+    """--device-weights float,int8: the int8 candidates are profiled on their own (memory, speed, agreement
+    against the float model) and measured with int8 weights on the device."""
+    monkeypatch.setenv("LAMBDASPLIT_CACHE", str(tmp_path / "cache"))
+    server = ServerProcess(["--model", model, "--layers", "1:5"], env={"OMP_NUM_THREADS": "1"})
+    try:
+        plan = _run(["plan", "--model", model, "--server", server.start().address, "--splits", "1:5",
+                     "--codecs", "fp32", "--speculate", "none", "--device-weights", "float,int8", "--new-tokens", "8",
+                     "--profile-tokens", "6", "--threads", "1", "--measure", "3", "--min-agreement", "0", "--json",
+                     "--out", str(tmp_path / "out")])
+    finally:
+        server.stop()
+    rows = {r["device_weights"]: r for r in plan["candidates"]}
+    assert set(rows) == {"float", "int8"} and plan["device_weights"] == ["float", "int8"]
+    assert rows["int8"]["device_memory"] < rows["float"]["device_memory"]
+    assert rows["int8"]["agreement"] is not None and rows["float"]["agreement"] == 1.0
+    assert plan["profiles_from_cache"] == {"device": False, "device|weights=int8": False, "drafting": False,
+                                           "server": False, "server|weights=int8": False}
+    # int8 holds the least memory, so it is on the front and measured, with int8 weights on the device
+    measured = {r["device_weights"]: r for r in plan["measured"]}
+    assert "int8" in measured and all(r["measured"]["tokens_per_s"] > 0 for r in measured.values())
+    assert measured["int8"]["measured"]["device_memory"] < rows["float"]["device_memory"]
+    assert abs(measured["int8"]["error"]["device_memory"]) < 0.05  # predicted from the int8 profile
+
+
 def test_leakage_from_report(tmp_path):
     rows = [
         {"split": "1:5", "positions": "prompt", "attack": "linear-probe", "defense": "none", "top1": 0.4},

@@ -34,6 +34,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--speculate", default=DEFAULT_SOURCES, help="candidate draft sources (unavailable ones are skipped)")
     p.add_argument("--draft-model", help="draft model / EAGLE head folder for --speculate draft / eagle")
     p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per round trip when speculating")
+    p.add_argument("--device-weights", default="float", metavar="float[,int8]",
+                   help="candidate precisions of the device's own weights: int8 = weight-only int8 head and tail "
+                        "(llm/lowbit.py: less memory, not exact; held to --min-agreement like a lossy codec, and "
+                        "planned without speculation)")
     p.add_argument("--prompt", help="the workload's prompt (default: a fixed question, with the chat template)")
     p.add_argument("--new-tokens", type=int, default=32, help="the workload's generated tokens (greedy)")
     p.add_argument("--profile-tokens", type=int, default=None,
@@ -110,18 +114,35 @@ def make_plan(args, progress: bool = True) -> dict:
     available = profile.codec_names()
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()] or available
     sources = list(dict.fromkeys(["none"] + [s.strip() for s in args.speculate.split(",") if s.strip()]))
+    from lambdasplit.llm.lowbit import DEVICE_WEIGHTS, apply_device_weights
+
+    weight_modes = list(dict.fromkeys(w.strip() for w in args.device_weights.split(",") if w.strip())) or ["float"]
+    for mode in weight_modes:
+        if mode not in DEVICE_WEIGHTS:
+            raise UsageError(f"--device-weights takes {', '.join(DEVICE_WEIGHTS)}, got {mode!r}")
     settings = profile.Settings(dtype=args.dtype, draft_tokens=args.draft_tokens, new_tokens=args.profile_tokens)
     console = Console(stderr=True, quiet=not progress)
     notes: list[str] = []
 
     whole = DeviceModel.load(checkpoint, None, args.dtype)
     prompt_ids = whole.encode(args.prompt or profile.DEFAULT_PROMPT)
-    devices: dict[str, DeviceModel] = {}
+    devices: dict[tuple[str, str], DeviceModel] = {}
 
-    def device_for(split: str) -> DeviceModel:
-        if split not in devices:
-            devices[split] = DeviceModel.load(checkpoint, split, args.dtype)
-        return devices[split]
+    def device_for(split: str, weights: str = "float") -> DeviceModel:
+        if (split, weights) not in devices:
+            devices[split, weights] = DeviceModel.load(checkpoint, split, args.dtype)
+            apply_device_weights(devices[split, weights], weights)
+        return devices[split, weights]
+
+    def whole_with(weights: str) -> DeviceModel:
+        if weights == "float":
+            return whole
+        model = DeviceModel.load(checkpoint, None, args.dtype)
+        apply_device_weights(model, weights)
+        return model
+
+    def variant(weights: str) -> str:  # cache keys: float keeps the keys it always had
+        return "" if weights == "float" else f"|weights={weights}"
 
     process = None
     server = args.server
@@ -141,11 +162,15 @@ def make_plan(args, progress: bool = True) -> dict:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as bar:
             # ---- device
-            task = bar.add_task("profile: device layers", total=settings.repeats * 3 + 1)
-            device_profile, from_cache["device"] = profile.cached(
-                profile.cache_file(fingerprint, "device", settings, prompt_ids=prompt_ids),
-                lambda: profile.profile_device(whole, prompt_ids, settings, lambda: bar.advance(task)), args.fresh)
-            bar.update(task, completed=settings.repeats * 3 + 1)
+            device_profiles = {}
+            for weights in dict.fromkeys(["float", *weight_modes]):  # float's local generation is the reference
+                task = bar.add_task(f"profile: device layers ({weights} weights)", total=settings.repeats * 3 + 1)
+                device_profiles[weights], from_cache["device" + variant(weights)] = profile.cached(
+                    profile.cache_file(fingerprint, "device", settings, variant(weights), prompt_ids=prompt_ids),
+                    lambda: profile.profile_device(whole_with(weights), prompt_ids, settings,
+                                                   lambda: bar.advance(task)), args.fresh)
+                bar.update(task, completed=settings.repeats * 3 + 1)
+            device_profile = device_profiles["float"]
             phase("profile_device")
             # ---- drafting (also the workload's reference tokens)
             task = bar.add_task("profile: drafting sources", total=len(sources))
@@ -170,16 +195,21 @@ def make_plan(args, progress: bool = True) -> dict:
                 server = process.address
                 bar.advance(task)
                 phase("start_server")
-            task = bar.add_task("profile: server sessions", total=len(splits) * len(codecs))
-            server_profile, from_cache["server"] = profile.cached(
-                profile.cache_file(fingerprint, "server", settings, f"{server_id}|{splits}|{codecs}", prompt_ids),
-                lambda: profile.profile_server(device_for, server, splits, codecs, prompt_ids, settings,
-                                               device_profile["reference_tokens"], lambda: bar.advance(task)),
-                args.fresh)
-            bar.update(task, completed=len(splits) * len(codecs))
+            server_profiles = {}
+            for weights in weight_modes:
+                task = bar.add_task(f"profile: server sessions ({weights} weights)", total=len(splits) * len(codecs))
+                # agreement against the unsplit model with float weights, whatever the device holds
+                server_profiles[weights], from_cache["server" + variant(weights)] = profile.cached(
+                    profile.cache_file(fingerprint, "server", settings,
+                                       f"{server_id}|{splits}|{codecs}" + variant(weights), prompt_ids),
+                    lambda: profile.profile_server(lambda split: device_for(split, weights), server, splits, codecs,
+                                                   prompt_ids, settings, device_profile["reference_tokens"],
+                                                   lambda: bar.advance(task)),
+                    args.fresh)
+                bar.update(task, completed=len(splits) * len(codecs))
+                for name, reason in server_profiles[weights]["failures"].items():
+                    notes.append(f"profile session {name}{variant(weights)} failed: {reason}")
             phase("profile_server")
-            for name, reason in server_profile["failures"].items():
-                notes.append(f"profile session {name} failed: {reason}")
 
             # ---- leakage
             leakage, leak_source = {}, "none: no audit figures (pass --audit REPORT or --quick-audit)"
@@ -202,9 +232,15 @@ def make_plan(args, progress: bool = True) -> dict:
             phase("audit")
 
             # ---- predict
-            model = Model(device_profile, server_profile, drafting, prompt_tokens=len(prompt_ids),
-                          new_tokens=args.new_tokens, link=link)
-            candidates = model.candidates(sources)
+            candidates = []
+            for weights in weight_modes:
+                model = Model(device_profiles[weights], server_profiles[weights], drafting,
+                              prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, link=link)
+                # drafting was profiled with float weights: the int8 candidates decode plainly
+                for candidate in model.candidates(sources if weights == "float" else ["none"]):
+                    candidate.device_weights = weights
+                    candidates.append(candidate)
+                exchange_profile = model.exchange_summary() if weights == weight_modes[0] else exchange_profile
             for candidate in candidates:
                 if candidate.split in leakage:
                     candidate.leakage, candidate.leakage_attack = leakage[candidate.split]
@@ -221,7 +257,8 @@ def make_plan(args, progress: bool = True) -> dict:
             for _ in range(args.measure_repeats):  # round robin: a slow minute hits every point alike
                 for index, candidate in enumerate(to_measure):
                     runs.setdefault(index, []).append(measure(
-                        candidate, device_for(candidate.split), server, args.link, prompt_ids, args.new_tokens,
+                        candidate, device_for(candidate.split, candidate.device_weights), server, args.link,
+                        prompt_ids, args.new_tokens,
                         reference, settings, args.draft_model))
                     bar.advance(task)
             for index, candidate in enumerate(to_measure):
@@ -238,7 +275,8 @@ def make_plan(args, progress: bool = True) -> dict:
     errors = [abs(c.measured["error"]["tokens_per_s"]) for c in measured]
     for c in measured:
         agreement = c.measured.get("agreement")
-        if c.codec not in pareto.LOSSLESS and agreement is not None and agreement < args.min_agreement:
+        exact = c.codec in pareto.LOSSLESS and c.device_weights == "float"
+        if not exact and agreement is not None and agreement < args.min_agreement:
             notes.append(f"{c.label}: measured agreement over the workload {agreement:.0%} is below --min-agreement "
                          f"{args.min_agreement:g} (the quick profile over {args.profile_tokens} tokens said "
                          f"{_pct(c.agreement)})" + (": the recommendation fails it" if c is chosen else ""))
@@ -251,7 +289,7 @@ def make_plan(args, progress: bool = True) -> dict:
         "constraints": {"device_memory_bytes": memory_limit, "max_leak": args.max_leak,
                         "min_agreement": args.min_agreement, "leak_attack": args.leak_attack},
         "leakage_source": leak_source, "codecs_in_registry": available,
-        "exchange_profile": model.exchange_summary(),
+        "exchange_profile": exchange_profile, "device_weights": weight_modes,
         "candidates": rows, "front": [c.label for c in the_front],
         "recommendation": chosen.label if chosen else None,
         "recommendation_reason": None if chosen else "no candidate meets the constraints",
@@ -338,7 +376,7 @@ def combine_runs(candidate, runs: list[dict]) -> dict:
 def candidate_row(c, on_front: bool, chosen: bool, constraints) -> dict:
     return {
         "label": c.label, "split": c.split, "codec": c.codec, "speculate": c.speculate,
-        "tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
+        "device_weights": c.device_weights, "tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
         "device_memory": c.device_memory, "leakage": c.leakage, "leakage_attack": c.leakage_attack,
         "agreement": c.agreement, "tokens_per_round_trip": c.tokens_per_round_trip,
         "on_front": on_front, "recommended": chosen, "refused_by": constraints.reasons(c),
@@ -350,7 +388,7 @@ def measured_row(c) -> dict:
     m = c.measured
     return {
         "label": c.label, "split": c.split, "codec": c.codec, "speculate": c.speculate,
-        "predicted": {"tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
+        "device_weights": c.device_weights, "predicted": {"tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
                       "device_memory": c.device_memory, "tokens_per_round_trip": c.tokens_per_round_trip},
         "measured": {k: v for k, v in m.items() if k != "error"},
         "error": m["error"],
@@ -370,19 +408,22 @@ def show(console, plan: dict, candidates, the_front, chosen) -> None:
 
     table = Table(title=f"Pareto front: {plan['model']}, link: {plan['link']}",
                   caption=f"{len(the_front)} of {len(candidates)} candidates are on the front; predicted figures")
-    for header in ("split", "codec", "speculate", "tok/s", "TTFT ms", "bytes/token", "device MB", "leakage",
-                   "agreement", "refused by"):
-        table.add_column(header, justify="left" if header in ("split", "codec", "speculate", "refused by") else "right")
+    text_columns = ("split", "codec", "speculate", "device weights", "refused by")
+    for header in ("split", "codec", "speculate", "device weights", "tok/s", "TTFT ms", "bytes/token", "device MB",
+                   "leakage", "agreement", "refused by"):
+        table.add_column(header, justify="left" if header in text_columns else "right")
     for c in sorted(the_front, key=lambda c: c.seconds_per_token):
         mark = "[bold green]" if c is chosen else ""
         row = next(r for r in plan["candidates"] if r["label"] == c.label)
-        table.add_row(mark + c.split, c.codec, c.speculate, f"{c.tokens_per_s:.1f}", f"{1e3 * c.ttft_s:.0f}",
+        table.add_row(mark + c.split, c.codec, c.speculate, c.device_weights, f"{c.tokens_per_s:.1f}",
+                      f"{1e3 * c.ttft_s:.0f}",
                       f"{c.bytes_per_token:,.0f}", _mb(c.device_memory), _pct(c.leakage), _pct(c.agreement),
                       ", ".join(row["refused_by"]))
     console.print(table)
     if chosen:
         console.print(f"[bold]Recommendation:[/bold] split {chosen.split}, codec {chosen.codec}, speculate "
-                      f"{chosen.speculate}: {chosen.tokens_per_s:.1f} tok/s predicted")
+                      f"{chosen.speculate}, device weights {chosen.device_weights}: {chosen.tokens_per_s:.1f} tok/s "
+                      "predicted")
     else:
         console.print("[bold red]No candidate meets the constraints[/bold red]")
     measured = Table(title="Predicted vs measured (real loopback server" + (", emulated link)" if "no emulation"

@@ -52,7 +52,8 @@ class Constraints:
             out.append("device memory")
         if self.max_leak is not None and (candidate.leakage is None or candidate.leakage > self.max_leak):
             out.append("leakage " + ("unknown" if candidate.leakage is None else "too high"))
-        if candidate.codec not in LOSSLESS and (candidate.agreement is None or candidate.agreement < self.min_agreement):
+        exact = candidate.codec in LOSSLESS and candidate.device_weights == "float"
+        if not exact and (candidate.agreement is None or candidate.agreement < self.min_agreement):
             out.append("agreement " + ("unknown" if candidate.agreement is None else "too low"))
         return out
 

@@ -65,10 +65,12 @@ class Candidate:
     tokens_per_round_trip: float = 1.0
     breakdown: dict = field(default_factory=dict)
     measured: dict | None = None
+    device_weights: str = "float"  # int8: the head's and tail's weights int8 weight-only (llm/lowbit.py)
 
     @property
     def label(self) -> str:
-        return f"{self.split} {self.codec}" + (f" +{self.speculate}" if self.speculate != "none" else "")
+        return (f"{self.split} {self.codec}" + (f" +{self.speculate}" if self.speculate != "none" else "")
+                + (f" {self.device_weights}-weights" if self.device_weights != "float" else ""))
 
     @property
     def seconds_per_token(self) -> float:

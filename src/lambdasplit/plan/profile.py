@@ -195,19 +195,27 @@ def profile_device(device, prompt_ids: list[int], settings: Settings, progress=N
         progress()
     config = checkpoint.config
     embed_bytes = _param_bytes(head.embed) + (_param_bytes(head.position_embed) if head.position_embed else 0)
-    tied = tail.lm_head.weight.data_ptr() == head.embed.weight.data_ptr()
     return {
         "layers": n_layers, "hidden_size": config.hidden_size, "prompt_tokens": p,
         "layer_seconds": layer_seconds, "lm_head_seconds": lm_head_seconds, "loop_seconds": loop_seconds,
         "local_generation": {"seconds": result.seconds, "new_tokens": len(result.token_ids)},
         "reference_tokens": list(result.token_ids),
         "weight_bytes": {
-            "embed": embed_bytes, "lm_head": 0 if tied else _param_bytes(tail.lm_head), "norm": _param_bytes(tail.norm),
+            "embed": embed_bytes, "lm_head": 0 if _tied(head, tail) else _param_bytes(tail.lm_head),
+            "norm": _param_bytes(tail.norm),
             "layers": [_param_bytes(layer) for layer in layers],
         },
         "kv_bytes_per_position_per_layer": kv_bytes_per_position(config, 1, device.dtype),
         "torch_threads": torch.get_num_threads(), "machine_key": machine_key(),
     }
+
+
+def _tied(head, tail) -> bool:
+    """Whether the LM head is the embedding table (float, or int8 device weights sharing their rows)."""
+    rows = getattr(tail.lm_head, "rows", None)
+    if rows is not None:
+        return rows is getattr(head.embed, "rows", None)
+    return tail.lm_head.weight.data_ptr() == head.embed.weight.data_ptr()
 
 
 # ---------------------------------------------------------------- server
