@@ -232,15 +232,15 @@ def make_plan(args, progress: bool = True) -> dict:
             phase("audit")
 
             # ---- predict
+            models = {weights: Model(device_profiles[weights], server_profiles[weights], drafting,
+                                     prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, link=link)
+                      for weights in weight_modes}
             candidates = []
-            for weights in weight_modes:
-                model = Model(device_profiles[weights], server_profiles[weights], drafting,
-                              prompt_tokens=len(prompt_ids), new_tokens=args.new_tokens, link=link)
+            for weights, model in models.items():
                 # drafting was profiled with float weights: the int8 candidates decode plainly
                 for candidate in model.candidates(sources if weights == "float" else ["none"]):
                     candidate.device_weights = weights
                     candidates.append(candidate)
-                exchange_profile = model.exchange_summary() if weights == weight_modes[0] else exchange_profile
             for candidate in candidates:
                 if candidate.split in leakage:
                     candidate.leakage, candidate.leakage_attack = leakage[candidate.split]
@@ -289,7 +289,7 @@ def make_plan(args, progress: bool = True) -> dict:
         "constraints": {"device_memory_bytes": memory_limit, "max_leak": args.max_leak,
                         "min_agreement": args.min_agreement, "leak_attack": args.leak_attack},
         "leakage_source": leak_source, "codecs_in_registry": available,
-        "exchange_profile": exchange_profile, "device_weights": weight_modes,
+        "exchange_profile": models[weight_modes[0]].exchange_summary(), "device_weights": weight_modes,
         "candidates": rows, "front": [c.label for c in the_front],
         "recommendation": chosen.label if chosen else None,
         "recommendation_reason": None if chosen else "no candidate meets the constraints",
