@@ -91,6 +91,7 @@ def make_plan(args, progress: bool = True) -> dict:
     from lambdasplit.bench.report import machine
     from lambdasplit.client.device import DeviceModel
     from lambdasplit.llm.checkpoint import Checkpoint
+    from lambdasplit.llm.lowbit import DEVICE_WEIGHTS, apply_device_weights
     from lambdasplit.llm.segments import parse_split
     from lambdasplit.plan import pareto, profile
     from lambdasplit.plan.predict import Model, leakage_from_report
@@ -114,8 +115,6 @@ def make_plan(args, progress: bool = True) -> dict:
     available = profile.codec_names()
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()] or available
     sources = list(dict.fromkeys(["none"] + [s.strip() for s in args.speculate.split(",") if s.strip()]))
-    from lambdasplit.llm.lowbit import DEVICE_WEIGHTS, apply_device_weights
-
     weight_modes = list(dict.fromkeys(w.strip() for w in args.device_weights.split(",") if w.strip())) or ["float"]
     for mode in weight_modes:
         if mode not in DEVICE_WEIGHTS:
@@ -258,8 +257,7 @@ def make_plan(args, progress: bool = True) -> dict:
                 for index, candidate in enumerate(to_measure):
                     runs.setdefault(index, []).append(measure(
                         candidate, device_for(candidate.split, candidate.device_weights), server, args.link,
-                        prompt_ids, args.new_tokens,
-                        reference, settings, args.draft_model))
+                        prompt_ids, args.new_tokens, reference, settings, args.draft_model))
                     bar.advance(task)
             for index, candidate in enumerate(to_measure):
                 candidate.measured = combine_runs(candidate, runs[index])
@@ -376,7 +374,8 @@ def combine_runs(candidate, runs: list[dict]) -> dict:
 def candidate_row(c, on_front: bool, chosen: bool, constraints) -> dict:
     return {
         "label": c.label, "split": c.split, "codec": c.codec, "speculate": c.speculate,
-        "device_weights": c.device_weights, "tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
+        "device_weights": c.device_weights,
+        "tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
         "device_memory": c.device_memory, "leakage": c.leakage, "leakage_attack": c.leakage_attack,
         "agreement": c.agreement, "tokens_per_round_trip": c.tokens_per_round_trip,
         "on_front": on_front, "recommended": chosen, "refused_by": constraints.reasons(c),
@@ -388,7 +387,8 @@ def measured_row(c) -> dict:
     m = c.measured
     return {
         "label": c.label, "split": c.split, "codec": c.codec, "speculate": c.speculate,
-        "device_weights": c.device_weights, "predicted": {"tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
+        "device_weights": c.device_weights,
+        "predicted": {"tokens_per_s": c.tokens_per_s, "ttft_s": c.ttft_s, "bytes_per_token": c.bytes_per_token,
                       "device_memory": c.device_memory, "tokens_per_round_trip": c.tokens_per_round_trip},
         "measured": {k: v for k, v in m.items() if k != "error"},
         "error": m["error"],
@@ -416,8 +416,8 @@ def show(console, plan: dict, candidates, the_front, chosen) -> None:
         mark = "[bold green]" if c is chosen else ""
         row = next(r for r in plan["candidates"] if r["label"] == c.label)
         table.add_row(mark + c.split, c.codec, c.speculate, c.device_weights, f"{c.tokens_per_s:.1f}",
-                      f"{1e3 * c.ttft_s:.0f}",
-                      f"{c.bytes_per_token:,.0f}", _mb(c.device_memory), _pct(c.leakage), _pct(c.agreement),
+                      f"{1e3 * c.ttft_s:.0f}", f"{c.bytes_per_token:,.0f}", _mb(c.device_memory), _pct(c.leakage),
+                      _pct(c.agreement),
                       ", ".join(row["refused_by"]))
     console.print(table)
     if chosen:

@@ -260,12 +260,12 @@ class EagleSource:
 
     def _catch_up(self, sequence: list[int]) -> bool:
         """Feed the committed pairs the head has not seen yet; False when it cannot draft."""
+        self.catch_up_seconds = 0.0  # never a stale figure, whatever this call does
         last = len(sequence) - 2  # the last position the target has processed (its features are known)
         if last < 0 or not all(p in self.features for p in range(self.fed, last + 1)):
             return False
         self._add_sequence_tokens(sequence)
         self._cut(self.fed)
-        self.catch_up_seconds = 0.0
         if self.fed <= last:
             began = time.perf_counter()
             feats = torch.stack([self.features.pop(p) for p in range(self.fed, last + 1)])[None]
